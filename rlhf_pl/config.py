@@ -3,8 +3,9 @@
 Every field is documented where it is declared. A wrong type or an unknown key fails at
 composition with OmegaConf's message naming the key. Plugin groups (precision, sampler,
 reward_head, kl_controller, labeler) take their schema from the selected plugin's own dataclass
-(see :mod:`rlhf_pl.registry`). Stage settings live under ``stage`` and come from the stage's own
-schema, chosen with ``+stage=<name>``.
+(see :mod:`rlhf_pl.registry`). ``+stage=<name>`` chooses the stage to run; each stage reads its own
+section (``sft``, ``rm``, …), always present, so that experiments can tune every stage and the
+iterate stage sees them all.
 """
 from __future__ import annotations
 
@@ -108,37 +109,48 @@ class PathsConfig:
 
 
 @dataclass
-class StageConfig:
-    """Fields every stage has; each stage extends it with its own schema."""
+class SFTConfig:
+    """``sft.*``, read by ``+stage=sft``: fine-tuning on demonstration conversations (loss on assistant turns)."""
 
-    name: str = MISSING
-
-
-@dataclass
-class SFTStageConfig(StageConfig):
-    """``+stage=sft``: supervised fine-tuning on demonstration conversations (loss on assistant turns)."""
-
-    name: str = "sft"
     batch_size: int = 8
     eval_batch_size: int = 8
-    optim: OptimConfig = field(default_factory=OptimConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5))
     group_by_length: bool = True  # batches of similar length (less padding); order still shuffled
     num_samples: int = 4  # validation prompts answered by the model and logged as a table at the end
     max_new_tokens: int = 48  # for those samples
 
 
-STAGE_SCHEMAS: dict[str, type] = {"sft": SFTStageConfig}
+@dataclass
+class RMConfig:
+    """``rm.*``, read by ``+stage=rm``: reward model from K-wise rankings (InstructGPT); the head is ``reward_head=<name>``.
+
+    One batch element is one prompt with all its K completions (K may vary); every completion is
+    run through the model exactly once and all K·(K−1)/2 pairs of the prompt enter the loss.
+    """
+
+    batch_size: int = 8  # prompts per training batch (each brings all of its K completions)
+    eval_batch_size: int = 8  # prompts per validation batch
+    epochs: int = 1  # passes over the comparisons (one is the norm; more overfits); overrides trainer.max_epochs
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="linear"))
+    init_from: str = "auto"  # "auto": this model's latest SFT output, else the base model (logged); or a model directory
+    normalise_on: str = "demonstrations"  # reference set for gain/bias: demonstrations | prompts_samples (SFT policy samples)
+    normalise_std: bool = True  # also scale the reference set's rewards to std 1 (else only mean 0)
+    normalise_size: int = 256  # reference examples used to fit the normalisation
+    normalise_max_new_tokens: int = 64  # length of the policy samples when normalise_on=prompts_samples
 
 
 @dataclass
 class Config:
-    stage: Optional[Any] = None  # chosen with +stage=<name>; see `python -m rlhf_pl` for the list
+    stage: Optional[str] = None  # chosen with +stage=<name>; `python -m rlhf_pl` lists the stages
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    # Stage sections: +stage=<name> runs the stage, which reads its own section.
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
     # Plugin groups: the schema is the chosen plugin's config dataclass.
     precision: Any = MISSING
     sampler: Any = MISSING
@@ -155,6 +167,4 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
-    for stage_name, schema in STAGE_SCHEMAS.items():
-        cs.store(group="stage", name=f"{stage_name}_schema", node=schema)
     registry.register_with_hydra()

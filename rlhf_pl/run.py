@@ -68,14 +68,14 @@ def current_run_dir(cfg: DictConfig) -> Path:
     if HydraConfig.initialized():
         return Path(HydraConfig.get().runtime.output_dir)
     stamp = time.strftime("%Y-%m-%d_%H-%M-%S")
-    run_dir = Path(cfg.paths.output_root) / "runs" / f"{stamp}_{cfg.stage.name}_{cfg.model.name}"
+    run_dir = Path(cfg.paths.output_root) / "runs" / f"{stamp}_{cfg.stage}_{cfg.model.name}"
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
 def write_summary(run_dir: Path, cfg: DictConfig, metrics: dict[str, Any]) -> Path:
     """``summary.json``: stage, model, final metrics. ``objective`` is what sweeps minimise."""
-    summary = {"stage": cfg.stage.name, "model": cfg.model.name, "run_dir": str(run_dir.resolve()), **metrics}
+    summary = {"stage": cfg.stage, "model": cfg.model.name, "run_dir": str(run_dir.resolve()), **metrics}
     return atomic_write_json(run_dir / "summary.json", summary)
 
 
@@ -90,7 +90,7 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
     log.info("run directory: %s", run_dir.resolve())
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     started = time.perf_counter()
-    metrics = stage_runner(cfg.stage.name)(cfg, run_dir)
+    metrics = stage_runner(cfg.stage)(cfg, run_dir)
     metrics["wall_time_s"] = round(time.perf_counter() - started, 2)
     write_summary(run_dir, cfg, metrics)
     log.info("summary: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, default=str))
@@ -186,7 +186,7 @@ def make_trainer(
     if manual_optimization:
         if t.accumulate_grad_batches != 1:
             raise ValueError(
-                f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}: stage {cfg.stage.name} uses manual "
+                f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}: stage {cfg.stage} uses manual "
                 "optimisation, where Lightning cannot accumulate; set it to 1 and use the stage's minibatch settings"
             )
     else:

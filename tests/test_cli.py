@@ -34,14 +34,14 @@ def test_cfg_job_prints_composed_stage_config(tmp_path):
     proc = run_cli("+stage=sft", "model=tiny", "sampler=top_p", "sampler.p=0.8", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     cfg = OmegaConf.create(proc.stdout)
-    assert cfg.stage.name == "sft" and cfg.model.name_or_path == "tiny"
+    assert cfg.stage == "sft" and cfg.model.name_or_path == "tiny"
     assert cfg.sampler.p == 0.8 and cfg.sampler.temperature == 0.7
 
 
 def test_wrong_type_names_the_key(tmp_path):
-    proc = run_cli("+stage=sft", "stage.batch_size=many", "--cfg", "job", cwd=tmp_path)
+    proc = run_cli("+stage=sft", "sft.batch_size=many", "--cfg", "job", cwd=tmp_path)
     assert proc.returncode == 1
-    assert "stage.batch_size" in proc.stderr and "many" in proc.stderr
+    assert "sft.batch_size" in proc.stderr and "many" in proc.stderr
 
 
 def test_unknown_key_names_the_key(tmp_path):
@@ -100,4 +100,4 @@ def test_every_shipped_config_composes():
         for option in sorted(p.name[:-5] for p in conf.joinpath(group).iterdir() if p.name.endswith(".yaml")):
             for stage in STAGES:
                 cfg = compose_cfg(f"+stage={stage}", f"{group}={option}")
-                assert cfg.stage.name == stage
+                assert cfg.stage == stage

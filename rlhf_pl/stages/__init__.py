@@ -8,6 +8,7 @@ from typing import Any, Callable
 # name -> (module, one-line description). Order is the order of the RLHF recipe.
 STAGES: dict[str, tuple[str, str]] = {
     "sft": ("rlhf_pl.stages.sft", "supervised fine-tuning on demonstration conversations"),
+    "rm": ("rlhf_pl.stages.rm", "reward model from K-wise rankings of completions"),
 }
 
 

@@ -6,7 +6,7 @@ Reads top to bottom: data (load, validate, split, tokenize with assistant-only l
 rule) → model → LightningModule (next-token loss on assistant tokens, AdamW with warm-up and
 decay) → fit → sample answers for held-out prompts → export in Hugging Face format (weights,
 tokenizer, chat template) to ``<run_dir>/model`` and record it as this model's latest SFT output.
-Settings: :class:`rlhf_pl.config.SFTStageConfig` (``stage.*``).
+Settings: :class:`rlhf_pl.config.SFTConfig` (``sft.*``).
 """
 from __future__ import annotations
 
@@ -175,14 +175,14 @@ def sample_answers(model, tokenizer, conversations: list[Conversation], sampler,
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    stage = cfg.stage
+    stage = cfg.sft
     precision = build_precision(cfg)  # refuses impossible combinations before any model is loaded
 
     conversations = load_conversations(cfg.data.demonstrations, split=cfg.data.split, limit=cfg.data.limit)
     train_convs, val_convs = train_val_split(conversations, cfg.data.val_fraction, cfg.seed)
     log.info("demonstrations: %d train, %d validation (%s)", len(train_convs), len(val_convs), cfg.data.demonstrations)
 
-    model, tokenizer = load_model_and_tokenizer(cfg.model)
+    model, tokenizer, _ = load_model_and_tokenizer(cfg.model)
     train_examples, train_report = tokenize_split(train_convs, tokenizer, cfg.data.max_length, cfg.data.overlong)
     val_examples, val_report = tokenize_split(val_convs, tokenizer, cfg.data.max_length, cfg.data.overlong)
     _report_lengths(cfg, train_report, val_report)

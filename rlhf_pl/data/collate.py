@@ -1,0 +1,124 @@
+"""Padding, the SFT collator and a length-grouped batch sampler.
+
+Masks are always built from sequence lengths, never from ``token == pad_id``: the pad token may be
+the EOS token (SmolLM2, the tiny tokenizer), and EOS inside a sequence is a real, trained token.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.data import Sampler
+
+from rlhf_pl.data.chat import TokenizedExample
+
+IGNORE_INDEX = -100  # label value ignored by torch.nn.functional.cross_entropy
+
+
+def _pad(seqs: Sequence[Sequence[int]], pad_id: int, *, left: bool) -> tuple[Tensor, Tensor]:
+    if not seqs:
+        raise ValueError("pad: expected at least one sequence, got an empty batch")
+    t = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), t), dtype=torch.long)
+    for row, seq in enumerate(seqs):
+        start = t - len(seq) if left else 0
+        ids[row, start : start + len(seq)] = torch.as_tensor(list(seq), dtype=torch.long)
+        mask[row, start : start + len(seq)] = 1
+    return ids, mask
+
+
+def pad_right(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad to the longest sequence. Returns ids (b, t) and attention mask (b, t), both long."""
+    return _pad(seqs, pad_id, left=False)
+
+
+def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor]:
+    """Left-pad (for generation) to the longest sequence. Returns ids (b, t) and mask (b, t), long."""
+    return _pad(seqs, pad_id, left=True)
+
+
+@dataclass(frozen=True)
+class SFTCollator:
+    """Batches :class:`TokenizedExample` s for causal-LM training on the masked tokens.
+
+    Returns ``input_ids`` (b, t), ``attention_mask`` (b, t) and ``labels`` (b, t): the input id where
+    the loss mask is 1, ``-100`` elsewhere (prompt tokens and padding). Labels are not shifted: the
+    model (Hugging Face convention) shifts them.
+    """
+
+    pad_id: int
+
+    def __call__(self, examples: list[TokenizedExample]) -> dict[str, Tensor]:
+        for i, ex in enumerate(examples):
+            if len(ex.input_ids) != len(ex.loss_mask):
+                raise ValueError(f"SFTCollator: example {i} has {len(ex.input_ids)} input ids but {len(ex.loss_mask)} loss-mask entries")
+        input_ids, attention_mask = pad_right([ex.input_ids for ex in examples], self.pad_id)
+        loss_mask, _ = pad_right([ex.loss_mask for ex in examples], 0)
+        labels = torch.where(loss_mask.bool(), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class LengthGroupedBatchSampler(Sampler[list[int]]):
+    """Batches of indices with similar lengths, in a shuffled order.
+
+    Each epoch: shuffle all indices (seeded by ``seed + epoch``), cut them into mega-batches of
+    ``50 * batch_size``, sort each mega-batch by length (longest first), cut it into batches, then
+    shuffle the order of the batches. With ``shuffle=False`` indices are taken in order and batches
+    stay in order (still sorted inside each mega-batch). Every index appears exactly once per epoch
+    (unless ``drop_last`` drops the one incomplete batch).
+
+    For data-parallel training give ``num_replicas`` and ``rank``: every rank gets the same number of
+    batches (the last ones are repeated from the start to fill up, or left out with ``drop_last``).
+    """
+
+    MEGA_BATCH_FACTOR = 50
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = False, *, num_replicas: int = 1, rank: int = 0):
+        if batch_size < 1:
+            raise ValueError(f"LengthGroupedBatchSampler: batch_size must be >= 1, got {batch_size}")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"LengthGroupedBatchSampler: rank must be in [0, num_replicas={num_replicas}), got {rank}")
+        self.lengths = list(lengths)
+        self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
+        self.num_replicas, self.rank = num_replicas, rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Choose the epoch whose order ``__iter__`` yields (each epoch a different shuffle)."""
+        self.epoch = epoch
+
+    def _num_batches_total(self) -> int:
+        n = len(self.lengths)
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def __len__(self) -> int:
+        total = self._num_batches_total()
+        return total // self.num_replicas if self.drop_last else math.ceil(total / self.num_replicas)
+
+    def _all_batches(self) -> list[list[int]]:
+        """Every batch of this epoch, in order, before splitting across replicas."""
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        n = len(self.lengths)
+        order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
+        mega = self.MEGA_BATCH_FACTOR * self.batch_size
+        batches: list[list[int]] = []
+        for start in range(0, n, mega):
+            chunk = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+            batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+        if self.drop_last:
+            batches = [b for b in batches if len(b) == self.batch_size]
+        if self.shuffle:
+            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        batches = self._all_batches()
+        per_rank = len(self)
+        needed = per_rank * self.num_replicas
+        if needed > len(batches) and batches:
+            batches = batches + [batches[i % len(batches)] for i in range(needed - len(batches))]
+        yield from batches[self.rank : needed : self.num_replicas]

@@ -1,0 +1,179 @@
+"""Our own sampling loop and the log-probability helpers RL needs.
+
+Used by SFT sample tables, comparison collection and PPO rollouts. Prompts are LEFT-padded; the
+attention mask and position ids (``cumsum(mask) - 1``) make a sequence's logits independent of how
+much padding it got, both while generating with the KV cache and in a later full forward pass.
+
+A response ends at its first EOS. Tokens after it are padding (``pad_token_id``, which may equal
+EOS): ``response_mask`` — computed from positions, never by comparing tokens with the pad id — is 1
+up to and including the first EOS and 0 after.
+
+Shapes: ``b`` batch, ``p`` prompt length (padded), ``n`` generated tokens, ``t = p + n``,
+``v`` vocabulary.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+from rlhf_pl.plugins.samplers import Sampler
+
+
+class Generation(NamedTuple):
+    """Result of :func:`generate`."""
+
+    sequences: Tensor  # (b, p + n) long: left-padded prompt, then response (pad after EOS)
+    prompt_length: int  # p: responses start at this column
+    response: Tensor  # (b, n) long: sequences[:, p:]
+    response_mask: Tensor  # (b, n) long: 1 up to and including the first EOS, 0 after
+    ended: Tensor  # (b,) bool: the response contains EOS (False: it hit max_new_tokens)
+    attention_mask: Tensor  # (b, p + n) long: cat(prompt_mask, response_mask)
+
+
+def position_ids_from_mask(mask: Tensor) -> Tensor:
+    """Positions counting only attended tokens. Shape: (b, t) -> (b, t) long.
+
+    ``cumsum(mask) - 1`` clamped at 0: left padding gets 0, the first real token 0, and a padded
+    position after the last real token repeats the last real position.
+    """
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def _check_prompt(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
+    if prompt_ids.dim() != 2 or prompt_ids.shape != prompt_mask.shape:
+        raise ValueError(f"prompt_ids and prompt_mask must both be (batch, length); got "
+                         f"{tuple(prompt_ids.shape)} and {tuple(prompt_mask.shape)}")
+    mask = prompt_mask.long()
+    if (mask.sum(-1) == 0).any():
+        raise ValueError(f"prompt rows {(mask.sum(-1) == 0).nonzero().flatten().tolist()} have no token (mask all 0)")
+    if (mask[:, 1:] < mask[:, :-1]).any():
+        raise ValueError("prompts must be LEFT-padded: each prompt_mask row must be zeros then ones")
+
+
+def _accepts(model: Any, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+def _step(model: Any, input_ids: Tensor, mask: Tensor, cache: Any, keep_last: bool) -> tuple[Tensor, Any]:
+    """One forward with the KV cache (None: the model makes a new one).
+
+    Shapes: input_ids (b, s), mask (b, past + s) -> last logits (b, v) float32, updated cache.
+    """
+    kwargs: dict[str, Any] = {}
+    if keep_last and _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = 1
+    positions = position_ids_from_mask(mask)[:, -input_ids.shape[1]:]
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                past_key_values=cache, use_cache=True, **kwargs)
+    return out.logits[:, -1, :].float(), out.past_key_values
+
+
+def response_mask_from_tokens(response: Tensor, eos_token_id: int) -> Tensor:
+    """1 up to and including the first EOS, 0 after. Shape: (b, n) -> (b, n) long."""
+    is_eos = (response == eos_token_id).long()
+    eos_before = is_eos.cumsum(-1) - is_eos  # EOS tokens strictly before each position
+    return (eos_before == 0).long()
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    prompt_ids: Tensor,
+    prompt_mask: Tensor,
+    sampler: Sampler,
+    max_new_tokens: int,
+    eos_token_id: int,
+    pad_token_id: int,
+    generator: Optional[torch.Generator] = None,
+) -> Generation:
+    """Sample up to ``max_new_tokens`` tokens per prompt with the KV cache.
+
+    prompt_ids, prompt_mask: (b, p), LEFT-padded. The model is put in eval mode for the call and
+    its previous mode restored. Stops early once every sequence has produced EOS; tokens after a
+    sequence's EOS are ``pad_token_id``. Returns a :class:`Generation` with n <= max_new_tokens.
+    """
+    _check_prompt(prompt_ids, prompt_mask)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    was_training = model.training
+    model.eval()
+    try:
+        return _sample_loop(model, prompt_ids, prompt_mask.long(), sampler, max_new_tokens,
+                            eos_token_id, pad_token_id, generator)
+    finally:
+        model.train(was_training)
+
+
+def _sample_loop(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
+                 eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator]) -> Generation:
+    b, p = prompt_ids.shape
+    ended = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+    mask, tokens = prompt_mask, []
+    logits, cache = _step(model, prompt_ids, mask, None, keep_last=True)  # the model creates its cache
+    for step in range(max_new_tokens):
+        next_tokens = sampler.sample(logits, generator=generator)  # (b,)
+        next_tokens = torch.where(ended, torch.full_like(next_tokens, pad_token_id), next_tokens)
+        tokens.append(next_tokens)
+        mask = torch.cat([mask, (~ended).long().unsqueeze(-1)], dim=-1)  # the new token counts unless already ended
+        ended = ended | (next_tokens == eos_token_id)
+        if bool(ended.all()) or step == max_new_tokens - 1:
+            break
+        logits, cache = _step(model, next_tokens.unsqueeze(-1), mask, cache, keep_last=True)
+    response = torch.stack(tokens, dim=-1)  # (b, n)
+    return Generation(
+        sequences=torch.cat([prompt_ids, response], dim=-1),
+        prompt_length=p,
+        response=response,
+        response_mask=mask[:, p:],
+        ended=ended,
+        attention_mask=mask,
+    )
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
+    """log softmax(logits) at ``tokens``. Shapes: logits (b, n, v), tokens (b, n) -> (b, n) float32."""
+    logits = logits.float()
+    picked = logits.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) in nats. Shape: (b, n, v) -> (b, n) float32."""
+    logits = logits.float()
+    log_probs = torch.log_softmax(logits, dim=-1)
+    return -(log_probs.exp() * log_probs).sum(-1)
+
+
+def response_logits(model: Any, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
+    """Logits predicting each response token. Shapes: sequences, mask (b, t) -> (b, t - p, v).
+
+    One full forward pass with position ids from the mask; the logits at column ``p - 1 + i``
+    predict response token ``i``. Grad mode and train/eval mode are the caller's.
+    """
+    if not 0 < prompt_length < sequences.shape[1]:
+        raise ValueError(f"prompt_length must be in [1, {sequences.shape[1] - 1}] for sequences of length "
+                         f"{sequences.shape[1]}, got {prompt_length}")
+    kwargs: dict[str, Any] = {}
+    n = sequences.shape[1] - prompt_length
+    if _accepts(model, "logits_to_keep"):
+        kwargs["logits_to_keep"] = n + 1
+    out = model(input_ids=sequences, attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
+    return out.logits[:, -(n + 1):-1, :]
+
+
+def response_logprobs(model: Any, sequences: Tensor, attention_mask: Tensor, prompt_length: int,
+                      temperature: float) -> Tensor:
+    """log softmax(logits / T) at each response token, 0 where the mask is 0.
+
+    Shapes: sequences, attention_mask (b, t) -> (b, t - p) float32. Use the sampler's temperature so
+    the logprobs match the distribution the tokens were sampled from.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    logits = response_logits(model, sequences, attention_mask, prompt_length)
+    logprobs = logprobs_from_logits(logits.float() / temperature, sequences[:, prompt_length:])
+    return logprobs.masked_fill(attention_mask[:, prompt_length:] == 0, 0.0)

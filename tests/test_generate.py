@@ -1,0 +1,199 @@
+"""Sampling loop and logprob helpers on a tiny random Llama: padding invariance, KV cache, EOS masking."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from rlhf_pl.models.generate import (
+    Generation, entropy_from_logits, generate, logprobs_from_logits, position_ids_from_mask,
+    response_logits, response_logprobs, response_mask_from_tokens,
+)
+from rlhf_pl.plugins.samplers import TemperatureSampler
+from rlhf_pl.plugins.specs import TemperatureSamplerConfig
+
+VOCAB, EOS, PAD = 48, 2, 0
+
+
+def _tiny(kind: str):
+    """Llama (rotary positions: invariant to a constant shift) and GPT-2 (learned absolute positions:
+    wrong position ids after left padding change its logits)."""
+    torch.manual_seed(0)
+    if kind == "llama":
+        return LlamaForCausalLM(LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, eos_token_id=EOS,
+            pad_token_id=PAD, bos_token_id=None)).eval()
+    return GPT2LMHeadModel(GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, initializer_range=0.3,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=EOS)).eval()
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def model(request):
+    return _tiny(request.param)
+
+
+class Greedy:
+    """argmax sampler (temperature 1): deterministic whatever the batch composition."""
+
+    temperature = 1.0
+
+    def warp(self, logits):
+        return logits.float()
+
+    def sample(self, logits, generator=None):
+        return logits.argmax(-1)
+
+
+class Recording(Greedy):
+    """Greedy, remembering every logits row it was given."""
+
+    def __init__(self):
+        self.seen: list[torch.Tensor] = []
+
+    def sample(self, logits, generator=None):
+        self.seen.append(logits.clone())
+        return super().sample(logits)
+
+
+class Scripted(Greedy):
+    """Returns scripted tokens: script[step] is the (b,) tensor for that step."""
+
+    def __init__(self, script):
+        self.script = [torch.tensor(s) for s in script]
+        self.step = 0
+
+    def sample(self, logits, generator=None):
+        self.step += 1
+        return self.script[self.step - 1]
+
+
+def left_pad(prompts: list[list[int]], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, prompts))
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+PROMPT_A = [5, 9, 13, 7, 30]
+PROMPT_B = [11, 4, 8, 21, 17, 33, 6, 40]
+
+
+def test_position_ids_from_mask():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
+    assert position_ids_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4], [0, 0, 1, 1, 1]]
+
+
+def test_response_mask_from_tokens_counts_up_to_first_eos():
+    response = torch.tensor([[4, EOS, EOS, 7], [EOS, 3, 3, 3], [4, 5, 6, 7]])
+    assert response_mask_from_tokens(response, EOS).tolist() == [[1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 1]]
+
+
+def test_same_prompt_alone_or_left_padded_in_a_batch_generates_the_same(model):
+    alone = generate(model, *left_pad([PROMPT_A]), Greedy(), max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD)
+    ids, mask = left_pad([PROMPT_B, PROMPT_A])
+    batch = generate(model, ids, mask, Greedy(), max_new_tokens=6, eos_token_id=EOS, pad_token_id=PAD)
+    n = alone.response.shape[1]
+    assert batch.prompt_length == 8 and alone.prompt_length == 5
+    assert torch.equal(batch.response[1, :n], alone.response[0])
+    assert batch.response_mask[1, :n].tolist() == alone.response_mask[0].tolist()
+
+
+def test_response_logprobs_do_not_depend_on_padding(model):
+    response_a, response_b = [3, 17, 25, 8], [12, 19, 1, 44]
+    seq_alone = torch.tensor([PROMPT_A + response_a])
+    alone = response_logprobs(model, seq_alone, torch.ones_like(seq_alone), 5, temperature=0.7)
+    ids, mask = left_pad([PROMPT_B, PROMPT_A])
+    sequences = torch.cat([ids, torch.tensor([response_b, response_a])], dim=1)
+    attention = torch.cat([mask, torch.ones(2, 4, dtype=torch.long)], dim=1)
+    batch = response_logprobs(model, sequences, attention, 8, temperature=0.7)
+    assert batch.shape == (2, 4)
+    assert torch.allclose(batch[1], alone[0], atol=1e-5)
+
+
+def test_generation_stops_at_eos_and_pads_after_it(model):
+    ids, mask = left_pad([PROMPT_A, PROMPT_B])
+    script = [[6, 7], [EOS, 8], [9, 10], [11, 12]]  # row 0 ends at step 2, row 1 never
+    out = generate(model, ids, mask, Scripted(script), max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD)
+    assert isinstance(out, Generation)
+    assert out.response.tolist() == [[6, EOS, PAD, PAD], [7, 8, 10, 12]]
+    assert out.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert out.ended.tolist() == [True, False]
+    assert torch.equal(out.sequences[:, 8:], out.response) and torch.equal(out.sequences[:, :8], ids)
+    assert torch.equal(out.attention_mask, torch.cat([mask, out.response_mask], dim=1))
+
+
+def test_generation_stops_early_when_every_sequence_ended(model):
+    ids, mask = left_pad([PROMPT_A, PROMPT_B])
+    script = [[EOS, 7], [4, EOS]] + [[9, 9]] * 8
+    out = generate(model, ids, mask, Scripted(script), max_new_tokens=10, eos_token_id=EOS, pad_token_id=EOS)
+    assert out.response.tolist() == [[EOS, EOS], [7, EOS]]  # pad == eos: the mask still comes from positions
+    assert out.response_mask.tolist() == [[1, 0], [1, 1]]
+    assert out.ended.tolist() == [True, True]
+
+
+def test_kv_cache_logits_equal_a_full_forward_at_every_step(model):
+    ids, mask = left_pad([PROMPT_B, PROMPT_A, [3, 3]])
+    recorder = Recording()
+    out = generate(model, ids, mask, recorder, max_new_tokens=7, eos_token_id=EOS, pad_token_id=PAD)
+    full = response_logits(model, out.sequences, out.attention_mask, out.prompt_length)  # (b, n, v)
+    cached = torch.stack(recorder.seen, dim=1)  # (b, n, v)
+    valid = out.response_mask.bool()
+    assert cached.shape == full.shape == (3, out.response.shape[1], VOCAB)
+    assert torch.allclose(cached[valid], full[valid], atol=1e-5)
+
+
+def test_logprobs_at_temperature_match_manual_unpadded_computation(model):
+    torch.manual_seed(3)
+    ids, mask = left_pad([PROMPT_A, PROMPT_B])
+    sampler = TemperatureSampler(TemperatureSamplerConfig(temperature=0.7))
+    out = generate(model, ids, mask, sampler, max_new_tokens=5, eos_token_id=EOS, pad_token_id=PAD,
+                   generator=torch.Generator().manual_seed(0))
+    got = response_logprobs(model, out.sequences, out.attention_mask, out.prompt_length, temperature=0.7)
+    for row, prompt in enumerate([PROMPT_A, PROMPT_B]):
+        tokens = out.response[row].tolist()
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + tokens])).logits[0]  # no padding at all
+        for i, token in enumerate(tokens):
+            if out.response_mask[row, i]:
+                manual = torch.log_softmax(logits[len(prompt) - 1 + i] / 0.7, dim=-1)[token]
+                assert math.isclose(got[row, i].item(), manual.item(), abs_tol=1e-5)
+            else:
+                assert got[row, i].item() == 0.0
+
+
+def test_seeded_sampling_is_reproducible(model):
+    ids, mask = left_pad([PROMPT_A, PROMPT_B])
+    sampler = TemperatureSampler(TemperatureSamplerConfig(temperature=1.0))
+    runs = [generate(model, ids, mask, sampler, 6, EOS, PAD, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+
+
+def test_generate_runs_without_grad_in_eval_and_restores_train_mode(model):
+    model.train()
+    try:
+        ids, mask = left_pad([PROMPT_A])
+        recorder = Recording()
+        generate(model, ids, mask, recorder, max_new_tokens=2, eos_token_id=EOS, pad_token_id=PAD)
+        assert model.training
+        assert not recorder.seen[0].requires_grad
+    finally:
+        model.eval()
+
+
+def test_logprobs_and_entropy_from_logits():
+    logits = torch.tensor([[[0.0, 0.0, 0.0, 0.0], [10.0, -10.0, -10.0, -10.0]]])  # (1, 2, 4)
+    tokens = torch.tensor([[2, 0]])
+    assert torch.allclose(logprobs_from_logits(logits, tokens), torch.tensor([[-math.log(4), 0.0]]), atol=1e-6)
+    entropy = entropy_from_logits(logits)
+    assert math.isclose(entropy[0, 0].item(), math.log(4), rel_tol=1e-6)
+    assert 0 <= entropy[0, 1].item() < 1e-6
+
+
+def test_right_padded_prompts_are_refused(model):
+    ids = torch.tensor([[5, 6, PAD]])
+    with pytest.raises(ValueError, match="LEFT-padded"):
+        generate(model, ids, torch.tensor([[1, 1, 0]]), Greedy(), 3, EOS, PAD)
