@@ -85,6 +85,7 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
 
     from rlhf_pl.stages import stage_runner
 
+    _quiet_library_logging()
     run_dir = current_run_dir(cfg)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run directory: %s", run_dir.resolve())
@@ -95,6 +96,15 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
     write_summary(run_dir, cfg, metrics)
     log.info("summary: %s", json.dumps({k: v for k, v in metrics.items() if not isinstance(v, (list, dict))}, default=str))
     return metrics
+
+
+def _quiet_library_logging() -> None:
+    """Lightning adds its own console handler; under Hydra (which configures the root logger) that
+    prints every line twice. Let its records go to the root handlers only."""
+    if logging.getLogger().handlers:
+        for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+            logging.getLogger(name).handlers.clear()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)  # CPU-kernel probing noise at import
 
 
 # --- stage output index -------------------------------------------------------------------------------
