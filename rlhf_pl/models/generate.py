@@ -109,6 +109,7 @@ def generate(
 
 def _sample_loop(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator]) -> Generation:
+    """Prefill the prompt, then one cached step per token. prompt_ids, prompt_mask (b, p) -> Generation."""
     b, p = prompt_ids.shape
     ended = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
     mask, tokens = prompt_mask, []

@@ -416,19 +416,21 @@ def _candidates(cfg: ModelConfig, want_model: bool, want_tokenizer: bool, dtype:
 def _load(cfg: ModelConfig, *, want_model: bool, want_tokenizer: bool, torch_dtype: Optional[torch.dtype]) -> LoadedModel:
     dtype = torch_dtype or torch.float32
     attempts: list[SourceAttempt] = []
+    last_error: Optional[Exception] = None
     for description, loader in _candidates(cfg, want_model, want_tokenizer, dtype, attempts):
         try:
             loaded = loader()
         except Exception as err:
             attempts.append(SourceAttempt(description, f"{type(err).__name__}: {_short(err)}"))
-            log.debug("model source %s failed: %s", description, attempts[-1].error)
+            log.info("model source %s unavailable: %s", description, attempts[-1].error)
+            last_error = err
             continue
         model = finish_model(loaded.model, cfg, torch_dtype) if loaded.model is not None else None
         tokenizer = finish_tokenizer(loaded.tokenizer, cfg.chat_template) if loaded.tokenizer is not None else None
         log.info("model %s (model.name_or_path=%s) loaded from %s", cfg.name, cfg.name_or_path, description)
         return LoadedModel(model, tokenizer, description)
     tried = "\n".join(f"  {i}. {a.source}: {a.error}" for i, a in enumerate(attempts, 1))
-    raise ModelLoadError(f"could not load model.name_or_path={cfg.name_or_path!r}; sources tried:\n{tried}")
+    raise ModelLoadError(f"could not load model.name_or_path={cfg.name_or_path!r}; sources tried:\n{tried}") from last_error
 
 
 # --- public entry points ---------------------------------------------------------------------

@@ -341,7 +341,7 @@ class RewardModel(nn.Module):
                 f"{config_file}: format_version={saved.get('format_version')!r}; this rlhf_pl reads {FORMAT_VERSION}"
             )
         choice = _saved_head_choice(saved["head"], config_file)
-        trunk = AutoModel.from_pretrained(path, dtype=dtype or torch.float32)
+        trunk = AutoModel.from_pretrained(path, **_dtype_kwargs(dtype or torch.float32))
         if _hidden_size(trunk) != saved["hidden_size"]:
             raise ValueError(f"{config_file}: hidden_size={saved['hidden_size']} but the trunk has {_hidden_size(trunk)}")
         head = build_head(choice, saved["hidden_size"])
@@ -353,6 +353,14 @@ class RewardModel(nn.Module):
         model.bias.fill_(norm["bias"])
         model.normalisation_info = {k: v for k, v in norm.items() if k not in ("gain", "bias")}
         return model.to(device).eval()
+
+
+def _dtype_kwargs(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` for transformers >= 4.56, ``torch_dtype=`` before."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
 
 
 def _saved_head_choice(head: dict[str, Any], config_file: Path) -> HeadChoice:
