@@ -14,17 +14,19 @@ import torch
 
 from rlhf_pl.config import OptimConfig
 from rlhf_pl.data.chat import tokenize_completion, tokenize_prompt
-from rlhf_pl.data.formats import Conversation, Message
+from rlhf_pl.data.formats import Conversation, Message, Ranking
 from rlhf_pl.models.reward import RewardModel
 from rlhf_pl.stages.rm import (
     RankingCollator,
     RewardModelModule,
     TokenizedRanking,
+    check_rm_config,
     demonstration_references,
     fit_to_length,
     init_model_config,
     kendall_per_prompt,
     make_loader,
+    tokenize_rankings,
 )
 
 MARKER = 300  # token id that makes a completion win in the synthetic task
@@ -45,6 +47,20 @@ def test_fit_to_length_keeps_short_examples_and_cuts_prompt_start_first():
     assert fit_to_length([1, 2, 3, 4, 5, 6], [[7, 8], [9]], 5) == (((4, 5, 6, 7, 8), (4, 5, 6, 9)), True)
     # a completion longer than max_length: the prompt keeps max_length // 2 = 3 tokens, completions cut at the end
     assert fit_to_length([1, 2, 3, 4], [[5, 6, 7, 8, 9, 10]], 6) == (((2, 3, 4, 5, 6, 7),), True)
+
+
+def test_tokenize_rankings_chat_templates_once_and_applies_the_length_rule(tiny_tokenizer):
+    prompt = (Message("user", "Which colour is the sky?"),)
+    ranking = Ranking(prompt, ("Blue.", "Green, I think."), ((0,), (1,)), "c.jsonl:1")
+    items, report = tokenize_rankings([ranking], tiny_tokenizer, 512, "truncate")
+    prompt_ids = tokenize_prompt(tiny_tokenizer, prompt)
+    assert items[0].sequences == tuple(tuple(prompt_ids + tokenize_completion(tiny_tokenizer, c)) for c in ranking.completions)
+    assert items[0].groups == ((0,), (1,)) and tuple(report) == (1, 0, 0)
+    short = len(items[0].sequences[0])  # the longer completion does not fit
+    assert tuple(tokenize_rankings([ranking], tiny_tokenizer, short, "truncate")[1]) == (1, 1, 0)
+    assert tuple(tokenize_rankings([ranking], tiny_tokenizer, short, "drop")[1]) == (0, 0, 1)
+    with pytest.raises(ValueError, match="data.overlong='cut'; choose one of: truncate, drop"):
+        tokenize_rankings([ranking], tiny_tokenizer, 512, "cut")
 
 
 def test_collator_flattens_completions_and_offsets_pairs():
@@ -157,9 +173,17 @@ def test_init_from_auto_without_sft_output_uses_base_model(tmp_path, caplog):
         model_cfg, described = init_model_config(cfg)
     assert model_cfg.name_or_path == "tiny" and described == "base model tiny"
     assert "no SFT output recorded for model 'tiny'" in caplog.text
-    bad = _compose("+stage=rm", "model=tiny", f"stage.init_from={tmp_path / 'nowhere'}")
-    with pytest.raises(FileNotFoundError, match=r"stage.init_from=.*nowhere.*valid: 'auto'"):
+    bad = _compose("+stage=rm", "model=tiny", f"rm.init_from={tmp_path / 'nowhere'}")
+    with pytest.raises(FileNotFoundError, match=r"rm.init_from=.*nowhere.*valid: 'auto'"):
         init_model_config(bad)
+
+
+def test_rm_config_values_are_checked():
+    cfg = _compose("+stage=rm", "model=tiny", "rm.normalise_on=samples")
+    with pytest.raises(ValueError, match="rm.normalise_on='samples'; choose one of: demonstrations, prompts_samples"):
+        check_rm_config(cfg.rm)
+    with pytest.raises(ValueError, match="rm.batch_size=0; must be >= 1"):
+        check_rm_config(_compose("+stage=rm", "rm.batch_size=0").rm)
 
 
 def _write_comparisons(path: Path, n: int) -> None:
@@ -191,8 +215,8 @@ def test_stage_end_to_end_from_the_command_line_config(tmp_path, tiny_model, tin
     cfg = _compose(
         "+stage=rm", "experiment=quick", "reward_head=ensemble", "reward_head.n_heads=2",
         f"data.comparisons={comparisons}", "data.val_fraction=0.25", f"paths.output_root={tmp_path / 'outputs'}",
-        "trainer.enable_progress_bar=false", "stage.normalise_on=prompts_samples", "stage.normalise_size=6",
-        "stage.normalise_max_new_tokens=4", "stage.batch_size=4",
+        "trainer.enable_progress_bar=false", "rm.normalise_on=prompts_samples", "rm.normalise_size=6",
+        "rm.normalise_max_new_tokens=4", "rm.batch_size=4",
     )
     sft_dir = save_pretrained_atomic(tiny_model, tiny_tokenizer, tmp_path / "sft_model")
     record_output(cfg, "sft", sft_dir)  # init_from=auto must pick this up

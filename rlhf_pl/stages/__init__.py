@@ -9,6 +9,7 @@ from typing import Any, Callable
 STAGES: dict[str, tuple[str, str]] = {
     "sft": ("rlhf_pl.stages.sft", "supervised fine-tuning on demonstration conversations"),
     "rm": ("rlhf_pl.stages.rm", "reward model from K-wise rankings of completions"),
+    "ppo": ("rlhf_pl.stages.ppo", "PPO against the reward model with a KL penalty to the SFT policy"),
 }
 
 

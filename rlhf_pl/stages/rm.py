@@ -173,7 +173,8 @@ def kendall_per_prompt(rewards: Tensor, rank_position: Tensor, completion_prompt
     """Kendall τ-b between each prompt's rewards and its labelled ranking, for prompts with K > 2.
 
     Shapes: rewards, rank_position, completion_prompt (n,) -> (n_ranked,). Prompts whose rewards
-    are all equal (τ undefined) are left out.
+    are all equal (τ undefined) are left out. τ-b counts tied labels in its denominator, so with tie
+    groups and distinct rewards it stays below 1 (one winner over three tied losers: at most 1/√2).
     """
     taus = []
     for p in range(n_prompts):
@@ -326,17 +327,17 @@ def policy_samples(causal_lm: Any, tokenizer: Any, prompts: Sequence[Any], sampl
     """prompt + sampled answer sequences from the initial (SFT) policy, prompts left-padded."""
     from rlhf_pl.models.generate import generate
 
-    stage = cfg.rm
+    rm = cfg.rm
     device = next(causal_lm.parameters()).device
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     was_training = causal_lm.training
     causal_lm.eval()
     sequences: list[tuple[int, ...]] = []
-    for start in range(0, len(prompts), stage.eval_batch_size):
-        prompt_ids = [tokenize_prompt(tokenizer, p.messages)[-cfg.data.max_prompt_length:] for p in prompts[start:start + stage.eval_batch_size]]
+    for start in range(0, len(prompts), rm.eval_batch_size):
+        prompt_ids = [tokenize_prompt(tokenizer, p.messages)[-cfg.data.max_prompt_length:] for p in prompts[start:start + rm.eval_batch_size]]
         ids, mask = pad_left(prompt_ids, tokenizer.pad_token_id)
         out = generate(
-            causal_lm, ids.to(device), mask.to(device), sampler, stage.normalise_max_new_tokens,
+            causal_lm, ids.to(device), mask.to(device), sampler, rm.normalise_max_new_tokens,
             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator,
         )
         for prompt, response, resp_mask in zip(prompt_ids, out.response, out.response_mask):
@@ -349,14 +350,14 @@ def policy_samples(causal_lm: Any, tokenizer: Any, prompts: Sequence[Any], sampl
 def reference_sequences(cfg: DictConfig, causal_lm: Any, tokenizer: Any) -> tuple[list[tuple[int, ...]], str]:
     """The reference set of ``rm.normalise_on`` (a seeded subset of ``rm.normalise_size``),
     built BEFORE training: policy samples must come from the untouched initial policy."""
-    stage, data = cfg.rm, cfg.data
+    rm, data = cfg.rm, cfg.data
     rng = random.Random(cfg.seed)
-    if stage.normalise_on == "demonstrations":
+    if rm.normalise_on == "demonstrations":
         conversations = load_conversations(data.demonstrations, split=data.split, limit=data.limit)
-        chosen = rng.sample(conversations, min(stage.normalise_size, len(conversations)))
+        chosen = rng.sample(conversations, min(rm.normalise_size, len(conversations)))
         return demonstration_references(chosen, tokenizer, data.max_length), f"demonstrations {data.demonstrations}"
     prompts = load_prompts(data.prompts, split=data.split, limit=data.limit)
-    chosen = rng.sample(prompts, min(stage.normalise_size, len(prompts)))
+    chosen = rng.sample(prompts, min(rm.normalise_size, len(prompts)))
     sampler = registry.build("samplers", cfg.sampler)
     return policy_samples(causal_lm, tokenizer, chosen, sampler, cfg), f"initial-policy samples for {data.prompts}"
 
@@ -378,20 +379,20 @@ def raw_rewards(reward_model: RewardModel, sequences: Sequence[Sequence[int]], p
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def check_stage_config(stage: DictConfig) -> None:
+def check_rm_config(rm: DictConfig) -> None:
     """Values a type check cannot catch; each error names the key, the value and the valid range."""
-    if stage.normalise_on not in NORMALISE_ON:
-        raise ValueError(f"rm.normalise_on={stage.normalise_on!r}; choose one of: {', '.join(NORMALISE_ON)}")
+    if rm.normalise_on not in NORMALISE_ON:
+        raise ValueError(f"rm.normalise_on={rm.normalise_on!r}; choose one of: {', '.join(NORMALISE_ON)}")
     for key in ("batch_size", "eval_batch_size", "epochs", "normalise_max_new_tokens"):
-        if stage[key] < 1:
-            raise ValueError(f"rm.{key}={stage[key]!r}; must be >= 1")
-    if stage.normalise_size < 2:
-        raise ValueError(f"rm.normalise_size={stage.normalise_size!r}; must be >= 2 (a mean and a std are fitted)")
+        if rm[key] < 1:
+            raise ValueError(f"rm.{key}={rm[key]!r}; must be >= 1")
+    if rm.normalise_size < 2:
+        raise ValueError(f"rm.normalise_size={rm.normalise_size!r}; must be >= 2 (a mean and a std are fitted)")
 
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    stage = cfg.rm
-    check_stage_config(stage)
+    rm = cfg.rm
+    check_rm_config(rm)
     precision = build_precision(cfg)  # refuses impossible combinations before any model is loaded
 
     rankings = load_rankings(cfg.data.comparisons, split=cfg.data.split, limit=cfg.data.limit)
@@ -414,18 +415,19 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if not train_items:
         raise ValueError(f"no training rankings left after data.overlong={cfg.data.overlong} at data.max_length={cfg.data.max_length}")
     pad_id = reward_model.pad_token_id
-    train_loader = make_loader(train_items, pad_id, stage.batch_size, train=True)
-    val_loader = make_loader(val_items, pad_id, stage.eval_batch_size, train=False) if val_items else None
+    train_loader = make_loader(train_items, pad_id, rm.batch_size, train=True)
+    val_loader = make_loader(val_items, pad_id, rm.eval_batch_size, train=False) if val_items else None
 
-    module = RewardModelModule(reward_model.train(), stage.optim)  # dropout is model.dropout (0 by default)
-    if cfg.trainer.max_epochs != stage.epochs:
-        log.info("rm.epochs=%d overrides trainer.max_epochs=%d for the reward model", stage.epochs, cfg.trainer.max_epochs)
-    trainer = make_trainer(cfg, run_dir, precision, max_epochs=stage.epochs)
+    module = RewardModelModule(reward_model.train(), rm.optim)  # dropout is model.dropout (0 by default)
+    if cfg.trainer.max_epochs != rm.epochs:
+        log.info("rm.epochs=%d overrides trainer.max_epochs=%d for the reward model", rm.epochs, cfg.trainer.max_epochs)
+    trainer = make_trainer(cfg, run_dir, precision, max_epochs=rm.epochs)
     trainer.fit(module, train_loader, val_loader)
 
+    reward_model.to(trainer.strategy.root_device)  # Lightning moves the module back to the CPU after fit
     norm = reward_model.fit_normalisation(
-        raw_rewards(reward_model, references, pad_id, stage.eval_batch_size),
-        1.0 if stage.normalise_std else None,
+        raw_rewards(reward_model, references, pad_id, rm.eval_batch_size),
+        1.0 if rm.normalise_std else None,
         fitted_on=reference_name,
     )
     if any(len(xs) for xs, _ in module.history.values()):
