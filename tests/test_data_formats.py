@@ -139,7 +139,7 @@ def test_embedded_default_data():
 
 
 def test_unknown_embedded_name_lists_available():
-    assert str(error_of(load_prompts, "embedded:nope")) == "embedded:nope: no such embedded data set; available: demonstrations, prompts"
+    assert str(error_of(load_prompts, "embedded:nope")) == "embedded:nope: no such embedded data set; available: comparisons, demonstrations, prompts"
 
 
 # --- errors: each names file:line and field -----------------------------------------------------

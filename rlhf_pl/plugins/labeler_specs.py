@@ -1,0 +1,81 @@
+"""Specs of the built-in simulated labelers (entry-point group ``rlhf_pl.labelers``).
+
+Light on purpose: the config dataclass and the :class:`~rlhf_pl.registry.PluginSpec` only (no
+torch). The labeler itself lives in :mod:`rlhf_pl.plugins.labelers` and is imported when one is
+selected (``labeler=rule labeler.noise=0.1``). The config validates itself when it is built
+(``OmegaConf.to_object`` calls ``__post_init__``); errors name the offending key, the bad value and
+the valid range.
+
+The ``rule`` labeler's score of one completion (see :mod:`rlhf_pl.plugins.labelers` for the
+answer-matching rule)::
+
+    score =  correct             if the prompt's answer is given (meta["answer"])
+           + direct              if, in addition, it is given within the first direct_words words
+           - length     · max(0, words - max_words)
+           - repetition · (fraction of repeated word trigrams)
+           - unfinished          if more than short_words words and no closing punctuation at the end
+           - garbage    · (fraction of characters that are not plain English text)
+
+rounded to ``decimals`` places; equal rounded scores are ties.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import List
+
+from rlhf_pl.registry import PluginSpec
+
+_GROUP = "labeler"
+
+
+def _require(ok: bool, key: str, value: object, rule: str) -> None:
+    if not ok:
+        raise ValueError(f"{_GROUP}.{key} must be {rule}, got {value!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+@dataclass
+class RuleLabelerConfig:
+    """A transparent rule-based simulated labeler for the embedded default task (Gao et al.'s
+    "gold" labeler): correctness first, then brevity and directness. Weights are points of score."""
+
+    correct: float = 4.0  # points for giving the prompt's answer (meta["answer"]); dominates the rest
+    direct: float = 0.5  # extra points when the answer comes within the first `direct_words` words
+    direct_words: int = 12  # how early (in words) a direct answer must appear
+    max_words: int = 15  # words allowed before the length penalty starts (a right answer takes 1-10)
+    length: float = 0.05  # penalty per word beyond max_words (48 tokens ≈ 35 words: at most ~1)
+    repetition: float = 2.0  # penalty × fraction of word trigrams that repeat an earlier trigram
+    unfinished: float = 1.0  # penalty for an answer that stops mid-sentence (see short_words)
+    short_words: int = 6  # answers up to this many words need no closing punctuation ("FRESH BREAD")
+    garbage: float = 3.0  # penalty × fraction of characters that are not plain English text
+    decimals: int = 2  # scores are rounded to this many decimals; equal rounded scores tie
+    case_sensitive_tasks: List[str] = field(default_factory=lambda: ["uppercase", "lowercase"])  # tasks whose text answers must match in case
+    noise: float = 0.0  # probability that a prompt's ranking is replaced by a uniformly random permutation
+    seed: int = 0  # seeds the noise; the draw for a prompt depends only on (seed, prompt, completions)
+
+    def __post_init__(self) -> None:
+        for key in ("correct", "direct", "length", "repetition", "unfinished", "garbage"):
+            value = getattr(self, key)
+            _require(_is_number(value) and value >= 0, key, value, "a finite number >= 0")
+        for key in ("direct_words", "max_words", "short_words"):
+            value = getattr(self, key)
+            _require(_is_int(value) and value >= 1, key, value, "an integer >= 1")
+        _require(_is_int(self.decimals) and 0 <= self.decimals <= 6, "decimals", self.decimals, "an integer in [0, 6]")
+        _require(_is_number(self.noise) and 0.0 <= self.noise <= 1.0, "noise", self.noise, "in [0, 1]")
+        _require(_is_int(self.seed), "seed", self.seed, "an integer")
+        tasks = list(self.case_sensitive_tasks)
+        _require(all(isinstance(t, str) and t for t in tasks), "case_sensitive_tasks", tasks, "a list of task names")
+
+
+RULE = PluginSpec(
+    "rule", RuleLabelerConfig, "rlhf_pl.plugins.labelers:RuleLabeler",
+    "rule-based simulated labeler for the embedded task: correct answer, then brevity/directness; label noise",
+)

