@@ -95,6 +95,7 @@ class LoggerConfig:
 class OptimConfig:
     """AdamW with linear warm-up and a decay schedule."""
 
+    optimizer: str = "adamw"  # adamw (torch) | adamw8bit (bitsandbytes, 8-bit states) | paged_adamw8bit (8-bit, paged to CPU RAM under GPU memory pressure; CUDA only, unpaged elsewhere)
     lr: float = 2e-5
     weight_decay: float = 0.0
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])

@@ -5,7 +5,8 @@ configs with Hydra. The implementations are imported only when a plugin is selec
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import List
 
 from rlhf_pl.registry import PluginSpec
 
@@ -62,4 +63,80 @@ BF16_MIXED = PluginSpec(
 FP16_MIXED = PluginSpec(
     "fp16-mixed", FP16MixedConfig, "rlhf_pl.plugins.precision:FP16Mixed",
     "float32 weights, float16 autocast with loss scaling (CUDA only)",
+)
+
+
+# Quantising and adapter strategies (rlhf_pl.plugins.precision; the heavy lifting is in
+# rlhf_pl.models.adapters). `compute` is the Lightning precision of the compute of trained models:
+# fp32 (32-true) | bf16-mixed | fp16-mixed (CUDA only). LoRA target modules: "all-linear" means every
+# linear projection of the attention and MLP blocks (Llama: q_proj, k_proj, v_proj, o_proj,
+# gate_proj, up_proj, down_proj); the output layer (lm_head) is never adapted. Any list of module
+# names (last name component, e.g. [q_proj, v_proj]) may be given instead.
+
+
+def _all_linear() -> List[str]:
+    return ["all-linear"]
+
+
+@dataclass
+class Int8FrozenConfig:
+    """Frozen models (PPO's reference and reward model) held in 8 bits (LLM.int8, bitsandbytes);
+    trained models stay float32. Needs a stage with frozen models (not sft/rm)."""
+
+    compute: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (CUDA only): compute of the trained models
+    threshold: float = 6.0  # LLM.int8 outlier threshold: activation columns above it run in 16 bits; 0 = all int8
+
+
+@dataclass
+class NF4FrozenConfig:
+    """Frozen models (PPO's reference and reward model) held in 4-bit NF4 (bitsandbytes); trained
+    models stay float32. Needs a stage with frozen models (not sft/rm)."""
+
+    compute: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (CUDA only); also the dtype NF4 weights are dequantized to
+    double_quant: bool = True  # quantize the per-block scales too (QLoRA's double quantization)
+
+
+@dataclass
+class LoRAPrecisionConfig:
+    """Trained models (policy, critic, reward model) get LoRA adapters (peft) on frozen float32
+    weights; their heads stay fully trained. In PPO the reference is the policy with its adapter
+    disabled (no second copy). Frozen models stay float32."""
+
+    compute: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (CUDA only)
+    r: int = 8  # adapter rank: each adapted W (out×in) gets B (out×r)·A (r×in); r·(in+out) parameters
+    alpha: float = 16.0  # the update is scaled by alpha / r
+    dropout: float = 0.0  # dropout on the adapter's input (0: deterministic, as RLHF wants)
+    target_modules: List[str] = field(default_factory=_all_linear)  # "all-linear" (see above) or module names
+    merge_on_export: bool = True  # true: exports are plain models with W + (alpha/r)·B·A; false: adapter-only exports (later stages cannot start from them)
+
+
+@dataclass
+class QLoRAPrecisionConfig:
+    """LoRA adapters (as ``lora``) on a 4-bit NF4 base; frozen models are NF4 as well. The merged
+    export dequantizes the base to float32 and adds the adapters."""
+
+    compute: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (CUDA only); also the dtype NF4 weights are dequantized to
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=_all_linear)
+    merge_on_export: bool = True
+    double_quant: bool = True  # quantize the per-block scales too
+
+
+INT8_FROZEN = PluginSpec(
+    "int8-frozen", Int8FrozenConfig, "rlhf_pl.plugins.precision:Int8Frozen",
+    "frozen models (reference, reward model) in 8 bits; trained models float32",
+)
+NF4_FROZEN = PluginSpec(
+    "nf4-frozen", NF4FrozenConfig, "rlhf_pl.plugins.precision:NF4Frozen",
+    "frozen models (reference, reward model) in 4-bit NF4; trained models float32",
+)
+LORA = PluginSpec(
+    "lora", LoRAPrecisionConfig, "rlhf_pl.plugins.precision:LoRA",
+    "LoRA adapters on frozen float32 weights; PPO reference = adapter disabled",
+)
+QLORA = PluginSpec(
+    "qlora", QLoRAPrecisionConfig, "rlhf_pl.plugins.precision:QLoRA",
+    "LoRA adapters on a 4-bit NF4 base; frozen models NF4",
 )

@@ -40,7 +40,8 @@ from rlhf_pl.models.reward import RewardModel, RewardOutput
 from rlhf_pl.plots import plot_curves
 from rlhf_pl.plugins.reward_heads import HeadChoice, resolve_head
 from rlhf_pl.rl.ranking import RankingLossOutput, all_pairs, group_positions, kwise_ranking_loss
-from rlhf_pl.run import build_precision, latest_output, make_trainer, record_output
+from rlhf_pl.plugins.precision import build_for_stage
+from rlhf_pl.run import latest_output, make_trainer, record_output
 from rlhf_pl.stages.sft import build_optimizer
 
 log = logging.getLogger(__name__)
@@ -393,7 +394,7 @@ def check_rm_config(rm: DictConfig) -> None:
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     rm = cfg.rm
     check_rm_config(rm)
-    precision = build_precision(cfg)  # refuses impossible combinations before any model is loaded
+    precision = build_for_stage(cfg, "rm")  # refuses impossible combinations before any model is loaded
 
     rankings = load_rankings(cfg.data.comparisons, split=cfg.data.split, limit=cfg.data.limit)
     train_rankings, val_rankings = train_val_split(rankings, cfg.data.val_fraction, cfg.seed)
@@ -405,6 +406,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     head = head_from_config(cfg.reward_head)
     reward_model = RewardModel.from_causal_lm(causal_lm, head, tokenizer)
     del causal_lm  # the LM head is not part of the reward model
+    reward_model = precision.prepare_trainable(reward_model)  # lora/qlora: trunk adapters (qlora: NF4 trunk); the head trains fully
     log.info("reward model: %s trunk from %s + reward head %r %s", type(reward_model.trunk).__name__, init_from, head.name, head.config)
 
     train_items, train_report = tokenize_rankings(train_rankings, tokenizer, cfg.data.max_length, cfg.data.overlong)
@@ -424,6 +426,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     trainer = make_trainer(cfg, run_dir, precision, max_epochs=rm.epochs)
     trainer.fit(module, train_loader, val_loader)
 
+    reward_model = precision.export(reward_model)  # lora/qlora: adapters merged; normalise what is saved
     reward_model.to(trainer.strategy.root_device)  # Lightning moves the module back to the CPU after fit
     norm = reward_model.fit_normalisation(
         raw_rewards(reward_model, references, pad_id, rm.eval_batch_size),

@@ -30,7 +30,8 @@ from rlhf_pl.data.formats import Conversation, load_conversations, train_val_spl
 from rlhf_pl.models.generate import generate
 from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_atomic
 from rlhf_pl.plots import plot_curves
-from rlhf_pl.run import build_precision, make_trainer, markdown_table, record_output, tensorboard_writer
+from rlhf_pl.plugins.precision import build_for_stage
+from rlhf_pl.run import make_trainer, markdown_table, record_output, tensorboard_writer
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +39,47 @@ log = logging.getLogger(__name__)
 # --- optimisation (shared with the other stages) --------------------------------------------------
 
 
+OPTIMIZERS = {  # optim.optimizer -> (module, class)
+    "adamw": ("torch.optim", "AdamW"),
+    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit"),
+    "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit"),
+}
+
+
+def check_optimizer(optim: OptimConfig, key: str) -> None:
+    """Refuse an unknown ``<key>.optimizer`` before any model is loaded."""
+    if optim.optimizer not in OPTIMIZERS:
+        raise ValueError(f"{key}.optimizer={optim.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
+
+
+def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
+    """``optim.optimizer`` over the parameters that require grad. The 8-bit ones (bitsandbytes) keep
+    both Adam moments in 8 bits (blockwise) for tensors of >= 4096 elements, 32 bits below that;
+    paging (``paged_adamw8bit``) only acts on CUDA: elsewhere it is ``adamw8bit``."""
+    import importlib
+
+    check_optimizer(optim, "optim")
+    trainable = [p for p in params if p.requires_grad]
+    module, cls = OPTIMIZERS[optim.optimizer]
+    if optim.optimizer.startswith("paged") and trainable and trainable[0].device.type != "cuda":
+        log.info("optim.optimizer=%s: paging needs CUDA; on %s it runs unpaged (as adamw8bit)",
+                 optim.optimizer, trainable[0].device.type)
+        import warnings
+
+        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
+    optimizer_cls = getattr(importlib.import_module(module), cls)
+    return optimizer_cls(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+
+
 def build_optimizer(params, optim: OptimConfig, total_steps: int):
-    """AdamW + linear warm-up, then ``optim.schedule`` decay. Returns Lightning's optimizer dict."""
+    """``optim.optimizer`` (AdamW, 8-bit AdamW, paged 8-bit AdamW) + linear warm-up, then
+    ``optim.schedule`` decay. Returns Lightning's optimizer dict."""
     from transformers import get_scheduler
 
     schedules = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
     if optim.schedule not in schedules:
         raise ValueError(f"optim.schedule={optim.schedule!r}; choose one of {', '.join(schedules)}")
-    optimizer = torch.optim.AdamW(
-        [p for p in params if p.requires_grad],
-        lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay,
-    )
+    optimizer = make_optimizer(params, optim)
     total_steps = max(1, int(total_steps))
     scheduler = get_scheduler(
         schedules[optim.schedule], optimizer,
@@ -176,13 +207,15 @@ def sample_answers(model, tokenizer, conversations: list[Conversation], sampler,
 
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     stage = cfg.sft
-    precision = build_precision(cfg)  # refuses impossible combinations before any model is loaded
+    precision = build_for_stage(cfg, "sft")  # refuses impossible combinations before any model is loaded
+    check_optimizer(stage.optim, "sft.optim")
 
     conversations = load_conversations(cfg.data.demonstrations, split=cfg.data.split, limit=cfg.data.limit)
     train_convs, val_convs = train_val_split(conversations, cfg.data.val_fraction, cfg.seed)
     log.info("demonstrations: %d train, %d validation (%s)", len(train_convs), len(val_convs), cfg.data.demonstrations)
 
     model, tokenizer, _ = load_model_and_tokenizer(cfg.model)
+    model = precision.prepare_trainable(model)  # lora/qlora: adapters (qlora: on an NF4 base)
     train_examples, train_report = tokenize_split(train_convs, tokenizer, cfg.data.max_length, cfg.data.overlong)
     val_examples, val_report = tokenize_split(val_convs, tokenizer, cfg.data.max_length, cfg.data.overlong)
     _report_lengths(cfg, train_report, val_report)
@@ -203,7 +236,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
 
     out_dir = run_dir / "model"
     if trainer.is_global_zero:
-        save_pretrained_atomic(module.model, tokenizer, out_dir)
+        save_pretrained_atomic(precision.export(module.model), tokenizer, out_dir)  # lora/qlora: merged
         record_output(cfg, "sft", out_dir)
     metrics = trainer.callback_metrics
     val_loss = float(metrics["val/loss"]) if "val/loss" in metrics else math.nan

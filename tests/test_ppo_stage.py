@@ -1,0 +1,351 @@
+"""The ppo stage on tiny models: exact first-minibatch ratio, padding, EOS masking, score processing,
+learning against a rule-based reward with the adaptive KL controller, options, and the command line."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra import compose, initialize_config_module
+from omegaconf import OmegaConf
+
+from rlhf_pl import registry
+from rlhf_pl.config import PPOConfig, TinyModelConfig, register_configs
+from rlhf_pl.data.chat import tokenize_completion, tokenize_prompt
+from rlhf_pl.data.formats import Message, load_prompts
+from rlhf_pl.models.loading import save_pretrained_atomic
+from rlhf_pl.models.reward import RewardModel, RewardOutput
+from rlhf_pl.models.tiny import build_tiny_model
+from rlhf_pl.run import record_output
+from rlhf_pl.stages.ppo import (
+    Critic,
+    PPOModule,
+    RunningMoments,
+    ValueHead,
+    build_models,
+    check_stage_config,
+    compute_advantages,
+    cut_at_stop_strings,
+    evaluate_policy,
+    minibatch_rows,
+    process_scores,
+    resolve_input,
+    run,
+    tokenize_prompts,
+)
+
+TIMING = {"rollout_seconds", "train_seconds"}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy 2-core machine makes 2 threads crawl)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory, tiny_tokenizer):
+    """A tiny 'SFT policy' (random tiny Llama, seed 0) and a tiny reward model (seed-1 trunk + linear head)."""
+    root = tmp_path_factory.mktemp("ppo_inputs")
+    save_pretrained_atomic(build_tiny_model(TinyModelConfig(), tiny_tokenizer), tiny_tokenizer, root / "sft")
+    torch.manual_seed(1)
+    reward = RewardModel.from_causal_lm(build_tiny_model(TinyModelConfig(seed=1), tiny_tokenizer), "linear", tiny_tokenizer)
+    reward.save_pretrained(root / "rm")
+    return root
+
+
+def make_cfg(inputs: Path, out: Path, *overrides: str):
+    register_configs()
+    with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
+        return compose("config", overrides=[
+            "+stage=ppo", "experiment=quick", f"paths.output_root={out}", f"ppo.policy_from={inputs / 'sft'}",
+            f"ppo.reward_from={inputs / 'rm'}", "trainer.enable_progress_bar=false", "logger.tensorboard=false", *overrides,
+        ])
+
+
+def run_ppo(cfg, run_dir: Path, **kwargs) -> dict:
+    L.seed_everything(cfg.seed, verbose=False)
+    return run(cfg, run_dir, **kwargs)
+
+
+def history(run_dir: Path) -> dict[str, list[float]]:
+    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"]
+
+
+# --- settings and inputs --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("critic", "both", "ppo.critic='both'; choose one of: separate, shared"),
+    ("kl_estimator", "k4", "ppo.kl_estimator='k4'; choose one of: k1, k2, k3"),
+    ("num_minibatches", 3, "ppo.num_minibatches=3 must divide ppo.batch_size=8; valid: [1, 2, 4, 8]"),
+    ("clip_eps", 0.0, "ppo.clip_eps=0.0; must be in (0.0, 1.0]"),
+    ("missing_eos_mode", "swap", "ppo.missing_eos_mode='swap'; choose one of: replace, add"),
+    ("value_clip", -0.1, "ppo.value_clip=-0.1; must be > 0, or null to turn it off"),
+    ("updates", 0, "ppo.updates=0; must be an integer >= 1"),
+])
+def test_settings_errors_name_key_value_and_choices(key, value, expected):
+    with pytest.raises(ValueError) as err:
+        check_stage_config(dataclasses.replace(PPOConfig(), **{key: value}))
+    assert str(err.value) == expected
+
+
+def test_auto_inputs_name_the_stage_to_run_first(tmp_path, inputs):
+    cfg = make_cfg(inputs, tmp_path, "ppo.policy_from=auto", "ppo.reward_from=auto")
+    with pytest.raises(FileNotFoundError, match=r"run `python -m rlhf_pl \+stage=sft` first"):
+        resolve_input(cfg, "policy_from", "sft", "config.json")
+    record_output(cfg, "sft", inputs / "sft")
+    assert resolve_input(cfg, "policy_from", "sft", "config.json") == (inputs / "sft").resolve()
+    with pytest.raises(FileNotFoundError, match=r"no \+stage=rm output recorded for model 'tiny'.*ppo.reward_from=<directory"):
+        resolve_input(cfg, "reward_from", "rm", "reward_config.json")
+    bad = make_cfg(inputs, tmp_path, f"ppo.reward_from={inputs / 'sft'}")
+    with pytest.raises(FileNotFoundError, match="has no reward_config.json"):
+        resolve_input(bad, "reward_from", "rm", "reward_config.json")
+
+
+# --- rollout mechanics ----------------------------------------------------------------------------
+
+
+def test_same_prompt_alone_or_in_a_left_padded_batch_gives_the_same_logprobs_and_values(tiny_model, tiny_tokenizer):
+    tok = tiny_tokenizer
+    short = tokenize_prompt(tok, (Message("user", "What is 2 + 2?"),))
+    long = tokenize_prompt(tok, (Message("system", "Be brief."), Message("user", "Reverse the word 'engine', please.")))
+    answer_short, answer_long = tokenize_completion(tok, "4."), tokenize_completion(tok, "enigne")
+    n = max(len(answer_short), len(answer_long))
+    p = len(long)
+    alone = torch.tensor([short + answer_short])
+    alone_mask = torch.ones_like(alone)
+    pad = tok.pad_token_id
+    batch = torch.tensor([long + answer_long + [pad] * (n - len(answer_long)),
+                          [pad] * (p - len(short)) + short + answer_short + [pad] * (n - len(answer_short))])
+    batch_mask = torch.tensor([[1] * (p + len(answer_long)) + [0] * (n - len(answer_long)),
+                               [0] * (p - len(short)) + [1] * (len(short) + len(answer_short)) + [0] * (n - len(answer_short))])
+    torch.manual_seed(0)
+    head = ValueHead(64)
+    critic = Critic(tiny_model.model, head)
+    for value_head in (None, head):
+        one = evaluate_policy(tiny_model, alone, alone_mask, len(short), 0.7, value_head, with_entropy=True)
+        many = evaluate_policy(tiny_model, batch, batch_mask, p, 0.7, value_head, with_entropy=True)
+        k = len(answer_short)
+        assert one.logprobs.shape == (1, k) and many.logprobs.shape == (2, n)
+        assert torch.allclose(many.logprobs[1, :k], one.logprobs[0], atol=1e-5, rtol=0)
+        assert torch.allclose(many.entropy[1, :k], one.entropy[0], atol=1e-5, rtol=0)
+        assert float(one.logprobs.detach().sum()) < -1.0  # real log-probabilities, not zeros
+        assert torch.all(many.logprobs[1, k:] == 0) and torch.all(many.entropy[1, k:] == 0)
+        if value_head is not None:
+            assert torch.allclose(many.values[1, :k], one.values[0], atol=1e-5, rtol=0)
+    sep_one, sep_many = critic(alone, alone_mask, len(short)), critic(batch, batch_mask, p)
+    assert torch.allclose(sep_many[1, :len(answer_short)], sep_one[0], atol=1e-5, rtol=0)
+
+
+class ScriptedSampler:
+    """Emits scripted tokens (temperature 1): script[step] is the (b,) tensor for that step."""
+
+    temperature = 1.0
+
+    def __init__(self, script):
+        self.script, self.step = [torch.tensor(s) for s in script], 0
+
+    def warp(self, logits):
+        return logits.float()
+
+    def sample(self, logits, generator=None):
+        self.step += 1
+        return self.script[self.step - 1]
+
+
+def test_tokens_after_eos_are_masked_in_logprobs_values_rewards_advantages_and_losses(tmp_path, inputs, tiny_tokenizer):
+    cfg = make_cfg(inputs, tmp_path, "ppo.batch_size=2", "ppo.max_new_tokens=5", "ppo.missing_eos_penalty=-1.0")
+    ppo = OmegaConf.to_object(cfg.ppo)
+    models = build_models(cfg, inputs / "sft", inputs / "rm", None)
+    eos = tiny_tokenizer.eos_token_id  # == pad: masks must come from positions
+    sampler = ScriptedSampler([[40, 41], [42, 43], [eos, 44], [50, 45], [51, 46]])  # row 0 ends at step 3, row 1 never
+    prompts = load_prompts("embedded:prompts", limit=2)
+    items = tokenize_prompts(prompts, tiny_tokenizer, 256)
+    kl_controller = registry.build_by_name("kl_controllers", "fixed", beta=0.1)
+    module = PPOModule(models, ppo, sampler, kl_controller, prompts, items, 0, tmp_path)
+    from rlhf_pl.stages.ppo import PromptCollator
+
+    rollout = module.rollout(PromptCollator(tiny_tokenizer.pad_token_id)(items))
+    assert rollout.mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
+    assert rollout.ended.tolist() == [True, False]
+    assert rollout.scores[1] == -1.0 and rollout.scores[0] == rollout.rm_scores[0]  # missing-EOS penalty replaces
+    for name in ("logprobs", "ref_logprobs", "values", "entropy"):
+        values = getattr(rollout, name)
+        assert torch.all(values[0, 3:] == 0), name
+        assert torch.all(values[0, :3] != 0) and torch.all(values[1] != 0), name
+    adv = compute_advantages(rollout, 0.1, ppo, lambda t: t)
+    for name in ("rewards", "non_score", "advantages", "returns"):
+        assert torch.all(getattr(adv, name)[0, 3:] == 0), name
+    kl0 = rollout.logprobs[0, 2] - rollout.ref_logprobs[0, 2]
+    assert torch.allclose(adv.rewards[0, 2], -0.1 * kl0 + rollout.scores[0])  # the score sits on the EOS token
+    # garbage after EOS in every per-token input must not change the losses
+    rows = torch.arange(2)
+    clean, clean_vf = module.policy_objective(rollout, adv, rows, 0.1, 0), module.critic_objective(rollout, adv, rows)
+    poison = lambda t: torch.where(rollout.mask.bool(), t, torch.full_like(t, 1e6))  # noqa: E731
+    dirty_rollout = rollout._replace(logprobs=poison(rollout.logprobs), values=poison(rollout.values),
+                                     ref_logprobs=poison(rollout.ref_logprobs))
+    dirty_adv = adv._replace(advantages=poison(adv.advantages), returns=poison(adv.returns))
+    dirty = module.policy_objective(dirty_rollout, dirty_adv, rows, 0.1, 0)
+    dirty_vf = module.critic_objective(dirty_rollout, dirty_adv, rows)
+    assert torch.isfinite(clean.loss) and float(dirty.loss) == float(clean.loss) and float(dirty.pg.loss) == float(clean.pg.loss)
+    assert torch.isfinite(clean_vf.loss) and float(dirty_vf.loss) == float(clean_vf.loss) > 0
+    assert float(clean.max_abs_log_ratio) == 0.0 and float(clean.pg.approx_kl) == 0.0
+
+
+def test_stop_strings_end_a_response_after_the_completing_token(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = tok("42. Then more", add_special_tokens=False)["input_ids"]
+    response = torch.tensor([ids, ids])
+    mask = torch.ones_like(response)
+    mask[1, 2:] = 0
+    cut, stopped = cut_at_stop_strings(response, mask, tok, [". "])
+    k = next(i for i in range(1, len(ids) + 1) if ". " in tok.decode(ids[:i]))
+    assert cut[0].tolist() == [1] * k + [0] * (len(ids) - k)
+    assert stopped.tolist() == [True, ". " in tok.decode(ids[:2])]
+    same, none = cut_at_stop_strings(response, mask, tok, [])
+    assert torch.equal(same, mask) and not none.any()
+
+
+def test_score_processing_order_uncertainty_running_norm_eos_penalty_clip():
+    rewards, unc = torch.tensor([1.0, 3.0, -2.0, 6.0]), torch.tensor([0.5, 1.0, 0.0, 2.0])
+    ended = torch.tensor([True, True, False, True])
+    out = RewardOutput(rewards, rewards, unc)
+    base = dataclasses.replace(PPOConfig(), missing_eos_penalty=None)
+    assert process_scores(out, ended, base, RunningMoments(), lambda t: t).tolist() == [1.0, 3.0, -2.0, 6.0]
+    penalised = dataclasses.replace(base, uncertainty_coef=2.0)
+    assert process_scores(out, ended, penalised, RunningMoments(), lambda t: t).tolist() == [0.0, 1.0, -2.0, 2.0]
+    replace = dataclasses.replace(base, missing_eos_penalty=-1.0, score_clip=4.0)
+    assert process_scores(out, ended, replace, RunningMoments(), lambda t: t).tolist() == [1.0, 3.0, -1.0, 4.0]
+    add = dataclasses.replace(base, missing_eos_penalty=-1.0, missing_eos_mode="add")
+    assert process_scores(out, ended, add, RunningMoments(), lambda t: t).tolist() == [1.0, 3.0, -3.0, 6.0]
+    with pytest.raises(ValueError, match="ppo.uncertainty_coef=2.0 but the reward head returns no uncertainty"):
+        process_scores(RewardOutput(rewards, rewards), ended, penalised, RunningMoments(), lambda t: t)
+    # running statistics over two batches equal the statistics of their concatenation
+    moments, second = RunningMoments(), torch.tensor([0.0, 10.0])
+    process_scores(out, ended, dataclasses.replace(base, score_norm="standardise"), moments, lambda t: t)
+    standardised = process_scores(RewardOutput(second, second), ended[:2], dataclasses.replace(base, score_norm="standardise"),
+                                  moments, lambda t: t)
+    everything = torch.cat([rewards, second]).double()
+    assert moments.count == 6 and math.isclose(moments.mean, float(everything.mean()), rel_tol=1e-12)
+    assert math.isclose(moments.var, float(everything.var(correction=0)), rel_tol=1e-12)
+    expected = (second - everything.mean()) / everything.std(correction=0)
+    assert torch.allclose(standardised, expected.float())
+
+
+def test_minibatches_first_epoch_in_rollout_order_later_shuffled():
+    assert [r.tolist() for r in minibatch_rows(6, 3, None)] == [[0, 1], [2, 3], [4, 5]]
+    shuffled = minibatch_rows(6, 2, torch.Generator().manual_seed(3))
+    assert sorted(torch.cat(shuffled).tolist()) == list(range(6)) and torch.cat(shuffled).tolist() != list(range(6))
+
+
+# --- whole updates --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("critic", ["separate", "shared"])
+def test_first_minibatch_has_ratio_exactly_one_and_each_model_runs_once_per_purpose(tmp_path, inputs, critic):
+    cfg = make_cfg(inputs, tmp_path, f"ppo.critic={critic}", "ppo.updates=2", "ppo.batch_size=4", "ppo.num_minibatches=2",
+                   "ppo.ppo_epochs=2", "ppo.max_new_tokens=6", "ppo.policy_optim.lr=1e-2")
+    summary = run_ppo(cfg, tmp_path / "run")
+    h = history(tmp_path / "run")
+    assert h["approx_kl_first"] == [0.0, 0.0] and h["max_abs_log_ratio_first"] == [0.0, 0.0]
+    assert all(a > 0 for a in h["approx_kl"])  # later minibatches see a moved policy
+    assert h["kl"][0] == 0.0 and h["kl"][1] != 0.0  # the first rollout is sampled from π = π_ref
+    rows = summary["rows_forwarded"]
+    b, updates, epochs = 4, 2, 2
+    assert rows["policy_rollout"] == rows["reference"] == rows["reward"] == b * updates
+    assert rows["policy_train"] == b * updates * epochs
+    if critic == "separate":
+        assert rows["critic_rollout"] == b * updates and rows["critic_train"] == b * updates * epochs
+    else:
+        assert "critic_rollout" not in rows and "critic_train" not in rows
+        assert rows["values_from_policy"] == b * updates  # the values came out of the policy's own pass
+    assert summary["updates"] == 2 and summary["approx_kl_first"] == 0.0
+
+
+class TokenCount:
+    """Rule-based reward: the number of ``targets`` tokens in the sequence. The targets appear in no
+    prompt, so this counts the response's tokens only."""
+
+    def __init__(self, targets: torch.Tensor) -> None:
+        self.targets = targets
+
+    def __call__(self, sequences, attention_mask) -> RewardOutput:
+        score = (torch.isin(sequences, self.targets) & attention_mask.bool()).sum(1).float()
+        return RewardOutput(score, score)
+
+
+def test_learning_score_rises_and_kl_stays_near_target_with_adaptive_controller(tmp_path, inputs, tiny_tokenizer):
+    used = {i for p in load_prompts("embedded:prompts") for i in tokenize_prompt(tiny_tokenizer, p.messages)}
+    targets = torch.tensor([i for i in range(len(tiny_tokenizer)) if i not in used and i != tiny_tokenizer.eos_token_id][:64])
+    target_kl, beta0 = 4.0, 0.5
+    cfg = make_cfg(inputs, tmp_path, "ppo.updates=30", "ppo.batch_size=16", "ppo.max_new_tokens=10", "ppo.num_minibatches=2",
+                   "ppo.ppo_epochs=2", "ppo.missing_eos_penalty=null", "ppo.policy_optim.lr=1e-2", "ppo.critic_optim.lr=3e-3",
+                   "kl_controller=adaptive", f"kl_controller.target={target_kl}", f"kl_controller.init_beta={beta0}",
+                   "kl_controller.horizon=64", "ppo.checkpoint_every=30")
+    summary = run_ppo(cfg, tmp_path / "run", scorer=TokenCount(targets))
+    h = history(tmp_path / "run")
+    first, last = sum(h["score"][:3]) / 3, sum(h["score"][-10:]) / 10
+    assert first < 2.0 and last > first + 0.5, (first, last)  # the policy emits more target tokens
+    settled = h["kl"][5:]
+    assert target_kl / 2 < sum(settled) / len(settled) < 2 * target_kl, settled  # held around the target
+    assert max(h["beta"]) > 1.2 * beta0  # β rose while the KL was above the target ...
+    assert h["beta"][-1] < max(h["beta"])  # ... and came back down once it was below
+    assert summary["final_score"] > first and all(a == 0.0 for a in h["approx_kl_first"])
+
+
+def test_options_ptx_entropy_kl_loss_reward_whitening_score_norm_and_stop_strings(tmp_path, inputs):
+    cfg = make_cfg(inputs, tmp_path, "ppo.updates=2", "ppo.batch_size=4", "ppo.max_new_tokens=6", "ppo.critic=shared",
+                   "ppo.ptx_coef=0.5", "ppo.ptx_batch_size=2", "ppo.entropy_coef=0.01", "ppo.kl_penalty=loss",
+                   "ppo.kl_estimator=k3", "ppo.whiten_rewards=true", "ppo.score_norm=standardise", "ppo.score_clip=2.0",
+                   "ppo.value_clip=null", "ppo.stop_strings=['.']", "kl_controller=pi")
+    summary = run_ppo(cfg, tmp_path / "run")
+    h = history(tmp_path / "run")
+    assert all(math.isfinite(v) for name, values in h.items() if name != "uncertainty" for v in values)
+    assert all(v > 1.0 for v in h["ptx_loss"])  # NLL of demonstrations under a random tiny model
+    assert all(0.0 < v < 0.5 for v in h["kl_loss"])  # k3 ≥ 0 (0 only until the first step moves π away from π_ref)
+    assert h["non_score_reward"] == [0.0, 0.0]  # the KL is in the loss, not in the reward
+    assert h["value_clip_frac"] == [0.0, 0.0] and h["max_abs_log_ratio_first"] == [0.0, 0.0]
+    assert summary["rows_forwarded"]["policy_ptx"] == 2 * 2 * 4  # ptx batch × updates × epochs
+    assert summary["kl_controller"] == "pi"
+
+
+def test_command_line_run_writes_curves_samples_summary_and_policy(tmp_path, inputs):
+    out = tmp_path / "outputs"
+    index_cfg = OmegaConf.create({"paths": {"output_root": str(out)}, "model": {"name": "tiny"}})
+    record_output(index_cfg, "sft", inputs / "sft")  # so that ppo.policy_from=auto finds them
+    record_output(index_cfg, "rm", inputs / "rm")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
+    args = [sys.executable, "-m", "rlhf_pl", "+stage=ppo", "experiment=quick", f"paths.output_root={out}",
+            "ppo.updates=3", "ppo.sample_every=2", "trainer.enable_progress_bar=false"]
+    proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = list((out / "runs").iterdir())
+    for name in ("ppo_curves.png", "samples.md", "summary.json", "policy/config.json", "policy/model.safetensors",
+                 "checkpoints/last.pt", "checkpoints/latest.json"):
+        assert (run_dir / name).is_file(), name
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stage"] == "ppo" and summary["updates"] == 3 and summary["objective"] == -summary["final_score"]
+    assert summary["policy_from"] == str((inputs / "sft").resolve()) and summary["kl_controller"] == "adaptive"
+    samples = (run_dir / "samples.md").read_text()
+    assert "## update 1" in samples and "## update 2" in samples and "| prompt | response | score |" in samples
+    index = json.loads((out / "index.json").read_text())
+    assert index["ppo"]["tiny"] == str((run_dir / "policy").resolve())
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    tags = events.Tags()
+    for name in ("score", "kl", "beta", "non_score_reward", "entropy", "approx_kl", "policy_clip_frac", "value_clip_frac",
+                 "explained_variance", "response_length", "eos_rate", "advantage_mean", "advantage_std", "kl_k3"):
+        assert [e.step for e in events.Scalars(f"ppo/{name}")] == [0, 1, 2], name
+    assert any("ppo/samples" in tag for tag in tags["tensors"])
