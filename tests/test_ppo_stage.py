@@ -349,3 +349,33 @@ def test_command_line_run_writes_curves_samples_summary_and_policy(tmp_path, inp
                  "explained_variance", "response_length", "eos_rate", "advantage_mean", "advantage_std", "kl_k3"):
         assert [e.step for e in events.Scalars(f"ppo/{name}")] == [0, 1, 2], name
     assert any("ppo/samples" in tag for tag in tags["tensors"])
+
+
+@pytest.mark.parametrize("strategy", ["lora", "int8-frozen"])
+def test_precision_strategy_holds_the_ppo_models(tmp_path, inputs, strategy):
+    """``precision=lora``: the reference is the policy with its adapter disabled (no copy), only
+    adapters and heads train, and the exported policy is merged plain weights; ``int8-frozen``: the
+    reference and reward model are 8-bit, the policy trains fully."""
+    from rlhf_pl.models.adapters import PolicyReference
+
+    cfg = make_cfg(inputs, tmp_path / "out", f"precision={strategy}", "ppo.updates=2")
+    run_dir = tmp_path / "run"
+    captured = {}
+
+    class Capture(L.Callback):
+        def on_train_start(self, trainer, module):
+            captured["reference"] = module.reference
+            captured["trainable"] = sum(p.numel() for p in module.policy.parameters() if p.requires_grad)
+            captured["total"] = sum(p.numel() for p in module.policy.parameters())
+
+    summary = run_ppo(cfg, run_dir, callbacks=[Capture()])
+    assert summary["updates"] == 2
+    if strategy == "lora":
+        assert isinstance(captured["reference"], PolicyReference)
+        assert 0 < captured["trainable"] < captured["total"] / 2
+        saved = json.loads((run_dir / "policy/config.json").read_text())
+        assert saved["model_type"] == "llama" and not (run_dir / "policy/adapter_config.json").exists()
+    else:
+        assert not isinstance(captured["reference"], PolicyReference)
+        assert captured["trainable"] == captured["total"]
+        assert any("8bit" in type(m).__name__ for m in captured["reference"].modules())

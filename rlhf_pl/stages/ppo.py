@@ -88,8 +88,9 @@ from rlhf_pl.data.chat import tokenize_prompt
 from rlhf_pl.data.collate import SFTCollator, pad_left
 from rlhf_pl.data.formats import Prompt, load_conversations, load_prompts
 from rlhf_pl.models.generate import entropy_from_logits, generate, logprobs_from_logits, position_ids_from_mask, response_logits
-from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_atomic, set_dropout
+from rlhf_pl.models.loading import load_model_and_tokenizer, load_tokenizer, save_pretrained_atomic, set_dropout
 from rlhf_pl.models.reward import RewardModel, RewardOutput, trunk_of
+from rlhf_pl.plugins.precision import build_for_stage
 from rlhf_pl.plots import plot_curves
 from rlhf_pl.rl.kl import KL_ESTIMATORS, kl_estimate, kl_loss, sequence_kl
 from rlhf_pl.rl.ppo import (
@@ -97,7 +98,7 @@ from rlhf_pl.rl.ppo import (
     missing_eos_penalty, per_token_rewards, policy_loss, valid_only, value_loss,
 )
 from rlhf_pl.run import (
-    atomic_write_json, atomic_write_text, build_precision, latest_output, make_trainer, markdown_table,
+    atomic_write_json, atomic_write_text, latest_output, make_trainer, markdown_table,
     record_output, tensorboard_writer,
 )
 from rlhf_pl.stages.sft import build_optimizer, tokenize_split
@@ -313,14 +314,23 @@ def resolve_input(cfg: DictConfig, key: str, stage: str, marker: str) -> Path:
     return path
 
 
-def load_policy(cfg: DictConfig, policy_dir: Path) -> tuple[nn.Module, nn.Module, Any]:
-    """Policy (trainable, dropout 0) and its frozen copy, the reference; and the tokenizer."""
-    model_cfg = OmegaConf.merge(cfg.model, {"name_or_path": str(policy_dir), "gguf_file": None,
-                                            "package_index_wheel": None, "revision": None})
-    policy, tokenizer, _ = load_model_and_tokenizer(model_cfg)
+def policy_model_config(cfg: DictConfig, policy_dir: Path) -> DictConfig:
+    """``cfg.model`` (dropout, checkpointing, chat template) pointed at the SFT output directory."""
+    return OmegaConf.merge(cfg.model, {"name_or_path": str(policy_dir), "gguf_file": None,
+                                       "package_index_wheel": None, "revision": None})
+
+
+def load_policy(cfg: DictConfig, policy_dir: Path, precision: Any) -> tuple[nn.Module, Any, Any]:
+    """Policy (trainable, dropout 0) and the reference; and the tokenizer. The precision strategy
+    holds them: a frozen copy (quantised under int8-frozen / nf4-frozen), or, under lora / qlora,
+    the policy itself with its adapters disabled (no second copy)."""
+    policy, tokenizer, _ = load_model_and_tokenizer(policy_model_config(cfg, policy_dir))
     set_dropout(policy, 0.0)
-    reference = freeze(copy.deepcopy(policy))
-    return policy.train(), reference, tokenizer
+    if precision.shares_reference:
+        policy = precision.prepare_trainable(policy)
+        return policy.train(), precision.reference_from_policy(policy), tokenizer
+    reference = precision.prepare_frozen(freeze(copy.deepcopy(policy)))
+    return precision.prepare_trainable(policy).train(), reference, tokenizer
 
 
 def load_reward_model(reward_dir: Path, tokenizer: Any) -> RewardModel:
@@ -334,18 +344,28 @@ def load_reward_model(reward_dir: Path, tokenizer: Any) -> RewardModel:
     return freeze(reward_model)
 
 
-def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Optional[Path], scorer: Optional[Scorer]) -> PPOModels:
+def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Optional[Path], scorer: Optional[Scorer],
+                 precision: Any = None) -> PPOModels:
     """Policy + reference from ``policy_dir``; reward model from ``reward_dir`` unless a ``scorer`` is
-    injected; critic from the reward model's trunk (from the policy's when no reward model is loaded)."""
-    policy, reference, tokenizer = load_policy(cfg, policy_dir)
-    reward_model = load_reward_model(reward_dir, tokenizer) if scorer is None else None
+    injected; critic from the reward model's trunk (from the policy's when no reward model is loaded).
+    The critic copies the float trunk before the reward model is quantised by the precision strategy."""
+    precision = precision if precision is not None else registry.build_by_name("precision", "fp32")
+    reward_model = None
+    if scorer is None:  # before the precision strategy prepares (and may quantise) any model
+        reward_model = load_reward_model(reward_dir, load_tokenizer(policy_model_config(cfg, policy_dir)))
+    critic_trunk = None
+    if cfg.ppo.critic != "shared" and reward_model is not None:
+        critic_trunk = copy.deepcopy(reward_model.trunk)
+    policy, reference, tokenizer = load_policy(cfg, policy_dir, precision)
     critic = value_head = None
     if cfg.ppo.critic == "shared":
         value_head = ValueHead(hidden_size_of(trunk_of(policy)))
     else:
-        trunk = copy.deepcopy(reward_model.trunk if reward_model is not None else trunk_of(policy))
+        trunk = critic_trunk if critic_trunk is not None else copy.deepcopy(trunk_of(policy))
         set_dropout(trunk, 0.0)
-        critic = Critic(trunk.requires_grad_(True).train(), ValueHead(hidden_size_of(trunk)))
+        critic = precision.prepare_trainable(Critic(trunk.requires_grad_(True).train(), ValueHead(hidden_size_of(trunk))))
+    if reward_model is not None:
+        reward_model = precision.prepare_frozen(reward_model)
     return PPOModels(policy, reference, reward_model if scorer is None else scorer, critic, value_head, tokenizer,
                      str(policy_dir.resolve()), str(reward_dir.resolve()) if scorer is None else "injected scorer")
 
@@ -1096,10 +1116,11 @@ def run(cfg: DictConfig, run_dir: Path, *, scorer: Optional[Scorer] = None, call
     are extra Lightning callbacks (tests: interrupting a run)."""
     ppo: PPOConfig = OmegaConf.to_object(cfg.ppo)
     check_stage_config(ppo)
-    precision = build_precision(cfg)  # refuses impossible combinations before any model is loaded
+    # refuses impossible combinations before any model is loaded
+    precision = build_for_stage(cfg, "ppo", frozen=("reference", "reward model"))
     state = resume_state_of(cfg, ppo)
     policy_dir, reward_dir = input_dirs(cfg, state, scorer)
-    models = build_models(cfg, policy_dir, reward_dir, scorer)
+    models = build_models(cfg, policy_dir, reward_dir, scorer, precision)
     log.info("policy and reference from %s; reward model from %s; critic: %s", models.policy_from, models.reward_from, ppo.critic)
 
     prompts = load_prompt_data(cfg)
@@ -1118,7 +1139,7 @@ def run(cfg: DictConfig, run_dir: Path, *, scorer: Optional[Scorer] = None, call
              getattr(kl_controller, "target", None))
     out_dir = run_dir / "policy"
     if trainer.is_global_zero:
-        save_pretrained_atomic(module.policy, models.tokenizer, out_dir)
+        save_pretrained_atomic(precision.export(module.policy), models.tokenizer, out_dir)  # lora/qlora: merged
         record_output(cfg, "ppo", out_dir)
     return {**summarise(module, kl_name), "policy_dir": str(out_dir),
             "resumed_from": str(cfg.resume) if state is not None else None, "rows_forwarded": dict(module.rows_forwarded),
