@@ -183,6 +183,10 @@ def test_killed_with_sigkill_mid_run_then_resumed_from_the_command_line(tmp_path
     assert final["history"]["update"] == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
     assert final["history"]["score"][:done] == state["history"]["score"]  # the first part carried over
     assert (second_dir / "policy" / "model.safetensors").is_file() and (second_dir / "ppo_curves.png").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(second_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("ppo/score")] == list(range(done, 6))  # logger steps continue
 
 
 WRITER = textwrap.dedent("""

@@ -41,7 +41,6 @@ from rlhf_pl.stages.ppo import (
     tokenize_prompts,
 )
 
-TIMING = {"rollout_seconds", "train_seconds"}
 
 
 @pytest.fixture(autouse=True)

@@ -25,8 +25,7 @@ from rlhf_pl.models import adapters
 from rlhf_pl.models.generate import response_logprobs
 from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_atomic
 from rlhf_pl.models.reward import RewardModel
-from rlhf_pl.plugins.precision import LoRA, PrecisionError, PrecisionStrategy, QLoRA
-from rlhf_pl.plugins.specs import LoRAPrecisionConfig, QLoRAPrecisionConfig
+from rlhf_pl.plugins.precision import PrecisionError, PrecisionStrategy, QLoRA
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -18,7 +18,8 @@ For each strategy (default: fp32, bf16-mixed, int8-frozen, lora, qlora) a *fresh
 3. reports the peak resident set size during the PPO updates (VmHWM, reset after loading; the
    float weights are first copied out of the lazily mapped safetensors files, so that RSS counts
    what the models hold and not file pages of weights that were quantised away), the peak while
-   loading (separately: it depends on the loading order, not on the strategy's steady state), the RSS after the imports (baseline), the weight bytes each model holds, and the median
+   loading (separately: it depends on the loading order, not on the strategy's steady state),
+   wall-clock and CPU seconds per update (CPU time is steadier on a shared machine), the RSS after the imports (baseline), the weight bytes each model holds, and the median
    seconds per update after ``--warmup`` updates.
 
 The PPO stage does not yet route its models through the precision strategy (its ``build_models``
@@ -27,7 +28,8 @@ update loop unchanged. Policy, reward model and critic start from the base model
 needed): memory and time do not depend on the weights' values. Responses may end before 32 tokens
 (EOS); the mean response length is reported.
 
-Each strategy runs without and with activation checkpointing (``model.gradient_checkpointing``):
+Workers run with ``MALLOC_MMAP_THRESHOLD_=131072`` (see MMAP_THRESHOLD). Each strategy runs
+without and with activation checkpointing (``model.gradient_checkpointing``):
 at 8 × ~250 tokens the saved activations of policy and critic outweigh the weights and optimizer
 states, and only checkpointing removes them.
 
@@ -54,6 +56,11 @@ MODELS = {
 }
 DEFAULT_STRATEGIES = ["fp32", "bf16-mixed", "int8-frozen", "lora", "qlora"]
 RESULT = "BENCH_RESULT "
+# glibc's mmap threshold adapts upwards (up to 32 MiB) as large blocks are freed; blocks below it come
+# from the heap, whose freed pages stay resident. RSS then depends on the allocation history more than
+# on what is alive (first run: fp32 peaked 2.8 GiB above int8-frozen, whose weights are 0.6 GiB
+# smaller). A fixed threshold makes tensors >= 128 KiB their own mappings, returned on free.
+MMAP_THRESHOLD = 128 * 1024
 
 
 def _status_mb(key: str) -> float:
@@ -171,14 +178,16 @@ def worker(strategy_name: str, model_key: str, updates: int, warmup: int, batch:
     sampler = registry.build_by_name("samplers", "temperature")
     kl = registry.build_by_name("kl_controllers", "adaptive")
     times: list[float] = []
+    cpu_times: list[float] = []
     peak: dict[str, float] = {}
 
     class Timer(L.Callback):
         def on_train_batch_start(self, trainer, module, batch_, batch_idx):
-            self.t0 = time.perf_counter()
+            self.t0, self.c0 = time.perf_counter(), time.process_time()
 
         def on_train_batch_end(self, trainer, module, outputs, batch_, batch_idx):
             times.append(time.perf_counter() - self.t0)
+            cpu_times.append(time.process_time() - self.c0)
             if len(times) == warmup + updates:
                 peak["mb"] = peak_rss_mb()  # everything up to the end of the last measured update
                 trainer.should_stop = True
@@ -190,6 +199,7 @@ def worker(strategy_name: str, model_key: str, updates: int, warmup: int, batch:
                             use_distributed_sampler=False, num_sanity_val_steps=0, callbacks=[Timer()])
         trainer.fit(module)
     measured = sorted(times[warmup:warmup + updates])
+    measured_cpu = sorted(cpu_times[warmup:warmup + updates])
     tokens = module.rows_forwarded["generation_tokens"] / max(1, module.rows_forwarded["reward"])
     return {
         "strategy": strategy_name, "gradient_checkpointing": gradient_checkpointing,
@@ -198,6 +208,7 @@ def worker(strategy_name: str, model_key: str, updates: int, warmup: int, batch:
         "rss_after_models_mb": round(after_load, 1), "load_peak_rss_mb": round(load_peak, 1), "weights_mb": {k: round(v, 1) for k, v in weights.items()},
         "trainable_params": trainable, "load_s": round(load_s, 1),
         "s_per_update": round(measured[len(measured) // 2], 2), "update_times_s": [round(t, 2) for t in times],
+        "cpu_s_per_update": round(measured_cpu[len(measured_cpu) // 2], 1),
         "mean_response_tokens": round(tokens, 1),
     }
 
@@ -208,7 +219,8 @@ def worker(strategy_name: str, model_key: str, updates: int, warmup: int, batch:
 def run_strategy(name: str, gc: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--model", args.model, "--updates", str(args.updates),
            "--warmup", str(args.warmup), "--batch", str(args.batch), "--new-tokens", str(args.new_tokens), "--gc", gc]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    env = {"MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD), **os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"strategy {name}: worker exited with {proc.returncode}\n{proc.stderr[-3000:]}")
@@ -219,15 +231,15 @@ def markdown(rows: list[dict], reference: str = "fp32") -> str:
     """One row per (strategy, checkpointing); "vs fp32" compares with fp32 at the same checkpointing setting."""
     base = {r["gradient_checkpointing"]: r["peak_rss_mb"] for r in rows if r["strategy"] == reference}
     head = ("| precision | grad. checkpointing | peak RSS, PPO update (MiB) | vs fp32 | weights: policy / ref / RM / critic "
-            "(MiB) | trainable params | s / update | peak RSS while loading (MiB) |")
-    lines = [head, "|---|---|---:|---:|---|---:|---:|---:|"]
+            "(MiB) | trainable params | wall s / update | CPU s / update | peak RSS while loading (MiB) |")
+    lines = [head, "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         w, gc = r["weights_mb"], r["gradient_checkpointing"]
         ratio = f"{r['peak_rss_mb'] / base[gc]:.0%}" if gc in base else "–"
         ref = "shared" if w["reference"] == 0 else f"{w['reference']:.0f}"
         lines.append(f"| {r['strategy']} | {'on' if gc else 'off'} | {r['peak_rss_mb']:.0f} | {ratio} | {w['policy']:.0f} / {ref} / "
                      f"{w['reward']:.0f} / {w['critic']:.0f} | {r['trainable_params'] / 1e6:.2f} M | {r['s_per_update']:.1f} "
-                     f"| {r['load_peak_rss_mb']:.0f} |")
+                     f"| {r.get('cpu_s_per_update', float('nan')):.0f} | {r['load_peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
 

@@ -1016,21 +1016,29 @@ def sample_rows(rollout: Rollout, tokenizer: Any, prompts: Sequence[Prompt], n: 
     return rows
 
 
+def running_mean(values: Sequence[float], window: int) -> list[float]:
+    """Mean of the last ``window`` values at each position (fewer at the start)."""
+    return [sum(values[max(0, i + 1 - window):i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
+
+
 def plot_run(history: dict[str, list[float]], path: Path, title: str, kl_target: Optional[float]) -> Path:
-    """Score, KL (with the controller's target as a dashed line) and β over updates."""
+    """Score (per update, and its running mean over 5 updates: one batch's score is noisy), KL (with
+    the controller's target as a dashed line) and β over updates."""
     xs = history["update"]
-    curves = {"score": (xs, history["score"]), "kl": (xs, history["kl"]), "beta": (xs, history["beta"])}
+    curves = {"score": (xs, history["score"]), "score, mean of 5": (xs, running_mean(history["score"], 5)),
+              "kl": (xs, history["kl"]), "beta": (xs, history["beta"])}
     return plot_curves(curves, path, title=title, xlabel="update", hlines={"kl": kl_target} if kl_target is not None else None)
 
 
 def summarise(module: PPOModule, kl_name: str) -> dict[str, Any]:
-    """The summary's metrics. ``objective`` = −(mean score over the last 10% of updates, at least one)."""
+    """The summary's metrics. Scores are averaged over a quarter of the updates (at least one):
+    ``initial_score`` over the first, ``final_score`` over the last; ``objective`` = −final_score."""
     h = module.history
-    tail = max(1, len(h["score"]) // 10)
-    final = sum(h["score"][-tail:]) / tail
+    quarter = max(1, len(h["score"]) // 4)
+    initial, final = sum(h["score"][:quarter]) / quarter, sum(h["score"][-quarter:]) / quarter
     seconds = [a + b for a, b in zip(h["rollout_seconds"], h["train_seconds"])]
     return {
-        "objective": -final, "final_score": final, "initial_score": h["score"][0], "score_gain": final - h["score"][0],
+        "objective": -final, "final_score": final, "initial_score": initial, "score_gain": final - initial,
         "final_kl": h["kl"][-1], "final_beta": float(module.kl_controller.value), "kl_controller": kl_name,
         "kl_target": getattr(module.kl_controller, "target", None), "kl_estimator": module.ppo.kl_estimator,
         "updates": module.rollouts_done, "seconds_per_update": sum(seconds) / len(seconds),
