@@ -62,7 +62,7 @@ def make_cfg(inputs: Path, out: Path, *overrides: str):
 
 
 class Interrupted(Exception):
-    pass
+    """Raised by StopAfter to cut a run short, as a crash would."""
 
 
 class StopAfter(L.Callback):
