@@ -898,7 +898,8 @@ class PPOModule(L.LightningModule):
 
     def update_stats(self, rollout: Rollout, adv: Advantages, steps: Sequence[MinibatchStats], beta: float,
                      rollout_seconds: float, train_seconds: float) -> PPOStats:
-        """Everything item 25 asks for, as floats; KL and score are global means over ranks."""
+        """Everything item 25 asks for, as floats; means are over the episodes / valid tokens of all
+        ranks (explained variance and the minibatch losses are this rank's)."""
         mask, r = rollout.mask, rollout
         per_estimator = {e: valid_only(kl_estimate(r.logprobs, r.ref_logprobs, e), mask).sum(1) for e in KL_ESTIMATORS}
         mean = lambda x: float(self.global_mean(x))  # noqa: E731
@@ -912,7 +913,8 @@ class PPOModule(L.LightningModule):
             policy_clip_frac=float(avg.policy_clip_frac), value_clip_frac=float(avg.value_clip_frac),
             explained_variance=float(explained_variance(r.values, adv.returns, mask)), response_length=mean(mask.sum(1).float()),
             eos_rate=mean(r.ended.float()), advantage_mean=float(adv.raw_mean), advantage_std=float(adv.raw_std),
-            return_mean=float(masked_mean(adv.returns, mask)), value_mean=float(masked_mean(r.values, mask)),
+            return_mean=float(masked_mean(adv.returns, mask, all_reduce=all_reduce_sum)),
+            value_mean=float(masked_mean(r.values, mask, all_reduce=all_reduce_sum)),
             policy_loss=float(avg.policy_loss), value_loss=float(avg.value_loss), loss=float(avg.loss),
             kl_loss=float(avg.kl_loss), ptx_loss=float(avg.ptx_loss),
             uncertainty=mean(r.uncertainty.float()) if r.uncertainty is not None else math.nan,
