@@ -20,3 +20,32 @@ def tiny_model(tiny_tokenizer):
     from rlhf_pl.models.tiny import build_tiny_model
 
     return build_tiny_model(TinyModelConfig(), tiny_tokenizer).eval()
+
+
+@pytest.fixture()
+def one_thread():
+    """Tiny models run fastest on one thread (and a busy 2-core machine makes 2 threads crawl)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def ppo_inputs(tmp_path_factory, tiny_tokenizer):
+    """Inputs of a tiny PPO run: ``sft/`` (a random tiny Llama, seed 0, as the SFT policy) and
+    ``rm/`` (a seed-1 tiny trunk + linear head as the reward model). Returns their parent dir."""
+    import torch
+
+    from rlhf_pl.config import TinyModelConfig
+    from rlhf_pl.models.loading import save_pretrained_atomic
+    from rlhf_pl.models.reward import RewardModel
+    from rlhf_pl.models.tiny import build_tiny_model
+
+    root = tmp_path_factory.mktemp("ppo_inputs")
+    save_pretrained_atomic(build_tiny_model(TinyModelConfig(), tiny_tokenizer), tiny_tokenizer, root / "sft")
+    torch.manual_seed(1)
+    RewardModel.from_causal_lm(build_tiny_model(TinyModelConfig(seed=1), tiny_tokenizer), "linear", tiny_tokenizer).save_pretrained(root / "rm")
+    return root

@@ -128,3 +128,38 @@ def test_dataloader_with_sampler_and_collator(tiny_tokenizer):
     batches = list(loader)
     assert len(batches) == 8
     assert sum(b["attention_mask"].sum().item() for b in batches) == sum(len(e.input_ids) for e in examples)
+
+
+def test_sampler_without_grouping_keeps_the_shuffled_order():
+    lengths = lengths_of(40)
+    plain = list(LengthGroupedBatchSampler(lengths, batch_size=4, seed=0, shuffle=False, group=False))
+    assert plain == [list(range(i, i + 4)) for i in range(0, 40, 4)]
+
+
+def test_lightning_starts_each_epoch_of_the_batch_sampler(tmp_path):
+    """Lightning calls ``set_epoch`` on ``batch_sampler.sampler`` only: each epoch must get a new order."""
+    import lightning as L
+
+    from rlhf_pl.data.collate import batched_loader
+
+    class Recorder(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+            self.seen: list[list[int]] = []
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch)
+            return self.w ** 2
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    loader = batched_loader(list(range(12)), [1] * 12, list, 4, seed=0, shuffle=True)
+    module = Recorder()
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+              use_distributed_sampler=False, default_root_dir=tmp_path).fit(module, loader)
+    first, second = module.seen[:3], module.seen[3:]
+    assert len(second) == 3 and loader.batch_sampler.epoch == 1
+    assert sorted(i for b in first for i in b) == sorted(i for b in second for i in b) == list(range(12))
+    assert first != second

@@ -18,10 +18,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 
-from rlhf_pl.config import TinyModelConfig, register_configs
-from rlhf_pl.models.loading import save_pretrained_atomic
-from rlhf_pl.models.reward import RewardModel
-from rlhf_pl.models.tiny import build_tiny_model
+from rlhf_pl.config import register_configs
 from rlhf_pl.stages.ppo import (
     CHECKPOINT_FILE,
     RolloutBatchSampler,
@@ -43,21 +40,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_tokenizer):
-    root = tmp_path_factory.mktemp("ppo_resume_inputs")
-    save_pretrained_atomic(build_tiny_model(TinyModelConfig(), tiny_tokenizer), tiny_tokenizer, root / "sft")
-    torch.manual_seed(1)
-    RewardModel.from_causal_lm(build_tiny_model(TinyModelConfig(seed=1), tiny_tokenizer), "linear", tiny_tokenizer).save_pretrained(root / "rm")
-    return root
-
-
-def make_cfg(inputs: Path, out: Path, *overrides: str):
+def make_cfg(ppo_inputs: Path, out: Path, *overrides: str):
     register_configs()
     with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
         return compose("config", overrides=[
-            "+stage=ppo", "experiment=quick", f"paths.output_root={out}", f"ppo.policy_from={inputs / 'sft'}",
-            f"ppo.reward_from={inputs / 'rm'}", "trainer.enable_progress_bar=false", "logger.tensorboard=false", *overrides,
+            "+stage=ppo", "experiment=quick", f"paths.output_root={out}", f"ppo.policy_from={ppo_inputs / 'sft'}",
+            f"ppo.reward_from={ppo_inputs / 'rm'}", "trainer.enable_progress_bar=false", "logger.tensorboard=false", *overrides,
         ])
 
 
@@ -83,8 +71,8 @@ SETTINGS = ("ppo.updates=5", "ppo.batch_size=4", "ppo.num_minibatches=2", "ppo.p
             "kl_controller.horizon=50")
 
 
-def test_interrupted_and_resumed_run_reaches_the_same_metrics_and_weights(tmp_path, inputs):
-    full = make_cfg(inputs, tmp_path, *SETTINGS)
+def test_interrupted_and_resumed_run_reaches_the_same_metrics_and_weights(tmp_path, ppo_inputs):
+    full = make_cfg(ppo_inputs, tmp_path, *SETTINGS)
     L.seed_everything(0, verbose=False)
     run(full, tmp_path / "full")
 
@@ -94,7 +82,7 @@ def test_interrupted_and_resumed_run_reaches_the_same_metrics_and_weights(tmp_pa
     assert load_checkpoint(tmp_path / "first" / "checkpoints" / CHECKPOINT_FILE)["rollouts_done"] == 2
 
     L.seed_everything(0, verbose=False)
-    resumed_summary = run(make_cfg(inputs, tmp_path, *SETTINGS, f"+resume={tmp_path / 'first'}"), tmp_path / "second")
+    resumed_summary = run(make_cfg(ppo_inputs, tmp_path, *SETTINGS, f"+resume={tmp_path / 'first'}"), tmp_path / "second")
     assert resumed_summary["resumed_from"] == str(tmp_path / "first") and resumed_summary["updates"] == 5
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / CHECKPOINT_FILE)
     b = load_checkpoint(tmp_path / "second" / "checkpoints" / CHECKPOINT_FILE)
@@ -110,12 +98,12 @@ def test_interrupted_and_resumed_run_reaches_the_same_metrics_and_weights(tmp_pa
         assert torch.equal(tensor, b["critic"][key]), key
 
 
-def test_resume_refuses_a_finished_run_and_names_a_missing_checkpoint(tmp_path, inputs):
-    cfg = make_cfg(inputs, tmp_path, "ppo.updates=1", "ppo.batch_size=2", "ppo.max_new_tokens=3", "ppo.ppo_epochs=1")
+def test_resume_refuses_a_finished_run_and_names_a_missing_checkpoint(tmp_path, ppo_inputs):
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=1", "ppo.batch_size=2", "ppo.max_new_tokens=3", "ppo.ppo_epochs=1")
     L.seed_everything(0, verbose=False)
     run(cfg, tmp_path / "done")
     with pytest.raises(ValueError, match=r"has done 1 updates and ppo.updates=1; raise ppo.updates"):
-        run(make_cfg(inputs, tmp_path, "ppo.updates=1", f"+resume={tmp_path / 'done'}"), tmp_path / "again")
+        run(make_cfg(ppo_inputs, tmp_path, "ppo.updates=1", f"+resume={tmp_path / 'done'}"), tmp_path / "again")
     with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*checkpoints/last.pt"):
         find_checkpoint(str(tmp_path / "nowhere"))
 
@@ -156,10 +144,10 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> N
         time.sleep(0.05)
 
 
-def test_killed_with_sigkill_mid_run_then_resumed_from_the_command_line(tmp_path, inputs):
+def test_killed_with_sigkill_mid_run_then_resumed_from_the_command_line(tmp_path, ppo_inputs):
     out, env = tmp_path / "outputs", {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     common = [sys.executable, "-m", "rlhf_pl", "+stage=ppo", "experiment=quick", f"paths.output_root={out}",
-              f"ppo.policy_from={inputs / 'sft'}", f"ppo.reward_from={inputs / 'rm'}", "ppo.updates=6", "ppo.batch_size=4",
+              f"ppo.policy_from={ppo_inputs / 'sft'}", f"ppo.reward_from={ppo_inputs / 'rm'}", "ppo.updates=6", "ppo.batch_size=4",
               "ppo.max_new_tokens=6", "ppo.checkpoint_every=1", "trainer.enable_progress_bar=false"]
     first_dir = out / "runs" / "first"
     proc = subprocess.Popen([*common, f"hydra.run.dir={first_dir}"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,

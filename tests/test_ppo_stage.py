@@ -17,12 +17,10 @@ from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from rlhf_pl import registry
-from rlhf_pl.config import PPOConfig, TinyModelConfig, register_configs
+from rlhf_pl.config import PPOConfig, register_configs
 from rlhf_pl.data.chat import tokenize_completion, tokenize_prompt
 from rlhf_pl.data.formats import Message, load_prompts
-from rlhf_pl.models.loading import save_pretrained_atomic
-from rlhf_pl.models.reward import RewardModel, RewardOutput
-from rlhf_pl.models.tiny import build_tiny_model
+from rlhf_pl.models.reward import RewardOutput
 from rlhf_pl.run import record_output
 from rlhf_pl.stages.ppo import (
     Critic,
@@ -52,23 +50,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory, tiny_tokenizer):
-    """A tiny 'SFT policy' (random tiny Llama, seed 0) and a tiny reward model (seed-1 trunk + linear head)."""
-    root = tmp_path_factory.mktemp("ppo_inputs")
-    save_pretrained_atomic(build_tiny_model(TinyModelConfig(), tiny_tokenizer), tiny_tokenizer, root / "sft")
-    torch.manual_seed(1)
-    reward = RewardModel.from_causal_lm(build_tiny_model(TinyModelConfig(seed=1), tiny_tokenizer), "linear", tiny_tokenizer)
-    reward.save_pretrained(root / "rm")
-    return root
-
-
-def make_cfg(inputs: Path, out: Path, *overrides: str):
+def make_cfg(ppo_inputs: Path, out: Path, *overrides: str):
     register_configs()
     with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
         return compose("config", overrides=[
-            "+stage=ppo", "experiment=quick", f"paths.output_root={out}", f"ppo.policy_from={inputs / 'sft'}",
-            f"ppo.reward_from={inputs / 'rm'}", "trainer.enable_progress_bar=false", "logger.tensorboard=false", *overrides,
+            "+stage=ppo", "experiment=quick", f"paths.output_root={out}", f"ppo.policy_from={ppo_inputs / 'sft'}",
+            f"ppo.reward_from={ppo_inputs / 'rm'}", "trainer.enable_progress_bar=false", "logger.tensorboard=false", *overrides,
         ])
 
 
@@ -81,7 +68,7 @@ def history(run_dir: Path) -> dict[str, list[float]]:
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"]
 
 
-# --- settings and inputs --------------------------------------------------------------------------
+# --- settings and ppo_inputs --------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("key, value, expected", [
@@ -99,15 +86,15 @@ def test_settings_errors_name_key_value_and_choices(key, value, expected):
     assert str(err.value) == expected
 
 
-def test_auto_inputs_name_the_stage_to_run_first(tmp_path, inputs):
-    cfg = make_cfg(inputs, tmp_path, "ppo.policy_from=auto", "ppo.reward_from=auto")
+def test_auto_inputs_name_the_stage_to_run_first(tmp_path, ppo_inputs):
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.policy_from=auto", "ppo.reward_from=auto")
     with pytest.raises(FileNotFoundError, match=r"run `python -m rlhf_pl \+stage=sft` first"):
         resolve_input(cfg, "policy_from", "sft", "config.json")
-    record_output(cfg, "sft", inputs / "sft")
-    assert resolve_input(cfg, "policy_from", "sft", "config.json") == (inputs / "sft").resolve()
+    record_output(cfg, "sft", ppo_inputs / "sft")
+    assert resolve_input(cfg, "policy_from", "sft", "config.json") == (ppo_inputs / "sft").resolve()
     with pytest.raises(FileNotFoundError, match=r"no \+stage=rm output recorded for model 'tiny'.*ppo.reward_from=<directory"):
         resolve_input(cfg, "reward_from", "rm", "reward_config.json")
-    bad = make_cfg(inputs, tmp_path, f"ppo.reward_from={inputs / 'sft'}")
+    bad = make_cfg(ppo_inputs, tmp_path, f"ppo.reward_from={ppo_inputs / 'sft'}")
     with pytest.raises(FileNotFoundError, match="has no reward_config.json"):
         resolve_input(bad, "reward_from", "rm", "reward_config.json")
 
@@ -163,10 +150,10 @@ class ScriptedSampler:
         return self.script[self.step - 1]
 
 
-def test_tokens_after_eos_are_masked_in_logprobs_values_rewards_advantages_and_losses(tmp_path, inputs, tiny_tokenizer):
-    cfg = make_cfg(inputs, tmp_path, "ppo.batch_size=2", "ppo.max_new_tokens=5", "ppo.missing_eos_penalty=-1.0")
+def test_tokens_after_eos_are_masked_in_logprobs_values_rewards_advantages_and_losses(tmp_path, ppo_inputs, tiny_tokenizer):
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.batch_size=2", "ppo.max_new_tokens=5", "ppo.missing_eos_penalty=-1.0")
     ppo = OmegaConf.to_object(cfg.ppo)
-    models = build_models(cfg, inputs / "sft", inputs / "rm", None)
+    models = build_models(cfg, ppo_inputs / "sft", ppo_inputs / "rm", None)
     eos = tiny_tokenizer.eos_token_id  # == pad: masks must come from positions
     sampler = ScriptedSampler([[40, 41], [42, 43], [eos, 44], [50, 45], [51, 46]])  # row 0 ends at step 3, row 1 never
     prompts = load_prompts("embedded:prompts", limit=2)
@@ -252,8 +239,8 @@ def test_minibatches_first_epoch_in_rollout_order_later_shuffled():
 
 
 @pytest.mark.parametrize("critic", ["separate", "shared"])
-def test_first_minibatch_has_ratio_exactly_one_and_each_model_runs_once_per_purpose(tmp_path, inputs, critic):
-    cfg = make_cfg(inputs, tmp_path, f"ppo.critic={critic}", "ppo.updates=2", "ppo.batch_size=4", "ppo.num_minibatches=2",
+def test_first_minibatch_has_ratio_exactly_one_and_each_model_runs_once_per_purpose(tmp_path, ppo_inputs, critic):
+    cfg = make_cfg(ppo_inputs, tmp_path, f"ppo.critic={critic}", "ppo.updates=2", "ppo.batch_size=4", "ppo.num_minibatches=2",
                    "ppo.ppo_epochs=2", "ppo.max_new_tokens=6", "ppo.policy_optim.lr=1e-2")
     summary = run_ppo(cfg, tmp_path / "run")
     h = history(tmp_path / "run")
@@ -284,11 +271,11 @@ class TokenCount:
         return RewardOutput(score, score)
 
 
-def test_learning_score_rises_and_kl_stays_near_target_with_adaptive_controller(tmp_path, inputs, tiny_tokenizer):
+def test_learning_score_rises_and_kl_stays_near_target_with_adaptive_controller(tmp_path, ppo_inputs, tiny_tokenizer):
     used = {i for p in load_prompts("embedded:prompts") for i in tokenize_prompt(tiny_tokenizer, p.messages)}
     targets = torch.tensor([i for i in range(len(tiny_tokenizer)) if i not in used and i != tiny_tokenizer.eos_token_id][:64])
     target_kl, beta0 = 4.0, 0.5
-    cfg = make_cfg(inputs, tmp_path, "ppo.updates=30", "ppo.batch_size=16", "ppo.max_new_tokens=10", "ppo.num_minibatches=2",
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=30", "ppo.batch_size=16", "ppo.max_new_tokens=10", "ppo.num_minibatches=2",
                    "ppo.ppo_epochs=2", "ppo.missing_eos_penalty=null", "ppo.policy_optim.lr=1e-2", "ppo.critic_optim.lr=3e-3",
                    "kl_controller=adaptive", f"kl_controller.target={target_kl}", f"kl_controller.init_beta={beta0}",
                    "kl_controller.horizon=64", "ppo.checkpoint_every=30")
@@ -303,8 +290,8 @@ def test_learning_score_rises_and_kl_stays_near_target_with_adaptive_controller(
     assert summary["final_score"] > first and all(a == 0.0 for a in h["approx_kl_first"])
 
 
-def test_options_ptx_entropy_kl_loss_reward_whitening_score_norm_and_stop_strings(tmp_path, inputs):
-    cfg = make_cfg(inputs, tmp_path, "ppo.updates=2", "ppo.batch_size=4", "ppo.max_new_tokens=6", "ppo.critic=shared",
+def test_options_ptx_entropy_kl_loss_reward_whitening_score_norm_and_stop_strings(tmp_path, ppo_inputs):
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=2", "ppo.batch_size=4", "ppo.max_new_tokens=6", "ppo.critic=shared",
                    "ppo.ptx_coef=0.5", "ppo.ptx_batch_size=2", "ppo.entropy_coef=0.01", "ppo.kl_penalty=loss",
                    "ppo.kl_estimator=k3", "ppo.whiten_rewards=true", "ppo.score_norm=standardise", "ppo.score_clip=2.0",
                    "ppo.value_clip=null", "ppo.stop_strings=['.']", "kl_controller=pi")
@@ -319,11 +306,11 @@ def test_options_ptx_entropy_kl_loss_reward_whitening_score_norm_and_stop_string
     assert summary["kl_controller"] == "pi"
 
 
-def test_command_line_run_writes_curves_samples_summary_and_policy(tmp_path, inputs):
+def test_command_line_run_writes_curves_samples_summary_and_policy(tmp_path, ppo_inputs):
     out = tmp_path / "outputs"
     index_cfg = OmegaConf.create({"paths": {"output_root": str(out)}, "model": {"name": "tiny"}})
-    record_output(index_cfg, "sft", inputs / "sft")  # so that ppo.policy_from=auto finds them
-    record_output(index_cfg, "rm", inputs / "rm")
+    record_output(index_cfg, "sft", ppo_inputs / "sft")  # so that ppo.policy_from=auto finds them
+    record_output(index_cfg, "rm", ppo_inputs / "rm")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     args = [sys.executable, "-m", "rlhf_pl", "+stage=ppo", "experiment=quick", f"paths.output_root={out}",
             "ppo.updates=3", "ppo.sample_every=2", "trainer.enable_progress_bar=false"]
@@ -335,7 +322,7 @@ def test_command_line_run_writes_curves_samples_summary_and_policy(tmp_path, inp
         assert (run_dir / name).is_file(), name
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["stage"] == "ppo" and summary["updates"] == 3 and summary["objective"] == -summary["final_score"]
-    assert summary["policy_from"] == str((inputs / "sft").resolve()) and summary["kl_controller"] == "adaptive"
+    assert summary["policy_from"] == str((ppo_inputs / "sft").resolve()) and summary["kl_controller"] == "adaptive"
     samples = (run_dir / "samples.md").read_text()
     assert "## update 1" in samples and "## update 2" in samples and "| prompt | response | score |" in samples
     index = json.loads((out / "index.json").read_text())
@@ -351,13 +338,13 @@ def test_command_line_run_writes_curves_samples_summary_and_policy(tmp_path, inp
 
 
 @pytest.mark.parametrize("strategy", ["lora", "int8-frozen"])
-def test_precision_strategy_holds_the_ppo_models(tmp_path, inputs, strategy):
+def test_precision_strategy_holds_the_ppo_models(tmp_path, ppo_inputs, strategy):
     """``precision=lora``: the reference is the policy with its adapter disabled (no copy), only
     adapters and heads train, and the exported policy is merged plain weights; ``int8-frozen``: the
     reference and reward model are 8-bit, the policy trains fully."""
     from rlhf_pl.models.adapters import PolicyReference
 
-    cfg = make_cfg(inputs, tmp_path / "out", f"precision={strategy}", "ppo.updates=2")
+    cfg = make_cfg(ppo_inputs, tmp_path / "out", f"precision={strategy}", "ppo.updates=2")
     run_dir = tmp_path / "run"
     captured = {}
 

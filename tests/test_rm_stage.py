@@ -32,15 +32,6 @@ from rlhf_pl.stages.rm import (
 MARKER = 300  # token id that makes a completion win in the synthetic task
 
 
-@pytest.fixture()
-def one_thread():
-    """Tiny models train fastest on one thread (and a busy 2-core machine makes 2 threads crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_fit_to_length_keeps_short_examples_and_cuts_prompt_start_first():
     assert fit_to_length([1, 2, 3], [[4], [5, 6]], 10) == (((1, 2, 3, 4), (1, 2, 3, 5, 6)), False)
     # longest completion 2 -> the prompt keeps its last 3 tokens, the same cut for every completion
@@ -142,7 +133,7 @@ def test_tiny_llama_learns_marker_preference(tiny_model, tiny_tokenizer, one_thr
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
     pad = tiny_tokenizer.pad_token_id
-    trainer.fit(module, make_loader(train, pad, 8, train=True), make_loader(val, pad, 8, train=False))
+    trainer.fit(module, make_loader(train, pad, 8, 0, trainer, train=True), make_loader(val, pad, 8, 0, trainer, train=False))
     results = module.val_results
     assert results["val/accuracy"] > 0.9, results
     assert results["val/margin"] > 0 and results["val/kendall_tau"] > 0.5
@@ -237,3 +228,16 @@ def test_stage_end_to_end_from_the_command_line_config(tmp_path, tiny_model, tin
     assert loaded.head_choice.name == "ensemble" and loaded.normalisation_info["n"] == 6
     scores = loaded.score(["Name the colour red, please."], ["It is red."])
     assert scores.shape == (1,) and torch.isfinite(scores).all()
+
+
+def test_raw_rewards_batch_by_length_but_keep_the_input_order(tiny_model):
+    from rlhf_pl.stages.rm import raw_rewards
+
+    model = RewardModel.from_causal_lm(copy.deepcopy(tiny_model), "linear").eval()
+    rng = random.Random(0)
+    sequences = [tuple(rng.randrange(3, 500) for _ in range(rng.randint(2, 30))) for _ in range(11)]
+    one_by_one = torch.cat([raw_rewards(model, [s], pad_id=0, batch_size=1) for s in sequences])
+    batched = raw_rewards(model, sequences, pad_id=0, batch_size=4)
+    assert batched.shape == (11,)
+    torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
+    assert model.training is False

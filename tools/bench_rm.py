@@ -12,7 +12,6 @@ Usage:  python tools/bench_rm.py [--model smollm2_135m|tiny] [--sequences 8] [--
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import torch

@@ -12,7 +12,6 @@ Usage:  python tools/bench_sft.py [--model smollm2_135m|tiny] [--steps 4] [--war
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from rlhf_pl.data.chat import TokenizedExample
 
@@ -62,6 +62,17 @@ class SFTCollator:
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
+class _EpochOf:
+    """``batch_sampler.sampler`` for Lightning: it starts every epoch with ``sampler.set_epoch(epoch)``
+    on the loader's sampler and on its batch sampler's ``.sampler``, but not on the batch sampler."""
+
+    def __init__(self, owner: "LengthGroupedBatchSampler") -> None:
+        self.owner = owner
+
+    def set_epoch(self, epoch: int) -> None:
+        self.owner.set_epoch(epoch)
+
+
 class LengthGroupedBatchSampler(Sampler[list[int]]):
     """Batches of indices with similar lengths, in a shuffled order.
 
@@ -71,21 +82,27 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
     stay in order (still sorted inside each mega-batch). Every index appears exactly once per epoch
     (unless ``drop_last`` drops the one incomplete batch).
 
+    With ``group=False`` the mega-batch sort is skipped (plain shuffled or in-order batches).
+
     For data-parallel training give ``num_replicas`` and ``rank``: every rank gets the same number of
     batches (the last ones are repeated from the start to fill up, or left out with ``drop_last``).
+    Lightning cannot inject its distributed sampler into a batch sampler, so the stages shard with
+    these two arguments and build their trainers with ``use_distributed_sampler=False``.
     """
 
     MEGA_BATCH_FACTOR = 50
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = False, *, num_replicas: int = 1, rank: int = 0):
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = False, *,
+                 group: bool = True, num_replicas: int = 1, rank: int = 0):
         if batch_size < 1:
             raise ValueError(f"LengthGroupedBatchSampler: batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < num_replicas:
             raise ValueError(f"LengthGroupedBatchSampler: rank must be in [0, num_replicas={num_replicas}), got {rank}")
         self.lengths = list(lengths)
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
-        self.num_replicas, self.rank = num_replicas, rank
+        self.num_replicas, self.rank, self.group = num_replicas, rank, group
         self.epoch = 0
+        self.sampler = _EpochOf(self)  # Lightning calls batch_sampler.sampler.set_epoch(epoch), never batch_sampler.set_epoch
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order ``__iter__`` yields (each epoch a different shuffle)."""
@@ -107,7 +124,9 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         mega = self.MEGA_BATCH_FACTOR * self.batch_size
         batches: list[list[int]] = []
         for start in range(0, n, mega):
-            chunk = sorted(order[start : start + mega], key=lambda i: -self.lengths[i])
+            chunk = order[start : start + mega]
+            if self.group:
+                chunk = sorted(chunk, key=lambda i: -self.lengths[i])
             batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
         if self.drop_last:
             batches = [b for b in batches if len(b) == self.batch_size]
@@ -122,3 +141,12 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         if needed > len(batches) and batches:
             batches = batches + [batches[i % len(batches)] for i in range(needed - len(batches))]
         yield from batches[self.rank : needed : self.num_replicas]
+
+
+def batched_loader(dataset: Sequence[Any], lengths: Sequence[int], collate_fn: Callable[[list[Any]], Any], batch_size: int,
+                   seed: int, *, shuffle: bool, group: bool = True, world_size: int = 1, rank: int = 0) -> DataLoader:
+    """A DataLoader whose batches come from :class:`LengthGroupedBatchSampler`: grouped by
+    ``lengths`` (one per item; padded cost) unless ``group=False``, this rank's share of them.
+    The trainer that consumes it must have ``use_distributed_sampler=False``."""
+    sampler = LengthGroupedBatchSampler(lengths, batch_size, seed, shuffle=shuffle, group=group, num_replicas=world_size, rank=rank)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)

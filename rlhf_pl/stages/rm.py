@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import lightning as L
 import torch
@@ -33,7 +33,7 @@ from torchmetrics.functional import kendall_rank_corrcoef
 from rlhf_pl import registry
 from rlhf_pl.config import OptimConfig
 from rlhf_pl.data.chat import LENGTH_RULES, LengthReport, tokenize_completion, tokenize_prompt
-from rlhf_pl.data.collate import pad_left, pad_right
+from rlhf_pl.data.collate import batched_loader, pad_left, pad_right
 from rlhf_pl.data.formats import Conversation, Ranking, load_conversations, load_prompts, load_rankings, train_val_split
 from rlhf_pl.models.loading import load_model_and_tokenizer
 from rlhf_pl.models.reward import RewardModel, RewardOutput
@@ -149,9 +149,13 @@ class RankingCollator:
         )
 
 
-def make_loader(items: list[TokenizedRanking], pad_id: int, batch_size: int, *, train: bool) -> DataLoader:
-    """Batches of ``batch_size`` prompts (each with all its completions)."""
-    return DataLoader(items, batch_size=batch_size, shuffle=train, collate_fn=RankingCollator(pad_id))
+def make_loader(items: list[TokenizedRanking], pad_id: int, batch_size: int, seed: int, trainer: Any, *, train: bool,
+                group_by_length: bool = True) -> DataLoader:
+    """This rank's batches of ``batch_size`` prompts (each with all its completions), grouped by the
+    length of each prompt's longest sequence (the batch pads to it): training shuffled, validation in order."""
+    lengths = [max(len(s) for s in item.sequences) for item in items]
+    return batched_loader(items, lengths, RankingCollator(pad_id), batch_size, seed, shuffle=train,
+                          group=group_by_length or not train, world_size=trainer.world_size, rank=trainer.global_rank)
 
 
 # --- loss and metrics ------------------------------------------------------------------------------
@@ -369,12 +373,14 @@ def raw_rewards(reward_model: RewardModel, sequences: Sequence[Sequence[int]], p
     device = next(reward_model.parameters()).device
     was_training = reward_model.training
     reward_model.eval()
-    chunks = []
-    for start in range(0, len(sequences), batch_size):
-        ids, mask = pad_right([list(s) for s in sequences[start:start + batch_size]], pad_id)
-        chunks.append(reward_model(ids.to(device), mask.to(device)).raw.cpu())
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))  # similar lengths together: little padding
+    rewards = torch.zeros(len(sequences))
+    for start in range(0, len(order), batch_size):
+        rows = order[start:start + batch_size]
+        ids, mask = pad_right([list(sequences[i]) for i in rows], pad_id)
+        rewards[rows] = reward_model(ids.to(device), mask.to(device)).raw.float().cpu()
     reward_model.train(was_training)
-    return torch.cat(chunks) if chunks else torch.zeros(0)
+    return rewards
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -417,13 +423,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if not train_items:
         raise ValueError(f"no training rankings left after data.overlong={cfg.data.overlong} at data.max_length={cfg.data.max_length}")
     pad_id = reward_model.pad_token_id
-    train_loader = make_loader(train_items, pad_id, rm.batch_size, train=True)
-    val_loader = make_loader(val_items, pad_id, rm.eval_batch_size, train=False) if val_items else None
-
     module = RewardModelModule(reward_model.train(), rm.optim)  # dropout is model.dropout (0 by default)
     if cfg.trainer.max_epochs != rm.epochs:
         log.info("rm.epochs=%d overrides trainer.max_epochs=%d for the reward model", rm.epochs, cfg.trainer.max_epochs)
-    trainer = make_trainer(cfg, run_dir, precision, max_epochs=rm.epochs)
+    trainer = make_trainer(cfg, run_dir, precision, max_epochs=rm.epochs, use_distributed_sampler=False)  # the loaders shard themselves
+    train_loader = make_loader(train_items, pad_id, rm.batch_size, cfg.seed, trainer, train=True, group_by_length=rm.group_by_length)
+    val_loader = make_loader(val_items, pad_id, rm.eval_batch_size, cfg.seed, trainer, train=False) if val_items else None
     trainer.fit(module, train_loader, val_loader)
 
     reward_model = precision.export(reward_model)  # lora/qlora: adapters merged; normalise what is saved

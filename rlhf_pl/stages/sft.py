@@ -25,7 +25,7 @@ from torchmetrics import MeanMetric
 from rlhf_pl import registry
 from rlhf_pl.config import OptimConfig
 from rlhf_pl.data.chat import LengthReport, apply_length_rule, tokenize_conversation, tokenize_prompt
-from rlhf_pl.data.collate import LengthGroupedBatchSampler, SFTCollator, pad_left
+from rlhf_pl.data.collate import SFTCollator, batched_loader, pad_left
 from rlhf_pl.data.formats import Conversation, load_conversations, train_val_split
 from rlhf_pl.models.generate import generate
 from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_atomic
@@ -169,12 +169,11 @@ def tokenize_split(conversations: list[Conversation], tokenizer, max_length: int
     return apply_length_rule(examples, max_length, rule)
 
 
-def make_loader(examples, pad_id: int, batch_size: int, seed: int, *, train: bool, group_by_length: bool) -> DataLoader:
-    collate = SFTCollator(pad_id)
-    if train and group_by_length:
-        sampler = LengthGroupedBatchSampler([len(e.input_ids) for e in examples], batch_size, seed=seed, shuffle=True)
-        return DataLoader(examples, batch_sampler=sampler, collate_fn=collate)
-    return DataLoader(examples, batch_size=batch_size, shuffle=train, collate_fn=collate)
+def make_loader(examples, pad_id: int, batch_size: int, seed: int, trainer: Any, *, train: bool, group_by_length: bool) -> DataLoader:
+    """This rank's batches: training shuffled (length-grouped with ``group_by_length``), validation
+    in order, sorted by length inside mega-batches (less padding; the order does not matter)."""
+    return batched_loader(examples, [len(e.input_ids) for e in examples], SFTCollator(pad_id), batch_size, seed,
+                          shuffle=train, group=group_by_length or not train, world_size=trainer.world_size, rank=trainer.global_rank)
 
 
 # --- samples --------------------------------------------------------------------------------------
@@ -222,11 +221,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if not train_examples:
         raise ValueError(f"no training examples left after data.overlong={cfg.data.overlong} at data.max_length={cfg.data.max_length}")
 
-    train_loader = make_loader(train_examples, tokenizer.pad_token_id, stage.batch_size, cfg.seed, train=True, group_by_length=stage.group_by_length)
-    val_loader = make_loader(val_examples, tokenizer.pad_token_id, stage.eval_batch_size, cfg.seed, train=False, group_by_length=False)
-
     module = SFTModule(model, stage.optim)
-    trainer = make_trainer(cfg, run_dir, precision)
+    trainer = make_trainer(cfg, run_dir, precision, use_distributed_sampler=False)  # the loaders shard themselves
+    train_loader = make_loader(train_examples, tokenizer.pad_token_id, stage.batch_size, cfg.seed, trainer, train=True, group_by_length=stage.group_by_length)
+    val_loader = make_loader(val_examples, tokenizer.pad_token_id, stage.eval_batch_size, cfg.seed, trainer, train=False, group_by_length=False)
     trainer.fit(module, train_loader, val_loader if val_examples else None)
 
     sampler = registry.build("samplers", cfg.sampler)
