@@ -104,6 +104,23 @@ def test_gradient_checkpointing_and_dropout_switches(tmp_path):
     assert model.config.attention_dropout == pytest.approx(0.2)
 
 
+def test_the_model_trains_in_training_mode_so_dropout_and_checkpointing_act(tiny_tokenizer):
+    from rlhf_pl.data.chat import tokenize_conversation
+    from rlhf_pl.data.collate import SFTCollator
+    from rlhf_pl.data.formats import load_conversations
+    from rlhf_pl.models.loading import load_model_and_tokenizer
+    from rlhf_pl.stages.sft import SFTModule
+
+    cfg = _compose("+stage=sft", "experiment=quick", "model.gradient_checkpointing=true", "model.dropout=0.3")
+    loaded = load_model_and_tokenizer(cfg.model)
+    module = SFTModule(loaded.model.eval(), cfg.sft.optim)  # arrives in eval mode, as from_pretrained returns it
+    assert module.model.training
+    examples = [tokenize_conversation(loaded.tokenizer, c.messages) for c in load_conversations("embedded:demonstrations", limit=2)]
+    batch = SFTCollator(loaded.tokenizer.pad_token_id)(examples)
+    first, second = module._loss(batch)[0], module._loss(batch)[0]
+    assert not torch.equal(first, second)  # dropout is active: two passes differ
+
+
 def test_bad_overlong_rule_names_key_and_choices(tmp_path):
     from rlhf_pl.run import run_from_config
 

@@ -99,7 +99,9 @@ class SFTModule(L.LightningModule):
 
     def __init__(self, model: torch.nn.Module, optim: OptimConfig):
         super().__init__()
-        self.model = model
+        # Training mode: Lightning keeps the mode a module arrives in (from_pretrained returns eval
+        # mode), and in eval mode dropout and Hugging Face's gradient checkpointing are both off.
+        self.model = model.train()
         self.optim = optim
         self.val_loss = MeanMetric()
         self.history: dict[str, tuple[list[float], list[float]]] = {"train/loss": ([], []), "val/loss": ([], [])}
