@@ -22,10 +22,10 @@ For each strategy (default: fp32, bf16-mixed, int8-frozen, lora, qlora) a *fresh
    wall-clock and CPU seconds per update (CPU time is steadier on a shared machine), the RSS after the imports (baseline), the weight bytes each model holds, and the median
    seconds per update after ``--warmup`` updates.
 
-The PPO stage does not yet route its models through the precision strategy (its ``build_models``
-loads four float32 models); this tool builds them itself, exactly as above, and reuses the stage's
-update loop unchanged. Policy, reward model and critic start from the base model (no SFT/RM run
-needed): memory and time do not depend on the weights' values. Responses may end before 32 tokens
+The PPO stage holds its models the same way (``rlhf_pl.stages.ppo.build_models``, from the SFT
+and RM outputs); this tool starts policy, reward model and critic from the base model instead, so
+that no SFT/RM run is needed (memory and time do not depend on the weights' values), and reuses
+the stage's update loop unchanged. Responses may end before 32 tokens
 (EOS); the mean response length is reported.
 
 Workers run with ``MALLOC_MMAP_THRESHOLD_=131072`` (see MMAP_THRESHOLD). Each strategy runs
