@@ -93,6 +93,26 @@ def test_every_strategy_is_installed_and_satisfies_the_protocol():
     assert registry.build_by_name("precision", "qlora", compute="bf16-mixed").trainer_precision == "bf16-mixed"
 
 
+@pytest.mark.parametrize("capabilities, chosen", [
+    ({"avx512_bf16": True, "amx_bf16": False}, "bf16-mixed"),
+    ({"avx512_bf16": False, "amx_bf16": True}, "bf16-mixed"),
+    ({"avx512_bf16": False, "amx_bf16": False}, "fp32"),
+])
+def test_auto_is_the_default_and_picks_bf16_only_where_the_cpu_has_native_bf16(monkeypatch, capabilities, chosen):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    cfg = _compose("+stage=sft")
+    s = registry.build("precision", cfg.precision)
+    assert s.name == "auto"
+    with pytest.raises(PrecisionError, match="not been resolved yet"):
+        s.chosen
+    s.check("cpu", None, stage="sft")
+    assert s.chosen == chosen and s.trainer_precision == {"bf16-mixed": "bf16-mixed", "fp32": "32-true"}[chosen]
+    assert s.describe().startswith(f"{chosen} (CPU with" if chosen != "fp32" else "fp32 (CPU without avx512_bf16 or amx_bf16)")
+    with pytest.raises(PrecisionError, match=rf"trainer.precision=16-mixed disagrees with precision=auto \(here {chosen}\)"):
+        registry.build("precision", cfg.precision).check("cpu", "16-mixed")
+    assert registry.build("precision", _compose("+stage=sft", "experiment=quick").precision).name == "fp32"
+
+
 def test_strategy_settings_compose_and_are_type_checked():
     cfg = _compose("+stage=sft", "model=tiny", "precision=qlora", "precision.r=4", "precision.target_modules=[q_proj,v_proj]",
                    "sft.optim.optimizer=adamw8bit")

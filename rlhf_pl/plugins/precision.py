@@ -5,6 +5,7 @@
 ================  ===================  ============================  ====================  ===============
 strategy          trained models       frozen models (PPO: ref, RM)  PPO reference         Lightning
 ================  ===================  ============================  ====================  ===============
+``auto``          ``bf16-mixed`` where the device has native bfloat16 matmuls, else ``fp32`` (the default)
 ``fp32``          float32, all params  float32                       frozen copy           32-true
 ``bf16-mixed``    float32, all params  float32                       frozen copy           bf16-mixed
 ``fp16-mixed``    float32, all params  float32                       frozen copy           16-mixed (CUDA)
@@ -59,7 +60,7 @@ from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 import torch
 
 from rlhf_pl.plugins.specs import (
-    BF16MixedConfig, FP16MixedConfig, FP32Config, Int8FrozenConfig, LoRAPrecisionConfig, NF4FrozenConfig,
+    AutoPrecisionConfig, BF16MixedConfig, FP16MixedConfig, FP32Config, Int8FrozenConfig, LoRAPrecisionConfig, NF4FrozenConfig,
     QLoRAPrecisionConfig,
 )
 
@@ -257,6 +258,50 @@ class FP16Mixed(_Strategy):
             raise PrecisionError(
                 f"precision=fp16-mixed needs a CUDA GPU; on {_where(accelerator)} use precision=bf16-mixed or precision=fp32"
             )
+
+
+def native_bf16(accelerator: str) -> tuple[bool, str]:
+    """Whether ``accelerator`` (resolved: cpu | cuda | …) multiplies bfloat16 matrices natively, and
+    the evidence: a CUDA device's bf16 support, or the CPU's AVX512-BF16 / AMX-BF16 instructions.
+    (Elsewhere bfloat16 autocast is emulated and slower than float32.)"""
+    if accelerator == "cuda":
+        ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        return ok, f"CUDA device {torch.cuda.get_device_name() if torch.cuda.is_available() else '(none)'} " + (
+            "supports bfloat16" if ok else "has no native bfloat16")
+    if accelerator == "cpu":
+        capabilities = torch.cpu.get_capabilities()
+        flags = [flag for flag in ("amx_bf16", "avx512_bf16") if capabilities.get(flag)]
+        return bool(flags), f"CPU with {' and '.join(flags)}" if flags else "CPU without avx512_bf16 or amx_bf16"
+    return False, f"accelerator={accelerator}"
+
+
+class AutoPrecision(_Strategy):
+    """The default: ``bf16-mixed`` where bfloat16 matmuls are native (about twice the float32 speed,
+    float32 master weights), ``fp32`` elsewhere. Decided in :meth:`check` and logged."""
+
+    name = "auto"
+
+    def __init__(self, config: AutoPrecisionConfig) -> None:
+        self.config = config
+        self.trainer_precision = ""  # set by check()
+        self.reason = ""
+
+    def check(self, accelerator: str, trainer_precision: Optional[Union[str, int]], *,
+              stage: Optional[str] = None, frozen: Optional[Sequence[str]] = None) -> None:
+        self.accelerator = resolve_accelerator(accelerator)
+        native, self.reason = native_bf16(self.accelerator)
+        self.trainer_precision = "bf16-mixed" if native else "32-true"
+        _check_agreement(f"auto (here {self.chosen})", self.trainer_precision, trainer_precision)
+
+    @property
+    def chosen(self) -> str:
+        """The strategy ``auto`` stands for once checked: ``bf16-mixed`` or ``fp32``."""
+        if not self.trainer_precision:
+            raise PrecisionError("precision=auto has not been resolved yet: call check() (build_for_stage does)")
+        return "bf16-mixed" if self.trainer_precision == "bf16-mixed" else "fp32"
+
+    def describe(self) -> str:
+        return f"{self.chosen} ({self.reason}); {super().describe()}"
 
 
 def _check_bf16(label: str, accelerator: str) -> None:

@@ -55,6 +55,15 @@ class FP16MixedConfig:
     """No settings."""
 
 
+@dataclass
+class AutoPrecisionConfig:
+    """No settings: ``bf16-mixed`` where the device has native bfloat16 matmuls, else ``fp32``."""
+
+
+AUTO_PRECISION = PluginSpec(
+    "auto", AutoPrecisionConfig, "rlhf_pl.plugins.precision:AutoPrecision",
+    "bf16-mixed where bfloat16 matmuls are native (CUDA with bf16, CPU with AVX512-BF16/AMX), else fp32",
+)
 FP32 = PluginSpec("fp32", FP32Config, "rlhf_pl.plugins.precision:FullPrecision", "float32 weights and compute")
 BF16_MIXED = PluginSpec(
     "bf16-mixed", BF16MixedConfig, "rlhf_pl.plugins.precision:BF16Mixed",
