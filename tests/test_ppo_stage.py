@@ -2,6 +2,7 @@
 learning against a rule-based reward with the adaptive KL controller, options, and the command line."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -20,7 +21,7 @@ from rlhf_pl import registry
 from rlhf_pl.config import PPOConfig, register_configs
 from rlhf_pl.data.chat import tokenize_completion, tokenize_prompt
 from rlhf_pl.data.formats import Message, load_prompts
-from rlhf_pl.models.reward import RewardOutput
+from rlhf_pl.models.reward import RewardModel, RewardOutput
 from rlhf_pl.run import record_output
 from rlhf_pl.stages.ppo import (
     Critic,
@@ -365,3 +366,19 @@ def test_precision_strategy_holds_the_ppo_models(tmp_path, ppo_inputs, strategy)
         assert not isinstance(captured["reference"], PolicyReference)
         assert captured["trainable"] == captured["total"]
         assert any("8bit" in type(m).__name__ for m in captured["reference"].modules())
+
+
+def test_critic_head_from_the_linear_reward_head_starts_at_the_reward_of_each_prefix(tiny_model):
+    """V(s_t) of a critic initialised from the reward model = the RM's normalised score of the prefix s_t."""
+    rm = RewardModel.from_causal_lm(copy.deepcopy(tiny_model), "linear").eval()
+    rm.gain.fill_(2.5)
+    rm.bias.fill_(-0.75)
+    critic = Critic(copy.deepcopy(rm.trunk), ValueHead.from_reward_model(rm)).eval()
+    sequences = torch.randint(3, 500, (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(sequences)
+    p = 4
+    with torch.no_grad():
+        values = critic(sequences, mask, p)  # (2, 5): V before response tokens 0..4
+        expected = torch.stack([rm(sequences[:, :p + j], mask[:, :p + j]).rewards for j in range(5)], dim=1)
+    torch.testing.assert_close(values, expected, atol=1e-5, rtol=1e-5)
+    assert ValueHead.from_reward_model(RewardModel.from_causal_lm(copy.deepcopy(tiny_model), "mlp")) is None

@@ -106,6 +106,7 @@ from rlhf_pl.stages.sft import build_optimizer, tokenize_split
 log = logging.getLogger(__name__)
 
 CRITICS = ("separate", "shared")
+VALUE_HEAD_INITS = ("reward", "fresh")
 KL_PENALTIES = ("reward", "loss")
 EOS_MODES = ("replace", "add")
 SCORE_NORMS = ("none", "scale", "standardise")
@@ -123,7 +124,7 @@ Scorer = Callable[[Tensor, Tensor], RewardOutput]
 def check_stage_config(ppo: PPOConfig) -> None:
     """Values a type check cannot catch; each error names the key, the bad value and the valid choices."""
     choices = {"critic": CRITICS, "kl_estimator": KL_ESTIMATORS, "kl_penalty": KL_PENALTIES,
-               "missing_eos_mode": EOS_MODES, "score_norm": SCORE_NORMS}
+               "missing_eos_mode": EOS_MODES, "score_norm": SCORE_NORMS, "value_head_init": VALUE_HEAD_INITS}
     for key, valid in choices.items():
         if getattr(ppo, key) not in valid:
             raise ValueError(f"ppo.{key}={getattr(ppo, key)!r}; choose one of: {', '.join(valid)}")
@@ -250,6 +251,21 @@ class ValueHead(nn.Module):
     def forward(self, hidden: Tensor) -> Tensor:
         return self.proj(hidden).squeeze(-1).float()
 
+    @classmethod
+    def from_reward_model(cls, reward_model: RewardModel) -> Optional["ValueHead"]:
+        """The reward model's scalar linear head with its normalisation folded in (w' = gain·w,
+        b' = gain·b + bias), so that V(s_t) starts as the score the reward model gives the prefix
+        s_t — InstructGPT's value function initialised from the RM. None for other heads."""
+        linear = getattr(reward_model.head, "score", None)
+        if reward_model.head_choice.name != "linear" or not isinstance(linear, nn.Linear) or linear.out_features != 1:
+            return None
+        head = cls(linear.in_features)
+        gain, bias = reward_model.gain.float(), reward_model.bias.float()
+        with torch.no_grad():
+            head.proj.weight.copy_(gain * linear.weight.float())
+            head.proj.bias.copy_(gain * linear.bias.float() + bias)
+        return head
+
 
 class Critic(nn.Module):
     """The separate value network: a transformer trunk + :class:`ValueHead`.
@@ -353,9 +369,13 @@ def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Optional[Path], 
     reward_model = None
     if scorer is None:  # before the precision strategy prepares (and may quantise) any model
         reward_model = load_reward_model(reward_dir, load_tokenizer(policy_model_config(cfg, policy_dir)))
-    critic_trunk = None
+    critic_trunk = critic_head = None
     if cfg.ppo.critic != "shared" and reward_model is not None:
         critic_trunk = copy.deepcopy(reward_model.trunk)
+        if cfg.ppo.value_head_init == "reward":
+            critic_head = ValueHead.from_reward_model(reward_model)
+            log.info("critic: the reward model's trunk and %s", "its linear head (normalisation folded in)" if critic_head is not None
+                     else f"a fresh value head (reward head {reward_model.head_choice.name!r} is not one linear layer)")
     policy, reference, tokenizer = load_policy(cfg, policy_dir, precision)
     critic = value_head = None
     if cfg.ppo.critic == "shared":
@@ -363,7 +383,8 @@ def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Optional[Path], 
     else:
         trunk = critic_trunk if critic_trunk is not None else copy.deepcopy(trunk_of(policy))
         set_dropout(trunk, 0.0)
-        critic = precision.prepare_trainable(Critic(trunk.requires_grad_(True).train(), ValueHead(hidden_size_of(trunk))))
+        head = critic_head if critic_head is not None else ValueHead(hidden_size_of(trunk))
+        critic = precision.prepare_trainable(Critic(trunk.requires_grad_(True).train(), head))
     if reward_model is not None:
         reward_model = precision.prepare_frozen(reward_model)
     return PPOModels(policy, reference, reward_model if scorer is None else scorer, critic, value_head, tokenizer,
