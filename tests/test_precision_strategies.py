@@ -487,13 +487,20 @@ def _initial(cfg, stage: str, s: PrecisionStrategy, tok_holder: list) -> nn.Modu
     return s.prepare_trainable(model)
 
 
+# The ranking loss sees only reward differences within a prompt, so the reward head's bias gets a zero
+# gradient (exactly 0, or a rounding residue, depending on the batch): it may stay where it started.
+SHIFT_INVARIANT = {"head.score.bias"}
+
+
 def _check_trained(initial: nn.Module, ckpt_state: dict, prefix: str) -> nn.Module:
     """Only trainable tensors changed; returns the trained module rebuilt from the checkpoint (strict load)."""
     state = {k[len(prefix):]: v for k, v in ckpt_state.items() if k.startswith(prefix)}
-    trainable = {k for k, v in initial.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter) and v.requires_grad}
+    trainable = {k for k, v in initial.state_dict(keep_vars=True).items()
+                 if isinstance(v, nn.Parameter) and v.requires_grad and k not in SHIFT_INVARIANT}
     before = {k: v.clone() for k, v in initial.state_dict().items()}
     assert state.keys() == before.keys()
-    frozen_changed = [k for k in before if k not in trainable and k not in ("gain", "bias") and not torch.equal(before[k], state[k])]
+    frozen_changed = [k for k in before if k not in trainable and k not in ("gain", "bias", *SHIFT_INVARIANT)
+                      and not torch.equal(before[k], state[k])]
     assert not frozen_changed, frozen_changed[:5]
     changed = [k for k in trainable if not torch.equal(before[k], state[k])]
     assert len(changed) == len(trainable), sorted(trainable - set(changed))[:5]
