@@ -10,15 +10,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 
-from rlhf_pl.config import register_configs
+from ppo_helpers import make_cfg
 from rlhf_pl.stages.ppo import (
     CHECKPOINT_FILE,
     RolloutBatchSampler,
@@ -32,21 +30,9 @@ from rlhf_pl.stages.ppo import (
 TIMING = {"rollout_seconds", "train_seconds"}  # wall-clock fields: the only ones allowed to differ
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def make_cfg(ppo_inputs: Path, out: Path, *overrides: str):
-    register_configs()
-    with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
-        return compose("config", overrides=[
-            "+stage=ppo", "experiment=quick", f"paths.output_root={out}", f"ppo.policy_from={ppo_inputs / 'sft'}",
-            f"ppo.reward_from={ppo_inputs / 'rm'}", "trainer.enable_progress_bar=false", "logger.tensorboard=false", *overrides,
-        ])
 
 
 class Interrupted(Exception):

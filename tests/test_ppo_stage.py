@@ -14,11 +14,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
 from rlhf_pl import registry
-from rlhf_pl.config import PPOConfig, register_configs
+from ppo_helpers import make_cfg
+from rlhf_pl.config import PPOConfig
 from rlhf_pl.data.chat import tokenize_completion, tokenize_prompt
 from rlhf_pl.data.formats import Message, load_prompts
 from rlhf_pl.models.reward import RewardModel, RewardOutput
@@ -42,22 +42,9 @@ from rlhf_pl.stages.ppo import (
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and a busy 2-core machine makes 2 threads crawl)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def make_cfg(ppo_inputs: Path, out: Path, *overrides: str):
-    register_configs()
-    with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
-        return compose("config", overrides=[
-            "+stage=ppo", "experiment=quick", f"paths.output_root={out}", f"ppo.policy_from={ppo_inputs / 'sft'}",
-            f"ppo.reward_from={ppo_inputs / 'rm'}", "trainer.enable_progress_bar=false", "logger.tensorboard=false", *overrides,
-        ])
 
 
 def run_ppo(cfg, run_dir: Path, **kwargs) -> dict:
