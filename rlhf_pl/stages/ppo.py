@@ -256,9 +256,9 @@ class ValueHead(nn.Module):
         """The reward model's scalar linear head with its normalisation folded in (w' = gain·w,
         b' = gain·b + bias), so that V(s_t) starts as the score the reward model gives the prefix
         s_t — InstructGPT's value function initialised from the RM. None for other heads."""
-        linear = getattr(reward_model.head, "score", None)
-        if reward_model.head_choice.name != "linear" or not isinstance(linear, nn.Linear) or linear.out_features != 1:
+        if reward_model.head_choice.name != "linear":
             return None
+        linear = reward_model.head.score  # the built-in LinearHead: Linear(d, 1)
         head = cls(linear.in_features)
         gain, bias = reward_model.gain.float(), reward_model.bias.float()
         with torch.no_grad():
