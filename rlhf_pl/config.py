@@ -159,7 +159,8 @@ class PPOConfig:
     policy_from: str = "auto"  # "auto": this model's latest SFT output (else an error: run +stage=sft first); or a model directory
     reward_from: str = "auto"  # "auto": this model's latest RM output (else an error: run +stage=rm first); or a reward_model directory
     critic: str = "separate"  # separate: own network from the reward model's trunk + fresh value head | shared: value head on the policy trunk
-    value_head_init: str = "reward"  # separate critic's head: reward = the RM's linear head, normalisation folded in (V starts as the RM's score of the prefix; InstructGPT) | fresh = N(0, 1/√(d+1))
+    value_head_init: str = "zero"  # separate critic's head: zero = V starts at 0, the expected return when scores are centred by score_baseline=reference | reward = the RM's linear head, normalisation folded in (V starts as the RM's score of the prefix; InstructGPT, uncentred scores) | fresh = N(0, 1/√(d+1))
+    score_baseline: str = "reference"  # reference: subtract b(x), the RM score of the reference (SFT) policy's greedy response to the same prompt, from each score (per-prompt baseline, computed once per prompt; unbiased) | none
     updates: int = 20  # PPO updates (rollouts) in the whole run; the learning-rate decay spans all of them
     batch_size: int = 8  # prompts (episodes) per rollout, per rank
     max_new_tokens: int = 32  # response length limit; a response without EOS by then gets the missing-EOS penalty

@@ -153,7 +153,7 @@ def test_tokens_after_eos_are_masked_in_logprobs_values_rewards_advantages_and_l
     rollout = module.rollout(PromptCollator(tiny_tokenizer.pad_token_id)(items))
     assert rollout.mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert rollout.ended.tolist() == [True, False]
-    assert rollout.scores[1] == -1.0 and rollout.scores[0] == rollout.rm_scores[0]  # missing-EOS penalty replaces
+    assert rollout.scores[1] == -1.0 and rollout.scores[0] == rollout.rm_scores[0] - rollout.baselines[0]  # missing-EOS penalty replaces
     for name in ("logprobs", "ref_logprobs", "values", "entropy"):
         values = getattr(rollout, name)
         assert torch.all(values[0, 3:] == 0), name

@@ -53,6 +53,22 @@ def _check_prompt(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
         raise ValueError("prompts must be LEFT-padded: each prompt_mask row must be zeros then ones")
 
 
+class GreedySampler:
+    """Always the most likely token (ties: the lowest id); ``temperature`` is 1 and only read by
+    callers that evaluate logprobs. Shape: (b, v) -> (b,) long; draws nothing from a generator."""
+
+    temperature = 1.0
+
+    def warp(self, logits: Tensor) -> Tensor:
+        return logits.float()
+
+    def sample(self, logits: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+        return logits.argmax(dim=-1)
+
+    def __repr__(self) -> str:
+        return "GreedySampler()"
+
+
 def _accepts(model: Any, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 

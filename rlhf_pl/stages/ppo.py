@@ -10,7 +10,8 @@ LightningModule, whose ``training_step`` is one PPO update:
 
 1. rollout, without gradients: generate with the sampler plugin at temperature T (KV cache, left
    padding) → cut at a stop string → score with the reward model at the last valid token → score
-   post-processing (uncertainty penalty, running normalisation, missing-EOS penalty, clip) →
+   post-processing (uncertainty penalty, minus the per-prompt baseline b(x) = the score of the
+   reference's greedy answer, running normalisation, missing-EOS penalty, clip) →
    policy logprobs and entropy, reference logprobs (both from logits / T) and values, each model
    run once per purpose;
 2. per-token rewards −β·kl_t plus the score at the last token (β from the KL controller plugin),
@@ -87,7 +88,7 @@ from rlhf_pl.config import PPOConfig
 from rlhf_pl.data.chat import tokenize_prompt
 from rlhf_pl.data.collate import SFTCollator, pad_left
 from rlhf_pl.data.formats import Prompt, load_conversations, load_prompts
-from rlhf_pl.models.generate import entropy_from_logits, generate, logprobs_from_logits, position_ids_from_mask, response_logits
+from rlhf_pl.models.generate import GreedySampler, entropy_from_logits, generate, logprobs_from_logits, position_ids_from_mask, response_logits
 from rlhf_pl.models.loading import load_model_and_tokenizer, load_tokenizer, save_pretrained_atomic, set_dropout
 from rlhf_pl.models.reward import RewardModel, RewardOutput, trunk_of
 from rlhf_pl.plugins.precision import build_for_stage
@@ -106,7 +107,8 @@ from rlhf_pl.stages.sft import build_optimizer, tokenize_split
 log = logging.getLogger(__name__)
 
 CRITICS = ("separate", "shared")
-VALUE_HEAD_INITS = ("reward", "fresh")
+VALUE_HEAD_INITS = ("zero", "reward", "fresh")
+SCORE_BASELINES = ("reference", "none")
 KL_PENALTIES = ("reward", "loss")
 EOS_MODES = ("replace", "add")
 SCORE_NORMS = ("none", "scale", "standardise")
@@ -124,7 +126,8 @@ Scorer = Callable[[Tensor, Tensor], RewardOutput]
 def check_stage_config(ppo: PPOConfig) -> None:
     """Values a type check cannot catch; each error names the key, the bad value and the valid choices."""
     choices = {"critic": CRITICS, "kl_estimator": KL_ESTIMATORS, "kl_penalty": KL_PENALTIES,
-               "missing_eos_mode": EOS_MODES, "score_norm": SCORE_NORMS, "value_head_init": VALUE_HEAD_INITS}
+               "missing_eos_mode": EOS_MODES, "score_norm": SCORE_NORMS, "value_head_init": VALUE_HEAD_INITS,
+               "score_baseline": SCORE_BASELINES}
     for key, valid in choices.items():
         if getattr(ppo, key) not in valid:
             raise ValueError(f"ppo.{key}={getattr(ppo, key)!r}; choose one of: {', '.join(valid)}")
@@ -252,6 +255,14 @@ class ValueHead(nn.Module):
         return self.proj(hidden).squeeze(-1).float()
 
     @classmethod
+    def zero(cls, hidden_size: int) -> "ValueHead":
+        """Weight and bias 0: V ≡ 0 at the start, the expected return when the scores are centred
+        per prompt (``ppo.score_baseline=reference``). The trunk gets gradient once the weight moves."""
+        head = cls(hidden_size)
+        nn.init.zeros_(head.proj.weight)
+        return head
+
+    @classmethod
     def from_reward_model(cls, reward_model: RewardModel) -> Optional["ValueHead"]:
         """The reward model's scalar linear head with its normalisation folded in (w' = gain·w,
         b' = gain·b + bias), so that V(s_t) starts as the score the reward model gives the prefix
@@ -284,6 +295,11 @@ class Critic(nn.Module):
                             position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
         values = self.head(hidden[:, prompt_length - 1:-1])
         return valid_only(values, attention_mask[:, prompt_length:])
+
+
+def new_value_head(init: str, hidden_size: int) -> ValueHead:
+    """A value head not taken from the reward model: zero for ``init="zero"``, else fresh (N(0, 1/√(d+1)))."""
+    return ValueHead.zero(hidden_size) if init == "zero" else ValueHead(hidden_size)
 
 
 def hidden_size_of(trunk: nn.Module) -> int:
@@ -379,11 +395,11 @@ def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Optional[Path], 
     policy, reference, tokenizer = load_policy(cfg, policy_dir, precision)
     critic = value_head = None
     if cfg.ppo.critic == "shared":
-        value_head = ValueHead(hidden_size_of(trunk_of(policy)))
+        value_head = new_value_head(cfg.ppo.value_head_init, hidden_size_of(trunk_of(policy)))
     else:
         trunk = critic_trunk if critic_trunk is not None else copy.deepcopy(trunk_of(policy))
         set_dropout(trunk, 0.0)
-        head = critic_head if critic_head is not None else ValueHead(hidden_size_of(trunk))
+        head = critic_head if critic_head is not None else new_value_head(cfg.ppo.value_head_init, hidden_size_of(trunk))
         critic = precision.prepare_trainable(Critic(trunk.requires_grad_(True).train(), head))
     if reward_model is not None:
         reward_model = precision.prepare_frozen(reward_model)
@@ -480,16 +496,25 @@ class RunningMoments:
         return math.sqrt(self.var) if self.var > 0 else 1.0
 
 
-def process_scores(out: RewardOutput, ended: Tensor, ppo: PPOConfig, moments: RunningMoments,
-                   all_reduce: Callable[[Tensor], Tensor]) -> Tensor:
-    """Reward-model score → the score that enters the reward, in this order: uncertainty penalty,
-    running normalisation (``score_norm``), missing-EOS penalty, clip. Shape: (b,) -> (b,) float32."""
+def penalised_scores(out: RewardOutput, uncertainty_coef: float) -> Tensor:
+    """The reward model's scores minus ``uncertainty_coef``·uncertainty. Shape: (b,) float32."""
     scores = out.rewards.float()
-    if ppo.uncertainty_coef > 0:
+    if uncertainty_coef > 0:
         if out.uncertainty is None:
-            raise ValueError(f"ppo.uncertainty_coef={ppo.uncertainty_coef} but the reward head returns no uncertainty; "
+            raise ValueError(f"ppo.uncertainty_coef={uncertainty_coef} but the reward head returns no uncertainty; "
                              "use a head that does (reward_head=ensemble when training the RM) or set ppo.uncertainty_coef=0")
-        scores = scores - ppo.uncertainty_coef * out.uncertainty.float()
+        scores = scores - uncertainty_coef * out.uncertainty.float()
+    return scores
+
+
+def process_scores(out: RewardOutput, ended: Tensor, ppo: PPOConfig, moments: RunningMoments,
+                   all_reduce: Callable[[Tensor], Tensor], baselines: Optional[Tensor] = None) -> Tensor:
+    """Reward-model score → the score that enters the reward, in this order: uncertainty penalty,
+    minus the per-prompt baseline b(x) (``baselines``, (b,), when given), running normalisation
+    (``score_norm``), missing-EOS penalty, clip. Shape: (b,) -> (b,) float32."""
+    scores = penalised_scores(out, ppo.uncertainty_coef)
+    if baselines is not None:
+        scores = scores - baselines.to(scores)
     if ppo.score_norm != "none":
         moments.update(scores, all_reduce)
         shift = moments.mean if ppo.score_norm == "standardise" else 0.0
@@ -506,6 +531,54 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
     return t
+
+
+def trim_left_padding(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the leading columns that are padding in every row. Shapes: (b, p) -> (b, p') with p' <= p."""
+    first = int(mask.any(0).long().argmax()) if bool(mask.any()) else 0
+    return ids[:, first:], mask[:, first:]
+
+
+class ReferenceBaseline:
+    """b(x): the reward-model score of the reference (SFT) policy's greedy response to prompt x.
+
+    ``ppo.score_baseline=reference`` subtracts b(x) from every score of prompt x before the KL
+    penalty and GAE. b depends on the prompt only, so the policy gradient stays unbiased (a
+    baseline; ReMax, Li et al. 2023, uses the greedy response of the current policy); what it
+    removes is the spread of the scores *between* prompts, which on a reward model that mostly
+    rates the kind of question dwarfs the spread between answers to the same prompt and otherwise
+    reaches the advantages through the critic's errors. b(x) is computed the first time x is drawn
+    (one greedy generation and one reward-model pass over the new prompts of a batch), cached by
+    prompt index and saved in checkpoints. The responses end like the policy's (EOS, stop strings)
+    and are scored like :attr:`Rollout.rm_scores`: the reward model's (normalised) score, no penalty.
+    """
+
+    def __init__(self, reference: Any, scorer: Scorer, tokenizer: Any, ppo: PPOConfig) -> None:
+        self.reference, self.scorer, self.tokenizer, self.ppo = reference, scorer, tokenizer, ppo
+        self.scores: dict[int, float] = {}
+
+    def __call__(self, input_ids: Tensor, attention_mask: Tensor, index: Tensor) -> tuple[Tensor, int]:
+        """Baselines of a batch of left-padded prompts, and how many were computed now.
+        Shapes: input_ids, attention_mask (b, p), index (b,) -> (b,) float32, int."""
+        keys = [int(i) for i in index.tolist()]
+        new = [row for row, key in enumerate(keys) if key not in self.scores]
+        new = [row for n, row in enumerate(new) if keys[row] not in {keys[r] for r in new[:n]}]  # a prompt twice in a batch
+        if new:
+            rows = torch.tensor(new, device=input_ids.device)
+            ids, mask = trim_left_padding(input_ids[rows], attention_mask[rows])
+            gen = generate(self.reference, ids, mask, GreedySampler(), self.ppo.max_new_tokens,
+                           eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id)
+            response_mask, _ = cut_at_stop_strings(gen.response, gen.response_mask, self.tokenizer, self.ppo.stop_strings)
+            scores = self.scorer(gen.sequences, torch.cat([mask, response_mask], dim=1)).rewards.float()
+            for row, score in zip(new, scores.tolist()):
+                self.scores[keys[row]] = score
+        return torch.tensor([self.scores[key] for key in keys], dtype=torch.float32, device=input_ids.device), len(new)
+
+    def state_dict(self) -> dict[int, float]:
+        return dict(self.scores)
+
+    def load_state_dict(self, state: dict[int, float]) -> None:
+        self.scores = {int(k): float(v) for k, v in state.items()}
 
 
 # --- rollout, advantages, update results -----------------------------------------------------------
@@ -530,6 +603,7 @@ class Rollout(NamedTuple):
     scores: Tensor  # (b,) the scores entering the reward (after process_scores)
     uncertainty: Optional[Tensor]  # (b,) reward-head uncertainty, if any
     prompt_index: Tensor  # (b,) prompts' indices in the data
+    baselines: Optional[Tensor] = None  # (b,) b(x) subtracted from the scores (ppo.score_baseline=reference), else None
 
 
 class Advantages(NamedTuple):
@@ -592,7 +666,9 @@ class PPOStats:
 
     update: float  # 1-based update (rollout) number
     score: float  # mean reward-model score (normalised, before penalties)
-    score_final: float  # mean score entering the reward (after uncertainty, normalisation, EOS penalty, clip)
+    score_final: float  # mean score entering the reward (after uncertainty, baseline, normalisation, EOS penalty, clip)
+    score_vs_reference: float  # mean of score − b(x): gain over the reference's greedy answer to the same prompt (nan without score_baseline)
+    reference_score: float  # mean b(x) of the batch's prompts (nan without score_baseline)
     kl: float  # mean over responses of Σ_t k1 (nats): the KL the controller sees
     kl_k2: float  # the same with k2
     kl_k3: float  # the same with k3
@@ -623,7 +699,7 @@ class PPOStats:
     train_seconds: float
 
 
-PROGRESS_BAR = {"score": "score", "kl": "kl", "beta": "beta"}  # short names shown in the progress bar
+PROGRESS_BAR = {"score": "score", "score_vs_reference": "vs_ref", "kl": "kl", "beta": "beta"}  # short names shown in the progress bar
 
 
 def mean_stats(steps: Sequence[MinibatchStats]) -> MinibatchStats:
@@ -732,6 +808,8 @@ class PPOModule(L.LightningModule):
         self.prompts, self.prompt_items, self.seed, self.run_dir, self.ptx = prompts, prompt_items, seed, run_dir, ptx
         self.generator = torch.Generator()
         self.moments = RunningMoments()
+        self.baseline = (ReferenceBaseline(self.reference, self.scorer, self.tokenizer, ppo)
+                         if ppo.score_baseline == "reference" else None)
         self.history: dict[str, list[float]] = {name: [] for name in (f.name for f in fields(PPOStats))}
         self.samples_md: list[str] = []
         self.rows_forwarded: Counter[str] = Counter()
@@ -818,10 +896,15 @@ class PPOModule(L.LightningModule):
         with self.timed("scoring"):
             out = self.scorer(gen.sequences, attention_mask)
             self.rows_forwarded["reward"] += gen.sequences.shape[0]
-        scores = process_scores(out, ended, ppo, self.moments, all_reduce_sum)
+        baselines = None
+        if self.baseline is not None:
+            with self.timed("reference_baseline"):
+                baselines, computed = self.baseline(batch["input_ids"], batch["attention_mask"], batch["index"])
+            self.rows_forwarded["reference_greedy"] += computed
+        scores = process_scores(out, ended, ppo, self.moments, all_reduce_sum, baselines)
         logprobs, ref_logprobs, values, entropy = self.rollout_passes(gen.sequences, attention_mask, p, temperature)
         return Rollout(gen.sequences, attention_mask, p, mask, ended, logprobs, ref_logprobs, values, entropy,
-                       out.rewards.float(), scores, out.uncertainty, batch["index"])
+                       out.rewards.float(), scores, out.uncertainty, batch["index"], baselines)
 
     def rollout_passes(self, sequences: Tensor, attention_mask: Tensor, p: int, temperature: float) -> tuple[Tensor, ...]:
         """Policy logprobs + entropy, reference logprobs, values: one pass per model, in the chunks the
@@ -928,6 +1011,8 @@ class PPOModule(L.LightningModule):
         lrs = [opt.param_groups[0]["lr"] for opt in self.optimizers()]
         return PPOStats(
             update=float(self.rollouts_done + 1), score=mean(r.rm_scores), score_final=mean(r.scores),
+            score_vs_reference=mean(r.rm_scores - r.baselines) if r.baselines is not None else math.nan,
+            reference_score=mean(r.baselines) if r.baselines is not None else math.nan,
             kl=mean(sequence_kl(r.logprobs, r.ref_logprobs, mask)), kl_k2=mean(per_estimator["k2"]), kl_k3=mean(per_estimator["k3"]),
             beta=beta, non_score_reward=mean(adv.non_score.sum(1)), entropy=float(masked_mean(r.entropy, mask, all_reduce=all_reduce_sum)),
             approx_kl=float(avg.approx_kl), approx_kl_first=float(first.approx_kl), max_abs_log_ratio_first=float(first.max_abs_log_ratio),
@@ -952,12 +1037,14 @@ class PPOModule(L.LightningModule):
         values = asdict(stats)
         for name, value in values.items():
             self.history[name].append(value)
-            if name != "update":
+            if name != "update" and not math.isnan(value):  # nan: not measured in this run (no baseline, no uncertainty)
                 self.log(f"ppo/{name}", value, batch_size=batch_size, on_step=True, on_epoch=False)
         for name, short in PROGRESS_BAR.items():
+            if math.isnan(values[name]):
+                continue
             self.log(short, values[name], prog_bar=True, logger=False, batch_size=batch_size, on_step=True, on_epoch=False)
-        log.info("update %d/%d: score %.3f, kl %.3f, beta %.4f, approx_kl %.4f, clip %.3f, length %.1f, eos %.2f (%.1f s)",
-                 self.rollouts_done, self.ppo.updates, stats.score, stats.kl, stats.beta, stats.approx_kl, stats.policy_clip_frac,
+        log.info("update %d/%d: score %.3f (vs reference %.3f), kl %.3f, beta %.4f, approx_kl %.4f, clip %.3f, length %.1f, eos %.2f (%.1f s)",
+                 self.rollouts_done, self.ppo.updates, stats.score, stats.score_vs_reference, stats.kl, stats.beta, stats.approx_kl, stats.policy_clip_frac,
                  stats.response_length, stats.eos_rate, stats.rollout_seconds + stats.train_seconds)
 
     def write_samples(self, rollout: Rollout) -> None:
@@ -994,6 +1081,7 @@ class PPOModule(L.LightningModule):
             "optimizers": [opt.optimizer.state_dict() for opt in optimizers],
             "schedulers": [sch.state_dict() for sch in schedulers],
             "kl_controller": self.kl_controller.state_dict(), "score_moments": asdict(self.moments),
+            "reference_baseline": self.baseline.state_dict() if self.baseline is not None else {},
             "rng": rng_state(self.generator), "history": self.history, "samples_md": self.samples_md,
             "sources": self.sources, "ppo": asdict(self.ppo), "seed": self.seed,
         }
@@ -1013,6 +1101,8 @@ class PPOModule(L.LightningModule):
             scheduler.load_state_dict(saved)
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.moments = RunningMoments(**state["score_moments"])
+        if self.baseline is not None:
+            self.baseline.load_state_dict(state.get("reference_baseline", {}))
         self.history = {name: list(values) for name, values in state["history"].items()}
         self.samples_md = list(state["samples_md"])
         loop = self.trainer.fit_loop.epoch_loop
@@ -1045,23 +1135,34 @@ def running_mean(values: Sequence[float], window: int) -> list[float]:
 
 
 def plot_run(history: dict[str, list[float]], path: Path, title: str, kl_target: Optional[float]) -> Path:
-    """Score (per update, and its running mean over 5 updates: one batch's score is noisy), KL (with
-    the controller's target as a dashed line) and β over updates."""
+    """Score (per update, and its running mean over 5 updates: one batch's score is noisy), the score
+    minus the reference's on the same prompts (with ``ppo.score_baseline=reference``: the part the
+    policy changes, free of the prompt mix), KL (with the controller's target as a dashed line) and
+    β over updates."""
     xs = history["update"]
-    curves = {"score": (xs, history["score"]), "score, mean of 5": (xs, running_mean(history["score"], 5)),
-              "kl": (xs, history["kl"]), "beta": (xs, history["beta"])}
+    curves = {"score": (xs, history["score"]), "score, mean of 5": (xs, running_mean(history["score"], 5))}
+    if history["score_vs_reference"] and not any(math.isnan(v) for v in history["score_vs_reference"]):
+        curves["score − reference"] = (xs, history["score_vs_reference"])
+        curves["score − reference, mean of 5"] = (xs, running_mean(history["score_vs_reference"], 5))
+    curves.update({"kl": (xs, history["kl"]), "beta": (xs, history["beta"])})
     return plot_curves(curves, path, title=title, xlabel="update", hlines={"kl": kl_target} if kl_target is not None else None)
 
 
 def summarise(module: PPOModule, kl_name: str) -> dict[str, Any]:
     """The summary's metrics. Scores are averaged over a quarter of the updates (at least one):
-    ``initial_score`` over the first, ``final_score`` over the last; ``objective`` = −final_score."""
+    ``initial_score`` over the first, ``final_score`` over the last; ``objective`` = −final_score.
+    The same for the score minus the reference's on the same prompts (null without a baseline)."""
     h = module.history
     quarter = max(1, len(h["score"]) // 4)
     initial, final = sum(h["score"][:quarter]) / quarter, sum(h["score"][-quarter:]) / quarter
+    vs_ref = h["score_vs_reference"]  # nan without ppo.score_baseline: reported as null
+    vs_initial, vs_final = (None, None) if any(math.isnan(v) for v in vs_ref) else (
+        sum(vs_ref[:quarter]) / quarter, sum(vs_ref[-quarter:]) / quarter)
     seconds = [a + b for a, b in zip(h["rollout_seconds"], h["train_seconds"])]
     return {
         "objective": -final, "final_score": final, "initial_score": initial, "score_gain": final - initial,
+        "initial_score_vs_reference": vs_initial, "final_score_vs_reference": vs_final,
+        "score_vs_reference_gain": vs_final - vs_initial if vs_final is not None else None,
         "final_kl": h["kl"][-1], "final_beta": float(module.kl_controller.value), "kl_controller": kl_name,
         "kl_target": getattr(module.kl_controller, "target", None), "kl_estimator": module.ppo.kl_estimator,
         "updates": module.rollouts_done, "seconds_per_update": sum(seconds) / len(seconds),
