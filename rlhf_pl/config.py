@@ -150,15 +150,17 @@ class PPOConfig:
 
     One update = one rollout of ``batch_size`` prompts (per rank), then ``ppo_epochs`` passes over
     it in ``num_minibatches`` minibatches. The defaults (Ziegler's 4 epochs × 1 minibatch, small
-    batches, short responses) are sized for SmolLM2-135M on 2 CPU cores: 20 updates of about 35 s
-    (precision=auto, i.e. bf16-mixed on an AVX512-BF16 CPU), a run of about 13 minutes. That is a
-    few hundred episodes — enough to watch every metric move, not enough for a reliable rise of the
-    score against the embedded reward model (see the README); real runs want far more updates.
+    batches, short responses) are sized for SmolLM2-135M on 2 CPU cores: 20 updates of about 37 s
+    (precision=auto, i.e. bf16-mixed on an AVX512-BF16 CPU, including the reference's greedy answer
+    for each new prompt), a run of about 13 minutes. That is 160 episodes — enough to watch every
+    metric move, not enough for a rise of the score against the embedded reward model, which
+    mostly rates the kind of question asked and barely separates the SFT policy's own answers to
+    one prompt (see the README); real runs want far more updates.
     """
 
     policy_from: str = "auto"  # "auto": this model's latest SFT output (else an error: run +stage=sft first); or a model directory
     reward_from: str = "auto"  # "auto": this model's latest RM output (else an error: run +stage=rm first); or a reward_model directory
-    critic: str = "separate"  # separate: own network from the reward model's trunk + fresh value head | shared: value head on the policy trunk
+    critic: str = "separate"  # separate: own network from the reward model's trunk + a value head (value_head_init) | shared: value head on the policy trunk
     value_head_init: str = "zero"  # separate critic's head: zero = V starts at 0, the expected return when scores are centred by score_baseline=reference | reward = the RM's linear head, normalisation folded in (V starts as the RM's score of the prefix; InstructGPT, uncentred scores) | fresh = N(0, 1/√(d+1))
     score_baseline: str = "reference"  # reference: subtract b(x), the RM score of the reference (SFT) policy's greedy response to the same prompt, from each score (per-prompt baseline, computed once per prompt; unbiased) | none
     updates: int = 20  # PPO updates (rollouts) in the whole run; the learning-rate decay spans all of them

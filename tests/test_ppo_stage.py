@@ -139,7 +139,8 @@ class ScriptedSampler:
 
 
 def test_tokens_after_eos_are_masked_in_logprobs_values_rewards_advantages_and_losses(tmp_path, ppo_inputs, tiny_tokenizer):
-    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.batch_size=2", "ppo.max_new_tokens=5", "ppo.missing_eos_penalty=-1.0")
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.batch_size=2", "ppo.max_new_tokens=5", "ppo.missing_eos_penalty=-1.0",
+                   "ppo.value_head_init=fresh")  # non-zero values, so that masking them is visible
     ppo = OmegaConf.to_object(cfg.ppo)
     models = build_models(cfg, ppo_inputs / "sft", ppo_inputs / "rm", None)
     eos = tiny_tokenizer.eos_token_id  # == pad: masks must come from positions
