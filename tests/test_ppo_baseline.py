@@ -119,3 +119,45 @@ def test_zero_value_head_starts_at_zero_and_settings_name_the_choices(tmp_path, 
         check_stage_config(dataclasses.replace(PPOConfig(), score_baseline="greedy"))
     with pytest.raises(ValueError, match=r"ppo.value_head_init='ones'; choose one of: zero, reward, fresh"):
         check_stage_config(dataclasses.replace(PPOConfig(), value_head_init="ones"))
+
+
+# --- tools/reward_spread.py: the signal PPO has to work with --------------------------------------
+
+
+def _spread_tool():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / "reward_spread.py"
+    spec = importlib.util.spec_from_file_location("reward_spread", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_spread_separates_between_and_within_prompt_variation():
+    tool = _spread_tool()
+    s = tool.spread([[1.0, 3.0], [5.0, 5.0], [-2.0, 0.0]])  # means 2, 5, −1; stds 1, 0, 1
+    assert math.isclose(s.between_std, math.sqrt(((2 - 2) ** 2 + (5 - 2) ** 2 + (-1 - 2) ** 2) / 3))
+    assert math.isclose(s.within_std, 2 / 3) and math.isclose(s.best_of_n_gain, 2 / 3)
+    assert math.isclose(tool.within_correlation([[1, 2, 3], [4, 4, 4]], [[2, 4, 7], [1, 2, 3]]),
+                        tool.correlation([1, 2, 3], [2, 4, 7]))  # the constant prompt is left out
+    with pytest.raises(ValueError, match="at least one score"):
+        tool.spread([[1.0], []])
+
+
+def test_reward_spread_tool_runs_on_tiny_models_and_writes_json(tmp_path, ppo_inputs):
+    import json
+
+    tool = _spread_tool()
+    out = tmp_path / "spread.json"
+    assert tool.main(["--policy", str(ppo_inputs / "sft"), "--reward", str(ppo_inputs / "rm"), "--num-prompts", "3",
+                      "--samples", "2", "--max-new-tokens", "4", "--no-bf16", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["prompts"] == 3 and result["samples"] == 2
+    assert result["between_prompt_std"] >= 0 and result["within_prompt_std"] >= 0 and result["token_entropy"] > 0
+    assert set(result["form_margins_over_bare"]) == set(tool.FORMS) and result["form_margins_over_bare"]["X."] == 0.0
+    with pytest.raises(SystemExit, match="no rm output of smollm2_135m"):
+        tool.main(["--policy", str(ppo_inputs / "sft"), "--output-root", str(tmp_path / "empty")])
