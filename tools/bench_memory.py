@@ -172,7 +172,8 @@ def worker(strategy_name: str, model_key: str, updates: int, warmup: int, batch:
     trainable = sum(p.numel() for m in (models.policy, models.critic) for p in m.parameters() if p.requires_grad)
 
     total = warmup + updates + 1  # stopped after the last measured update (before the stage's final checkpoint)
-    ppo = PPOConfig(updates=total, batch_size=batch, max_new_tokens=new_tokens, sample_every=10**6, checkpoint_every=10**6)
+    ppo = PPOConfig(updates=total, batch_size=batch, max_new_tokens=new_tokens, sample_every=10**6, checkpoint_every=10**6,
+                    score_baseline="none")  # figures comparable across versions; the baseline adds no gradient memory
     prompts = load_prompts("embedded:prompts")
     items = tokenize_prompts(prompts, models.tokenizer, 256)
     sampler = registry.build_by_name("samplers", "temperature")
