@@ -496,23 +496,17 @@ class RunningMoments:
         return math.sqrt(self.var) if self.var > 0 else 1.0
 
 
-def penalised_scores(out: RewardOutput, uncertainty_coef: float) -> Tensor:
-    """The reward model's scores minus ``uncertainty_coef``·uncertainty. Shape: (b,) float32."""
-    scores = out.rewards.float()
-    if uncertainty_coef > 0:
-        if out.uncertainty is None:
-            raise ValueError(f"ppo.uncertainty_coef={uncertainty_coef} but the reward head returns no uncertainty; "
-                             "use a head that does (reward_head=ensemble when training the RM) or set ppo.uncertainty_coef=0")
-        scores = scores - uncertainty_coef * out.uncertainty.float()
-    return scores
-
-
 def process_scores(out: RewardOutput, ended: Tensor, ppo: PPOConfig, moments: RunningMoments,
                    all_reduce: Callable[[Tensor], Tensor], baselines: Optional[Tensor] = None) -> Tensor:
     """Reward-model score → the score that enters the reward, in this order: uncertainty penalty,
     minus the per-prompt baseline b(x) (``baselines``, (b,), when given), running normalisation
     (``score_norm``), missing-EOS penalty, clip. Shape: (b,) -> (b,) float32."""
-    scores = penalised_scores(out, ppo.uncertainty_coef)
+    scores = out.rewards.float()
+    if ppo.uncertainty_coef > 0:
+        if out.uncertainty is None:
+            raise ValueError(f"ppo.uncertainty_coef={ppo.uncertainty_coef} but the reward head returns no uncertainty; "
+                             "use a head that does (reward_head=ensemble when training the RM) or set ppo.uncertainty_coef=0")
+        scores = scores - ppo.uncertainty_coef * out.uncertainty.float()
     if baselines is not None:
         scores = scores - baselines.to(scores)
     if ppo.score_norm != "none":
@@ -561,8 +555,11 @@ class ReferenceBaseline:
         """Baselines of a batch of left-padded prompts, and how many were computed now.
         Shapes: input_ids, attention_mask (b, p), index (b,) -> (b,) float32, int."""
         keys = [int(i) for i in index.tolist()]
-        new = [row for row, key in enumerate(keys) if key not in self.scores]
-        new = [row for n, row in enumerate(new) if keys[row] not in {keys[r] for r in new[:n]}]  # a prompt twice in a batch
+        first_row: dict[int, int] = {}  # uncached prompt -> its first row (a prompt may appear twice in a batch)
+        for row, key in enumerate(keys):
+            if key not in self.scores:
+                first_row.setdefault(key, row)
+        new = list(first_row.values())
         if new:
             rows = torch.tensor(new, device=input_ids.device)
             ids, mask = trim_left_padding(input_ids[rows], attention_mask[rows])
