@@ -184,3 +184,23 @@ def test_sigkill_during_checkpoint_saves_leaves_a_loadable_latest_checkpoint(tmp
         proc.wait(timeout=30)
         state = torch.load(path, weights_only=True)
         assert state["i"] >= 1 and torch.equal(state["x"], torch.full((4_000_000,), float(state["i"])))
+
+
+def test_a_failed_checkpoint_write_names_the_file_and_free_space_and_keeps_the_previous_one(tmp_path, monkeypatch):
+    from rlhf_pl.stages import ppo as ppo_stage
+
+    path = tmp_path / "checkpoints" / CHECKPOINT_FILE
+    ppo_stage.atomic_torch_save({"i": 1}, path)
+    real_save = torch.save
+
+    def disk_full(obj, handle):  # writes part of the file, then fails as torch does on a full disk
+        handle.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 318843200 vs 318843088")
+
+    monkeypatch.setattr(ppo_stage.torch, "save", disk_full)
+    with pytest.raises(OSError, match=r"writing the checkpoint .*last\.pt failed \(RuntimeError: .*unexpected pos.*\); "
+                                      r"\d+ MiB free on its disk; the previous one is untouched"):
+        ppo_stage.atomic_torch_save({"i": 2}, path)
+    monkeypatch.setattr(ppo_stage.torch, "save", real_save)
+    assert torch.load(path, weights_only=True) == {"i": 1}
+    assert sorted(p.name for p in path.parent.iterdir()) == [CHECKPOINT_FILE]  # no temp file left behind

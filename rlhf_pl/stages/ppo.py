@@ -67,6 +67,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import tempfile
 import time
 import warnings
@@ -710,7 +711,9 @@ def mean_stats(steps: Sequence[MinibatchStats]) -> MinibatchStats:
 
 def atomic_torch_save(obj: Any, path: Path) -> Path:
     """torch.save to a temp file in the same directory, fsync, os.replace, fsync the directory: a
-    kill at any moment leaves either the old complete file or the new one."""
+    kill at any moment leaves either the old complete file or the new one. A failed write (a full
+    disk shows up as torch's "unexpected pos" error) raises an OSError naming the file and the free
+    space; the temp file is removed and the previous file is untouched."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -719,6 +722,12 @@ def atomic_torch_save(obj: Any, path: Path) -> Path:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        Path(tmp).unlink(missing_ok=True)
+        free = shutil.disk_usage(path.parent).free / 2 ** 20
+        kept = "the previous one is untouched" if path.exists() else "there is no previous one"
+        raise OSError(f"writing the checkpoint {path} failed ({type(err).__name__}: {err}); {free:.0f} MiB free on its disk; "
+                      f"{kept}") from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
