@@ -62,7 +62,7 @@ def history(run_dir: Path) -> dict[str, list[float]]:
 @pytest.mark.parametrize("key, value, expected", [
     ("critic", "both", "ppo.critic='both'; choose one of: separate, shared"),
     ("kl_estimator", "k4", "ppo.kl_estimator='k4'; choose one of: k1, k2, k3"),
-    ("num_minibatches", 3, "ppo.num_minibatches=3 must divide ppo.batch_size=8; valid: [1, 2, 4, 8]"),
+    ("num_minibatches", 3, "ppo.num_minibatches=3 must divide ppo.batch_size=16; valid: [1, 2, 4, 8, 16]"),
     ("clip_eps", 0.0, "ppo.clip_eps=0.0; must be in (0.0, 1.0]"),
     ("missing_eos_mode", "swap", "ppo.missing_eos_mode='swap'; choose one of: replace, add"),
     ("value_clip", -0.1, "ppo.value_clip=-0.1; must be > 0, or null to turn it off"),

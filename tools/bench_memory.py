@@ -173,6 +173,7 @@ def worker(strategy_name: str, model_key: str, updates: int, warmup: int, batch:
 
     total = warmup + updates + 1  # stopped after the last measured update (before the stage's final checkpoint)
     ppo = PPOConfig(updates=total, batch_size=batch, max_new_tokens=new_tokens, sample_every=10**6, checkpoint_every=10**6,
+                    ppo_epochs=4, num_minibatches=1,  # the whole batch in one minibatch: the peak this tool has always measured
                     score_baseline="none")  # figures comparable across versions; the baseline adds no gradient memory
     prompts = load_prompts("embedded:prompts")
     items = tokenize_prompts(prompts, models.tokenizer, 256)

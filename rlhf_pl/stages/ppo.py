@@ -45,10 +45,12 @@ RLHF_REFERENCE.md items and where they live (choices documented here):
   restored on resume).
 - 18–21: GAE (γ, λ), advantage whitening over the valid tokens of all ranks, clipped losses
   (rlhf_pl.rl.ppo); approx-KL is ½·mean((log ρ)²).
-- 22: ``critic=separate`` (default): a copy of the reward model's trunk with a *fresh* scalar value
-  head (N(0, 1/√(d+1)), bias 0); ``critic=shared``: the value head on the policy trunk.
-- 23: Adam (eps 1e-5) with linear decay for each of the two optimizers; 4 epochs × 1 minibatch
-  by default. The first epoch keeps the rollout's row order; later epochs shuffle.
+- 22: ``critic=separate`` (default): a copy of the reward model's trunk with a scalar value head
+  (``value_head_init``: zero by default — the scores are centred per prompt by the reference
+  baseline —, the RM's head, or fresh); ``critic=shared``: the value head on the policy trunk.
+- 23: Adam (eps 1e-5) with warm-up and linear decay for each of the two optimizers; 1 epoch × 2
+  minibatches by default (InstructGPT's form; Ziegler's 4 × 1 is ``ppo_epochs=4
+  num_minibatches=1``). The first epoch keeps the rollout's row order; later epochs shuffle.
 - 24: PPO-ptx: ``ptx_coef`` · NLL of SFT demonstrations, one demonstration batch per minibatch.
 - 25: :class:`PPOStats`, logged every update; a sample table every ``sample_every`` updates.
 
