@@ -2,14 +2,13 @@
 the train/val split and the embedded default data."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from tool_loader import load_tool
 from rlhf_pl.data.formats import (
     Conversation,
     DataError,
@@ -236,11 +235,7 @@ def test_train_val_split_edge_cases():
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("make_default_data", REPO / "tools" / "make_default_data.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("make_default_data")
 
 
 def test_shipped_default_data_is_what_the_generator_writes():

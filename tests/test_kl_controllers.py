@@ -1,11 +1,10 @@
 """KL controllers (RLHF_REFERENCE.md item 16): exact updates, state round-trips, configs, specs."""
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
+from tool_loader import load_tool
 from rlhf_pl.plugins.kl_controller_specs import (
     ADAPTIVE,
     FIXED,
@@ -20,8 +19,6 @@ from rlhf_pl.plugins.kl_controllers import (
     KLController,
     PIKLController,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 # --- fixed ---------------------------------------------------------------------------------------
@@ -215,9 +212,7 @@ def test_spec_factory_passes_every_setting():
 
 
 def test_pi_beats_adaptive_on_the_simulated_policy(tmp_path):
-    spec = importlib.util.spec_from_file_location("plot_kl_controllers", ROOT / "tools" / "plot_kl_controllers.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool("plot_kl_controllers")
     out = tmp_path / "kl.png"
     tool.main([str(out), "--updates", "1000", "--seeds", "2"])
     assert out.stat().st_size > 10_000

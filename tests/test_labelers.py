@@ -1,9 +1,6 @@
 """The rule-based simulated labeler, its noise option and config checks, and the shipped comparisons."""
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -11,6 +8,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
+from tool_loader import load_tool
 from rlhf_pl import registry
 from rlhf_pl.config import register_configs
 from rlhf_pl.data.formats import Message, Prompt, load_rankings
@@ -23,8 +21,6 @@ from rlhf_pl.plugins.labelers import (
     match_answer,
     ranking_from_scores,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def prompt(question: str, task: str, answer: str, origin: str = "test.jsonl:1") -> Prompt:
@@ -217,11 +213,7 @@ def test_rule_is_listed_with_its_package():
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("make_comparisons", REPO / "tools" / "make_comparisons.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("make_comparisons")
 
 
 def test_tool_dedupes_and_formats_rankings():

@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ppo_helpers import make_cfg
+from tool_loader import load_tool
 from rlhf_pl.config import PPOConfig
 from rlhf_pl.data.formats import load_prompts
 from rlhf_pl.models.generate import GreedySampler, generate
@@ -93,7 +94,8 @@ def test_rollout_scores_are_centred_and_the_run_logs_the_score_against_the_refer
     for update in range(2):  # score − b(x) = what enters the reward here (no penalty, norm or clip)
         assert math.isclose(h["score_vs_reference"][update], h["score_final"][update], abs_tol=1e-6)
         assert math.isclose(h["score"][update] - h["reference_score"][update], h["score_vs_reference"][update], abs_tol=1e-6)
-    assert summary["rows_forwarded"]["reference_greedy"] == len(set_of_prompts(tmp_path / "run"))
+    cached = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["reference_baseline"]
+    assert summary["rows_forwarded"]["reference_greedy"] == len(cached)  # one greedy answer per distinct prompt
     assert summary["score_vs_reference_gain"] == pytest.approx(h["score_vs_reference"][1] - h["score_vs_reference"][0])
     assert (tmp_path / "run" / "ppo_curves.png").stat().st_size > 0
 
@@ -102,11 +104,6 @@ def test_rollout_scores_are_centred_and_the_run_logs_the_score_against_the_refer
     h = torch.load(tmp_path / "off" / "checkpoints" / "last.pt", weights_only=True)["history"]
     assert math.isnan(h["score_vs_reference"][0]) and summary["score_vs_reference_gain"] is None
     assert "reference_greedy" not in summary["rows_forwarded"]
-
-
-def set_of_prompts(run_dir):
-    """The distinct prompt indices the run's baseline cache holds (one greedy answer each)."""
-    return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["reference_baseline"]
 
 
 def test_zero_value_head_starts_at_zero_and_settings_name_the_choices(tmp_path, ppo_inputs):
@@ -125,16 +122,7 @@ def test_zero_value_head_starts_at_zero_and_settings_name_the_choices(tmp_path, 
 
 
 def _spread_tool():
-    import importlib.util
-    import sys
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "tools" / "reward_spread.py"
-    spec = importlib.util.spec_from_file_location("reward_spread", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_tool("reward_spread")
 
 
 def test_spread_separates_between_and_within_prompt_variation():
