@@ -250,3 +250,19 @@ def test_shipped_rankings_are_the_rule_labelers_and_informative(shipped):
         best += sum(correct[i] for i in r.ranking[0]) / len(r.ranking[0])
         worst += sum(correct[i] for i in r.ranking[-1]) / len(r.ranking[-1])
     assert best > worst
+
+
+def test_tool_samples_from_a_model_directory(ppo_inputs, tmp_path, capsys):
+    """--policy: on-policy comparisons from a model directory (here a tiny random 'SFT' model)."""
+    tool = _tool()
+    out = tmp_path / "c.jsonl"
+    code = tool.main(["--policy", str(ppo_inputs / "sft"), "--num-prompts", "8", "--k", "2", "--max-new-tokens", "6",
+                      "--dtype", "float32", "--threads", "1", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert f"model {ppo_inputs / 'sft'} from" in err
+    assert code == 0, err
+    rankings = load_rankings(str(out))
+    assert 1 <= len(rankings) <= 8 and {r.k for r in rankings} == {2}
+    with pytest.raises(SystemExit, match="not a model directory"):
+        tool.main(["--policy", str(tmp_path), "--out", str(tmp_path / "never.jsonl")])
+    assert not (tmp_path / "never.jsonl").exists()

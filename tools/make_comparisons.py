@@ -81,6 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-prompts", type=int, default=300, help="use the first N prompts of the source")
     parser.add_argument("--k", type=int, default=4, help="completions per prompt")
     parser.add_argument("--model", choices=sorted(MODELS), default="smollm2_135m", help="model preset (conf/model)")
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="sample from this model directory instead (e.g. an SFT run's model/: on-policy "
+                        "comparisons, as InstructGPT collects them on its SFT and RL policies' outputs)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16",
                         help="weights while sampling (bfloat16 halves the prompt pass on CPUs with bf16 support)")
     parser.add_argument("--temperature", type=float, default=0.9, help="sampling temperature (diversity)")
@@ -354,6 +357,16 @@ def print_stats(stats: Stats, out: Path) -> None:
     console.print(tasks)
 
 
+def model_config(args: argparse.Namespace) -> ModelConfig:
+    """The preset ``--model``, or the model directory ``--policy`` (which must exist)."""
+    if args.policy is None:
+        return MODELS[args.model]
+    if not (args.policy / "config.json").is_file():
+        raise SystemExit(f"--policy {args.policy}: not a model directory (no config.json); pass an SFT run's "
+                         "model/ or a PPO run's policy/")
+    return ModelConfig(name=args.policy.name, name_or_path=str(args.policy))
+
+
 # --- main ------------------------------------------------------------------------------------
 
 
@@ -364,8 +377,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     labeler = RuleLabeler(RuleLabelerConfig(noise=args.noise, seed=args.labeler_seed))
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
-    loaded = load_model_and_tokenizer(MODELS[args.model], torch_dtype=DTYPES[args.dtype])
-    print(f"{len(prompts)} prompts from {args.prompts}; model {args.model} from {loaded.source}; "
+    loaded = load_model_and_tokenizer(model_config(args), torch_dtype=DTYPES[args.dtype])
+    print(f"{len(prompts)} prompts from {args.prompts}; model {args.policy or args.model} from {loaded.source}; "
           f"K={args.k}, T={args.temperature}, max_new_tokens={args.max_new_tokens}, batch {args.batch_size}, "
           f"{torch.get_num_threads()} threads", file=sys.stderr)
     pool = collect(loaded.model, loaded.tokenizer, prompts, args)
