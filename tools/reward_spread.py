@@ -119,7 +119,6 @@ def resolve(path: Path | None, stage: str, args: argparse.Namespace) -> Path:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    from omegaconf import OmegaConf
 
     from rlhf_pl.config import ModelConfig
     from rlhf_pl.data.chat import tokenize_prompt
@@ -134,9 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rlhf_pl.plugins.specs import TemperatureSamplerConfig
 
     policy_dir, reward_dir = resolve(args.policy, "sft", args), resolve(args.reward, "rm", args)
-    cfg = OmegaConf.merge(OmegaConf.structured(ModelConfig), {"name_or_path": str(policy_dir), "package_index_wheel": None,
-                                                                "gguf_file": None, "revision": None})
-    policy, tokenizer, _ = load_model_and_tokenizer(cfg)
+    policy, tokenizer, _ = load_model_and_tokenizer(ModelConfig(name=policy_dir.name, name_or_path=str(policy_dir)))
     policy.eval()
     reward_model = RewardModel.from_pretrained(reward_dir).eval()
     labeler = RuleLabeler(RuleLabelerConfig())
