@@ -97,12 +97,17 @@ def test_rollout_scores_are_centred_and_the_run_logs_the_score_against_the_refer
     cached = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["reference_baseline"]
     assert summary["rows_forwarded"]["reference_greedy"] == len(cached)  # one greedy answer per distinct prompt
     assert summary["score_vs_reference_gain"] == pytest.approx(h["score_vs_reference"][1] - h["score_vs_reference"][0])
+    # two updates: the fitted line's rise is the difference, and there is no noise estimate (t null)
+    assert summary["score_vs_reference_trend"]["rise"] == pytest.approx(summary["score_vs_reference_gain"], abs=1e-4)
+    assert summary["score_vs_reference_trend"]["t"] is None
+    assert summary["score_trend"]["rise"] == pytest.approx(h["score"][1] - h["score"][0], abs=1e-4)
     assert (tmp_path / "run" / "ppo_curves.png").stat().st_size > 0
 
     off = make_cfg(ppo_inputs, tmp_path, "ppo.updates=1", "ppo.batch_size=2", "ppo.max_new_tokens=4", "ppo.score_baseline=none")
     summary = run(off, tmp_path / "off")
     h = torch.load(tmp_path / "off" / "checkpoints" / "last.pt", weights_only=True)["history"]
     assert math.isnan(h["score_vs_reference"][0]) and summary["score_vs_reference_gain"] is None
+    assert summary["score_vs_reference_trend"] is None and summary["score_trend"] == {"rise": 0.0, "t": None}
     assert "reference_greedy" not in summary["rows_forwarded"]
 
 

@@ -273,3 +273,22 @@ def test_explained_variance():
     torch.testing.assert_close(ev, torch.tensor(1.0 - (2.0 / 9.0) / (2.0 / 3.0)))
     torch.testing.assert_close(explained_variance(returns, returns, mask), torch.tensor(1.0))
     assert explained_variance(returns, torch.full((1, 4), 2.0), mask).isnan()  # constant returns
+
+
+# --- trend of a run's metric ------------------------------------------------------------------------
+
+
+def test_linear_trend_against_hand_computed_least_squares():
+    from rlhf_pl.stages.ppo import linear_trend
+
+    # x = 0..3, x̄ = 1.5, ȳ = 2.5, Sxx = 5, Sxy = 4 -> slope 0.8, rise 0.8·3 = 2.4; fitted 1.3 2.1 2.9 3.7,
+    # residuals −0.3 0.9 −0.9 0.3 -> SS 1.8, se = sqrt(1.8 / 2 / 5) = sqrt(0.18), t = 0.8 / 0.42426 = 1.8856
+    trend = linear_trend([1.0, 3.0, 2.0, 4.0])
+    assert trend.rise == pytest.approx(2.4)
+    assert trend.t == pytest.approx(0.8 / math.sqrt(0.18))
+    assert linear_trend([4.0, 2.0, 3.0, 1.0]).t == pytest.approx(-0.8 / math.sqrt(0.18))  # mirrored: falls
+    assert linear_trend([1.0, 2.0, 3.0]).t == math.inf  # exactly on a rising line: no noise at all
+    two = linear_trend([0.5, 0.2])
+    assert two.rise == pytest.approx(-0.3) and math.isnan(two.t)
+    one = linear_trend([0.7])
+    assert one.rise == 0.0 and math.isnan(one.t)

@@ -1142,6 +1142,30 @@ def running_mean(values: Sequence[float], window: int) -> list[float]:
     return [sum(values[max(0, i + 1 - window):i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
 
 
+class Trend(NamedTuple):
+    """Least-squares line through a metric's per-update values."""
+
+    rise: float  # slope × (n − 1): the fitted change from the first update to the last
+    t: float  # slope / its standard error: |t| > 2 is a change beyond the update-to-update noise (nan for n < 3)
+
+
+def linear_trend(values: Sequence[float]) -> Trend:
+    """Fit ``values[i] ≈ a + b·i`` (n values, one per update). The standard error of ``b`` is
+    ``sqrt(Σ residual² / (n − 2) / Σ (i − ī)²)``. Shape: n >= 2 floats (n = 1 gives rise 0, t nan)."""
+    n = len(values)
+    if n < 2:
+        return Trend(0.0, math.nan)
+    x_mean, y_mean = (n - 1) / 2, sum(values) / n
+    sxx = sum((i - x_mean) ** 2 for i in range(n))
+    slope = sum((i - x_mean) * (y - y_mean) for i, y in enumerate(values)) / sxx
+    if n < 3:
+        return Trend(slope * (n - 1), math.nan)
+    residual = sum((y - y_mean - slope * (i - x_mean)) ** 2 for i, y in enumerate(values))
+    stderr = math.sqrt(residual / (n - 2) / sxx)
+    t = slope / stderr if stderr > 0 else math.copysign(math.inf, slope) if slope else math.nan
+    return Trend(slope * (n - 1), t)
+
+
 def plot_run(history: dict[str, list[float]], path: Path, title: str, kl_target: Optional[float]) -> Path:
     """Score (per update, and its running mean over 5 updates: one batch's score is noisy), the score
     minus the reference's on the same prompts (with ``ppo.score_baseline=reference``: the part the
@@ -1159,7 +1183,9 @@ def plot_run(history: dict[str, list[float]], path: Path, title: str, kl_target:
 def summarise(module: PPOModule, kl_name: str) -> dict[str, Any]:
     """The summary's metrics. Scores are averaged over a quarter of the updates (at least one):
     ``initial_score`` over the first, ``final_score`` over the last; ``objective`` = −final_score.
-    The same for the score minus the reference's on the same prompts (null without a baseline)."""
+    The same for the score minus the reference's on the same prompts (null without a baseline).
+    ``*_trend``: the least-squares line through every update's value (:func:`linear_trend`), its
+    rise over the run and t = slope / standard error — whether a short run's change is beyond noise."""
     h = module.history
     quarter = max(1, len(h["score"]) // 4)
     initial, final = sum(h["score"][:quarter]) / quarter, sum(h["score"][-quarter:]) / quarter
@@ -1171,12 +1197,25 @@ def summarise(module: PPOModule, kl_name: str) -> dict[str, Any]:
         "objective": -final, "final_score": final, "initial_score": initial, "score_gain": final - initial,
         "initial_score_vs_reference": vs_initial, "final_score_vs_reference": vs_final,
         "score_vs_reference_gain": vs_final - vs_initial if vs_final is not None else None,
+        "score_trend": _plain_trend(h["score"]),
+        "score_vs_reference_trend": _plain_trend(vs_ref) if vs_final is not None else None,
         "final_kl": h["kl"][-1], "final_beta": float(module.kl_controller.value), "kl_controller": kl_name,
         "kl_target": getattr(module.kl_controller, "target", None), "kl_estimator": module.ppo.kl_estimator,
         "updates": module.rollouts_done, "seconds_per_update": sum(seconds) / len(seconds),
         "approx_kl_first": h["approx_kl_first"][-1], "max_abs_log_ratio_first": h["max_abs_log_ratio_first"][-1],
         **module.sources,
     }
+
+
+def _plain_trend(values: Sequence[float]) -> dict[str, Optional[float]]:
+    """:func:`linear_trend` as JSON-safe floats (nan -> None)."""
+    return {k: (None if math.isnan(v) or math.isinf(v) else round(v, 4)) for k, v in linear_trend(values)._asdict().items()}
+
+
+def _trend_text(trend: Optional[dict[str, Optional[float]]]) -> str:
+    if trend is None:
+        return "not measured (ppo.score_baseline=none)"
+    return f"{trend['rise']:+.3f}" + (f" (t {trend['t']:+.1f})" if trend["t"] is not None else "")
 
 
 # --- the stage ------------------------------------------------------------------------------------
@@ -1281,6 +1320,10 @@ def run(cfg: DictConfig, run_dir: Path, *, scorer: Optional[Scorer] = None, call
     if trainer.is_global_zero:
         save_pretrained_atomic(precision.export(module.policy), models.tokenizer, out_dir)  # lora/qlora: merged
         record_output(cfg, "ppo", out_dir)
-    return {**summarise(module, kl_name), "policy_dir": str(out_dir),
+    summary = summarise(module, kl_name)
+    log.info("trend over %d updates (fitted rise, t = slope/standard error; |t| > 2 is beyond the update-to-update noise): "
+             "score %s; score − reference %s", module.rollouts_done, _trend_text(summary["score_trend"]),
+             _trend_text(summary["score_vs_reference_trend"]))
+    return {**summary, "policy_dir": str(out_dir),
             "resumed_from": str(cfg.resume) if state is not None else None, "rows_forwarded": dict(module.rows_forwarded),
             "seconds_by_phase": {k: round(v, 3) for k, v in module.timings.items()}}
