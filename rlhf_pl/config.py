@@ -151,10 +151,10 @@ class PPOConfig:
     One update = one rollout of ``batch_size`` prompts (per rank), then ``ppo_epochs`` passes over
     it in ``num_minibatches`` minibatches. The defaults are sized for SmolLM2-135M on 2 CPU cores:
     24 updates of 16 prompts, each used once (InstructGPT's 1 epoch × several minibatches), short
-    responses; about 35 s per update with precision=auto (bf16-mixed on an AVX512-BF16 CPU), a run
-    of under 15 minutes. Against the embedded reward model that moves the score relative to the
-    reference's answers up a little, and clearly only in some runs (see the README for the measured
-    runs). Using each episode once gives over twice the episodes per minute
+    responses; 20–35 s per update with precision=auto (bf16-mixed on an AVX512-BF16 CPU), a run
+    of 10–15 minutes. Against the embedded reward model that raises the score relative to the
+    reference's answers by about 0.2 (fitted over the run, t ≈ 2; every measured run rose, see the
+    README). Using each episode once gives over twice the episodes per minute
     of Ziegler's 4 epochs × 1 minibatch, and the prompts start to recur, which is what this reward
     model needs: it separates the SFT policy's answers to one prompt by little (0.13 against 0.96
     between prompts). Real runs want far more updates.
