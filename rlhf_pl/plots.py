@@ -14,9 +14,11 @@ def plot_curves(
     title: str,
     xlabel: str = "step",
     hlines: dict[str, float] | None = None,
+    overlays: dict[str, tuple[Sequence[float], str]] | None = None,
 ) -> Path:
     """One panel per curve name: ``{name: (xs, ys)}``; ``hlines`` draws a dashed reference line in
-    the panel of the same name (e.g. a KL target). Returns the written path."""
+    the panel of the same name (e.g. a KL target); ``overlays`` ``{name: (ys, label)}`` draws a
+    dashed, labelled second line over the same xs (e.g. a fitted trend). Returns the written path."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -31,6 +33,10 @@ def plot_curves(
         ax.plot(list(xs), list(ys), lw=1.5)
         if hlines and name in hlines:
             ax.axhline(hlines[name], ls="--", color="grey", lw=1)
+        if overlays and name in overlays:
+            ys_over, label = overlays[name]
+            ax.plot(list(xs), list(ys_over), ls="--", color="tab:orange", lw=1.5, label=label)
+            ax.legend(loc="best", fontsize="small")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
     axes[0, 0].set_title(title)

@@ -107,7 +107,7 @@ def test_rollout_scores_are_centred_and_the_run_logs_the_score_against_the_refer
     summary = run(off, tmp_path / "off")
     h = torch.load(tmp_path / "off" / "checkpoints" / "last.pt", weights_only=True)["history"]
     assert math.isnan(h["score_vs_reference"][0]) and summary["score_vs_reference_gain"] is None
-    assert summary["score_vs_reference_trend"] is None and summary["score_trend"] == {"rise": 0.0, "t": None}
+    assert summary["score_vs_reference_trend"] is None and summary["score_trend"] == {"start": pytest.approx(h["score"][0], abs=1e-4), "rise": 0.0, "t": None}
     assert "reference_greedy" not in summary["rows_forwarded"]
 
 

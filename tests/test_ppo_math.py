@@ -286,9 +286,10 @@ def test_linear_trend_against_hand_computed_least_squares():
     trend = linear_trend([1.0, 3.0, 2.0, 4.0])
     assert trend.rise == pytest.approx(2.4)
     assert trend.t == pytest.approx(0.8 / math.sqrt(0.18))
+    assert trend.start == pytest.approx(1.3) and trend.line(4) == pytest.approx([1.3, 2.1, 2.9, 3.7])
     assert linear_trend([4.0, 2.0, 3.0, 1.0]).t == pytest.approx(-0.8 / math.sqrt(0.18))  # mirrored: falls
     assert linear_trend([1.0, 2.0, 3.0]).t == math.inf  # exactly on a rising line: no noise at all
     two = linear_trend([0.5, 0.2])
-    assert two.rise == pytest.approx(-0.3) and math.isnan(two.t)
+    assert two.rise == pytest.approx(-0.3) and two.start == pytest.approx(0.5) and math.isnan(two.t)
     one = linear_trend([0.7])
-    assert one.rise == 0.0 and math.isnan(one.t)
+    assert one.rise == 0.0 and one.start == 0.7 and math.isnan(one.t) and one.line(1) == [0.7]

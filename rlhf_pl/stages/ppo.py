@@ -1145,39 +1145,52 @@ def running_mean(values: Sequence[float], window: int) -> list[float]:
 class Trend(NamedTuple):
     """Least-squares line through a metric's per-update values."""
 
+    start: float  # the fitted value at the first update
     rise: float  # slope × (n − 1): the fitted change from the first update to the last
     t: float  # slope / its standard error: |t| > 2 is a change beyond the update-to-update noise (nan for n < 3)
+
+    def line(self, n: int) -> list[float]:
+        """The fitted values at updates 0 … n − 1 of the n it was fitted on."""
+        return [self.start + self.rise * i / max(1, n - 1) for i in range(n)]
 
 
 def linear_trend(values: Sequence[float]) -> Trend:
     """Fit ``values[i] ≈ a + b·i`` (n values, one per update). The standard error of ``b`` is
-    ``sqrt(Σ residual² / (n − 2) / Σ (i − ī)²)``. Shape: n >= 2 floats (n = 1 gives rise 0, t nan)."""
+    ``sqrt(Σ residual² / (n − 2) / Σ (i − ī)²)``. Shape: n floats (n = 1: rise 0, t nan; n = 0: start nan)."""
     n = len(values)
     if n < 2:
-        return Trend(0.0, math.nan)
+        return Trend(float(values[0]) if n else math.nan, 0.0, math.nan)
     x_mean, y_mean = (n - 1) / 2, sum(values) / n
     sxx = sum((i - x_mean) ** 2 for i in range(n))
     slope = sum((i - x_mean) * (y - y_mean) for i, y in enumerate(values)) / sxx
+    start = y_mean - slope * x_mean
     if n < 3:
-        return Trend(slope * (n - 1), math.nan)
+        return Trend(start, slope * (n - 1), math.nan)
     residual = sum((y - y_mean - slope * (i - x_mean)) ** 2 for i, y in enumerate(values))
     stderr = math.sqrt(residual / (n - 2) / sxx)
     t = slope / stderr if stderr > 0 else math.copysign(math.inf, slope) if slope else math.nan
-    return Trend(slope * (n - 1), t)
+    return Trend(start, slope * (n - 1), t)
 
 
 def plot_run(history: dict[str, list[float]], path: Path, title: str, kl_target: Optional[float]) -> Path:
     """Score (per update, and its running mean over 5 updates: one batch's score is noisy), the score
     minus the reference's on the same prompts (with ``ppo.score_baseline=reference``: the part the
     policy changes, free of the prompt mix), KL (with the controller's target as a dashed line) and
-    β over updates."""
+    β over updates. The per-update score panels carry their least-squares line (:func:`linear_trend`)."""
     xs = history["update"]
     curves = {"score": (xs, history["score"]), "score, mean of 5": (xs, running_mean(history["score"], 5))}
+    fitted = ["score"]
     if history["score_vs_reference"] and not any(math.isnan(v) for v in history["score_vs_reference"]):
         curves["score − reference"] = (xs, history["score_vs_reference"])
         curves["score − reference, mean of 5"] = (xs, running_mean(history["score_vs_reference"], 5))
+        fitted.append("score − reference")
     curves.update({"kl": (xs, history["kl"]), "beta": (xs, history["beta"])})
-    return plot_curves(curves, path, title=title, xlabel="update", hlines={"kl": kl_target} if kl_target is not None else None)
+    overlays = {}
+    for name in fitted:
+        trend = linear_trend(curves[name][1])
+        overlays[name] = (trend.line(len(xs)), f"least squares: rise {trend.rise:+.3f}" + ("" if math.isnan(trend.t) else f", t {trend.t:+.1f}"))
+    return plot_curves(curves, path, title=title, xlabel="update", hlines={"kl": kl_target} if kl_target is not None else None,
+                       overlays=overlays)
 
 
 def summarise(module: PPOModule, kl_name: str) -> dict[str, Any]:
