@@ -55,7 +55,10 @@ def check_optimizer(optim: OptimConfig, key: str) -> None:
 def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
     """``optim.optimizer`` over the parameters that require grad. The 8-bit ones (bitsandbytes) keep
     both Adam moments in 8 bits (blockwise) for tensors of >= 4096 elements, 32 bits below that;
-    paging (``paged_adamw8bit``) only acts on CUDA: elsewhere it is ``adamw8bit``."""
+    paging (``paged_adamw8bit``) only acts on CUDA: elsewhere it is ``adamw8bit``. torch's AdamW
+    runs its fused kernel when every parameter is a floating-point tensor on the CPU or CUDA: on the
+    CPU the default is a per-tensor loop, ~10× slower (0.88 s against 0.08 s per step for 135M
+    parameters on 2 cores), and a PPO update takes two steps per minibatch."""
     import importlib
 
     check_optimizer(optim, "optim")
@@ -68,7 +71,21 @@ def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
 
         warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     optimizer_cls = getattr(importlib.import_module(module), cls)
-    return optimizer_cls(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps, weight_decay=optim.weight_decay)
+    fused = optimizer_cls is torch.optim.AdamW and fused_adamw_ok(trainable)
+    optimizer = optimizer_cls(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                              weight_decay=optim.weight_decay, **({"fused": True} if fused else {}))
+    if fused:
+        # A fused AdamW tells GradScaler it can unscale gradients inside its kernel, and Lightning then
+        # refuses gradient clipping under mixed precision (clipping needs unscaled gradients first).
+        # Clearing the flag keeps the ordinary order — unscale, clip, step (skipped on inf) — with
+        # the fused kernel doing only the Adam update.
+        optimizer._step_supports_amp_scaling = False
+    return optimizer
+
+
+def fused_adamw_ok(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW kernel takes these parameters: floating point, on CPU or CUDA."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def build_optimizer(params, optim: OptimConfig, total_steps: int):
