@@ -7,7 +7,8 @@ Comparison collection without people (shared/RLHF_REFERENCE.md, "Studying RLHF w
 2. sample ``--k`` completions of each from the default model (SmolLM2-135M-Instruct, loaded through
    :mod:`rlhf_pl.models.loading`: hub, else the package-index GGUF converted once into the cache),
    or from the model directory ``--policy`` (an SFT or PPO output: on-policy comparisons), with
-   :func:`rlhf_pl.models.generate.generate` and a temperature sampler, ``--batch-size`` sequences at a time (prompts sorted by length, so a batch pads little);
+   :func:`rlhf_pl.models.generate.generate` and a temperature sampler, ``--batch-size`` sequences
+   at a time (prompts sorted by length, so a batch pads little);
 3. clean up: completions are stripped of surrounding white space; the data format forbids empty
    and duplicate completions, so those are resampled (up to ``--resample-rounds`` more rounds, only
    the missing ones); a prompt still short of K distinct completions is dropped and counted;
