@@ -93,6 +93,10 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
     from rlhf_pl.stages import stage_runner
 
     _quiet_library_logging()
+    if cfg.retain_freed_memory:
+        from rlhf_pl.runtime import retain_freed_memory
+
+        retain_freed_memory()
     run_dir = current_run_dir(cfg)
     atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run directory: %s", run_dir.resolve())

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from rlhf_pl import registry
 from rlhf_pl.models.generate import position_ids_from_mask
+from rlhf_pl.runtime import attention_kernel
 from rlhf_pl.plugins.reward_heads import HeadChoice, RewardHeadOutput, build_head, resolve_head
 
 log = logging.getLogger(__name__)
@@ -196,12 +197,13 @@ class RewardModel(nn.Module):
         Shape: input_ids (b, t), attention_mask (b, t) -> :class:`RewardOutput` with (b,) fields.
         Position ids come from the mask, so a sequence's reward does not depend on its padding.
         """
-        hidden = self.trunk(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids_from_mask(attention_mask),
-            use_cache=False,
-        ).last_hidden_state  # (b, t, d)
+        with attention_kernel(input_ids.shape[1], input_ids.device):
+            hidden = self.trunk(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            ).last_hidden_state  # (b, t, d)
         out = self.head(hidden, attention_mask)
         raw, uncertainty, members = self._check_head_output(out, input_ids.shape[0])
         gain, bias = self.gain.float(), self.bias.float()

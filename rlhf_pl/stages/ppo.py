@@ -105,6 +105,7 @@ from rlhf_pl.run import (
     atomic_write_json, atomic_write_text, latest_output, make_trainer, markdown_table,
     record_output, tensorboard_writer,
 )
+from rlhf_pl.runtime import attention_kernel
 from rlhf_pl.stages.sft import build_optimizer, tokenize_split
 
 log = logging.getLogger(__name__)
@@ -294,8 +295,9 @@ class Critic(nn.Module):
 
     def forward(self, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
         """Shapes: sequences, attention_mask (b, p + n) -> values (b, n) float32, 0 after the response."""
-        hidden = self.trunk(input_ids=sequences, attention_mask=attention_mask,
-                            position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+        with attention_kernel(sequences.shape[1], sequences.device):
+            hidden = self.trunk(input_ids=sequences, attention_mask=attention_mask,
+                                position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
         values = self.head(hidden[:, prompt_length - 1:-1])
         return valid_only(values, attention_mask[:, prompt_length:])
 
@@ -431,13 +433,14 @@ def evaluate_policy(policy: nn.Module, sequences: Tensor, attention_mask: Tensor
     come out of the same pass. Shapes: sequences, attention_mask (b, p + n) -> (b, n) fields.
     """
     values = None
-    if value_head is None:
-        logits = response_logits(policy, sequences, attention_mask, prompt_length)  # (b, n, v)
-    else:
-        hidden = trunk_of(policy)(input_ids=sequences, attention_mask=attention_mask,
-                                  position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-        hidden = hidden[:, prompt_length - 1:-1]  # (b, n, d): the columns predicting the response
-        logits, values = policy.get_output_embeddings()(hidden), value_head(hidden)
+    with attention_kernel(sequences.shape[1], sequences.device):
+        if value_head is None:
+            logits = response_logits(policy, sequences, attention_mask, prompt_length)  # (b, n, v)
+        else:
+            hidden = trunk_of(policy)(input_ids=sequences, attention_mask=attention_mask,
+                                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+            hidden = hidden[:, prompt_length - 1:-1]  # (b, n, d): the columns predicting the response
+            logits, values = policy.get_output_embeddings()(hidden), value_head(hidden)
     mask = attention_mask[:, prompt_length:]
     scaled = logits.float() / temperature
     logprobs = valid_only(logprobs_from_logits(scaled, sequences[:, prompt_length:]), mask)

@@ -32,6 +32,7 @@ from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_ato
 from rlhf_pl.plots import plot_curves
 from rlhf_pl.plugins.precision import build_for_stage
 from rlhf_pl.run import make_trainer, markdown_table, record_output, tensorboard_writer
+from rlhf_pl.runtime import attention_kernel
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,8 @@ class SFTModule(L.LightningModule):
         self._train_seconds = 0.0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+        with attention_kernel(input_ids.shape[1], input_ids.device):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Mean token loss over the batch's assistant tokens, and how many there were."""
