@@ -2,6 +2,7 @@
 kernel choice (plain path for short bf16 sequences on the CPU) changes speed, not results."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import subprocess
@@ -12,7 +13,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from rlhf_pl.models.generate import position_ids_from_mask
-from rlhf_pl.runtime import PLAIN_ATTENTION_MAX_LENGTH, _glibc, attention_kernel, uses_plain_attention
+from rlhf_pl.runtime import PLAIN_ATTENTION_MAX_LENGTH, _glibc, attention_kernel, uses_plain_attention, weights_cast_once
 
 FAULTS_PER_STEP = """
 import json, resource, sys, torch
@@ -46,14 +47,20 @@ def test_retained_memory_is_reused_without_page_faults():
     assert max(retained[-4:]) < 100
 
 
-def test_plain_attention_only_for_short_bf16_cpu_sequences():
+def test_plain_attention_only_for_short_bf16_cpu_sequences(tiny_model):
+    """Not in float32, not over the length limit, not off the CPU, and not for a model that
+    recomputes its forward in backward (gradient checkpointing runs it outside the block)."""
     cpu = torch.device("cpu")
+    checkpointed = copy.deepcopy(tiny_model)
+    checkpointed.gradient_checkpointing_enable()
     assert not uses_plain_attention(64, cpu)  # float32: the fused kernel is as fast or faster
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert uses_plain_attention(64, cpu)
         assert uses_plain_attention(PLAIN_ATTENTION_MAX_LENGTH, cpu)
         assert not uses_plain_attention(PLAIN_ATTENTION_MAX_LENGTH + 1, cpu)
         assert not uses_plain_attention(64, torch.device("meta"))
+        assert uses_plain_attention(64, cpu, tiny_model)
+        assert not uses_plain_attention(64, cpu, checkpointed)
 
 
 def attention_ops(model, ids, mask) -> tuple[torch.Tensor, set[str]]:
@@ -83,3 +90,37 @@ def test_attention_kernel_switches_kernel_not_results(tiny_model):
     long_ids = torch.randint(0, model.config.vocab_size, (1, PLAIN_ATTENTION_MAX_LENGTH + 8))
     _, long_ops = attention_ops(model, long_ids, torch.ones_like(long_ids))
     assert any("flash" in op for op in long_ops), long_ops
+
+
+def weight_casts(model, ids, calls: int, cached: bool) -> tuple[list[torch.Tensor], int]:
+    """Logits of ``calls`` forwards under bf16 autocast with Lightning's cache-less autocast outside,
+    inside weights_cast_once or not; and the number of float32 -> bf16 casts of 2-D weights."""
+    outs = []
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+            block = weights_cast_once(torch.device("cpu")) if cached else contextlib.nullcontext()
+            with block:
+                for _ in range(calls):
+                    outs.append(model(input_ids=ids).logits.float())
+    weight_shapes = {tuple(p.shape) for p in model.parameters() if p.dim() == 2}
+    casts = sum(e.count for e in prof.key_averages(group_by_input_shape=True)
+                if e.key == "aten::_to_copy" and e.input_shapes and tuple(e.input_shapes[0]) in weight_shapes)
+    return outs, casts
+
+
+def test_weights_cast_once_casts_once_and_forgets_on_exit(tiny_model):
+    """Three forwards: every weight cast three times under Lightning's autocast, once inside the block,
+    same logits; after the block a changed weight is seen (no stale bf16 copy survives)."""
+    model = copy.deepcopy(tiny_model).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    plain, casts_plain = weight_casts(model, ids, 3, cached=False)
+    cached, casts_cached = weight_casts(model, ids, 3, cached=True)
+    n_weights = sum(1 for p in model.parameters() if p.dim() == 2)
+    assert casts_plain >= 3 * (n_weights - 1)  # the embedding is looked up, not cast
+    assert casts_cached <= casts_plain / 3 + 1
+    for a, b in zip(plain, cached):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    after, _ = weight_casts(model, ids, 1, cached=True)
+    assert not torch.allclose(after[0], cached[0])

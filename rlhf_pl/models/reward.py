@@ -197,7 +197,7 @@ class RewardModel(nn.Module):
         Shape: input_ids (b, t), attention_mask (b, t) -> :class:`RewardOutput` with (b,) fields.
         Position ids come from the mask, so a sequence's reward does not depend on its padding.
         """
-        with attention_kernel(input_ids.shape[1], input_ids.device):
+        with attention_kernel(input_ids.shape[1], input_ids.device, self.trunk):
             hidden = self.trunk(
                 input_ids=input_ids,
                 attention_mask=attention_mask,

@@ -105,7 +105,7 @@ from rlhf_pl.run import (
     atomic_write_json, atomic_write_text, latest_output, make_trainer, markdown_table,
     record_output, tensorboard_writer,
 )
-from rlhf_pl.runtime import attention_kernel
+from rlhf_pl.runtime import attention_kernel, weights_cast_once
 from rlhf_pl.stages.sft import build_optimizer, tokenize_split
 
 log = logging.getLogger(__name__)
@@ -295,7 +295,7 @@ class Critic(nn.Module):
 
     def forward(self, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
         """Shapes: sequences, attention_mask (b, p + n) -> values (b, n) float32, 0 after the response."""
-        with attention_kernel(sequences.shape[1], sequences.device):
+        with attention_kernel(sequences.shape[1], sequences.device, self.trunk):
             hidden = self.trunk(input_ids=sequences, attention_mask=attention_mask,
                                 position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
         values = self.head(hidden[:, prompt_length - 1:-1])
@@ -433,7 +433,7 @@ def evaluate_policy(policy: nn.Module, sequences: Tensor, attention_mask: Tensor
     come out of the same pass. Shapes: sequences, attention_mask (b, p + n) -> (b, n) fields.
     """
     values = None
-    with attention_kernel(sequences.shape[1], sequences.device):
+    with attention_kernel(sequences.shape[1], sequences.device, policy):
         if value_head is None:
             logits = response_logits(policy, sequences, attention_mask, prompt_length)  # (b, n, v)
         else:
@@ -895,7 +895,7 @@ class PPOModule(L.LightningModule):
     def rollout(self, batch: dict[str, Tensor]) -> Rollout:
         """Generate, score, and run policy, reference and critic once each over the episodes."""
         ppo, temperature = self.ppo, self.sampler.temperature
-        with self.timed("generation"):
+        with self.timed("generation"), weights_cast_once(self.device):
             gen = generate(self.policy, batch["input_ids"], batch["attention_mask"], self.sampler, ppo.max_new_tokens,
                            eos_token_id=self.tokenizer.eos_token_id, pad_token_id=self.tokenizer.pad_token_id,
                            generator=self.generator)

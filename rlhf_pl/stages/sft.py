@@ -128,7 +128,7 @@ class SFTModule(L.LightningModule):
         self._train_seconds = 0.0
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        with attention_kernel(input_ids.shape[1], input_ids.device):
+        with attention_kernel(input_ids.shape[1], input_ids.device, self.model):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
