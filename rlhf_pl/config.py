@@ -205,7 +205,7 @@ class Config:
     stage: Optional[str] = None  # chosen with +stage=<name>; `python -m rlhf_pl` lists the stages
     resume: Optional[str] = None  # +resume=<run dir> (or its checkpoints/last.pt): continue that run (ppo stage)
     seed: int = 0
-    retain_freed_memory: bool = True  # glibc: keep freed memory in the process instead of a fresh zero-filled mmap per large tensor (rlhf_pl.runtime; ~10% per training step on the CPU)
+    retain_freed_memory: bool = True  # glibc: keep freed memory in the process instead of a fresh zero-filled mmap per large tensor (rlhf_pl.runtime; PPO optimisation phase 3–7% faster on the CPU)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

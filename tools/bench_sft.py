@@ -94,6 +94,9 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16-mixed"], choices=["fp32", "bf16-mixed"])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/sft.json"))
     args = parser.parse_args()
+    from rlhf_pl.runtime import retain_freed_memory
+
+    retain_freed_memory()  # as `python -m rlhf_pl` runs do
 
     from rich.console import Console
     from rich.table import Table
