@@ -38,8 +38,8 @@ from torch import Tensor, nn
 
 from rlhf_pl import registry
 from rlhf_pl.models.generate import position_ids_from_mask
-from rlhf_pl.runtime import attention_kernel
 from rlhf_pl.plugins.reward_heads import HeadChoice, RewardHeadOutput, build_head, resolve_head
+from rlhf_pl.runtime import attention_kernel
 
 log = logging.getLogger(__name__)
 
