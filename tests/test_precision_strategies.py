@@ -640,3 +640,36 @@ def test_paged_adamw8bit_pages_on_cuda():
     opt.step()
     state = opt.state[model.model.layers[0].self_attn.q_proj.weight]
     assert state["state1"].dtype == torch.uint8 and getattr(state["state1"], "is_paged", False)
+
+
+def test_mixed_precision_stores_frozen_linear_weights_cast_once_with_bit_identical_outputs(monkeypatch):
+    """bf16-mixed (and auto where it means bf16-mixed): a frozen model's transformer linear weights are
+    held in bfloat16 — the cast autocast makes at every call, made once — so logits and rewards under
+    autocast are bit-identical to the float32-held model's, with fewer bytes; embeddings, norms, the
+    output layer and the reward head stay float32. fp32 and auto-as-fp32 leave frozen models as they are."""
+    seq = ids(3, 11)
+    plain_lm = tiny()[0].requires_grad_(False).eval()
+    held_lm = strategy("bf16-mixed").prepare_frozen(tiny()[0])
+    base, tok = tiny()
+    plain_rm = RewardModel.from_causal_lm(base, "linear", tok).requires_grad_(False).eval()
+    held_rm = strategy("bf16-mixed").prepare_frozen(copy.deepcopy(plain_rm))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(plain_lm(input_ids=seq).logits, held_lm(input_ids=seq).logits)
+        mask = torch.ones_like(seq)
+        assert torch.equal(plain_rm(seq, mask).rewards, held_rm(seq, mask).rewards)
+
+    linear = {n: m.weight.dtype for n, m in held_lm.named_modules() if type(m) is nn.Linear}
+    assert linear.pop("lm_head") == torch.float32 and set(linear.values()) == {torch.bfloat16}
+    assert len(linear) == 7 * held_lm.config.num_hidden_layers  # q, k, v, o, gate, up, down per layer
+    assert held_lm.get_input_embeddings().weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for n, p in held_lm.named_parameters() if "norm" in n)
+    assert all(p.dtype == torch.float32 for p in held_rm.head.parameters())
+    nbytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    assert nbytes(held_lm) < nbytes(plain_lm) and nbytes(held_rm) < nbytes(plain_rm)
+
+    assert all(p.dtype == torch.float32 for p in strategy("fp32").prepare_frozen(tiny()[0]).parameters())
+    for capabilities, dtype in (({"avx512_bf16": True}, torch.bfloat16), ({"avx512_bf16": False}, None)):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+        assert strategy("auto").frozen_linear_dtype() == dtype
+    with pytest.raises(ValueError, match="requires grad: only frozen layers"):
+        adapters.store_linears_in_(tiny()[0], torch.bfloat16)

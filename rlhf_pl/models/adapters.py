@@ -170,6 +170,31 @@ def quantize_linears_(module: nn.Module, kind: str, *, compute_dtype: torch.dtyp
     return replaced
 
 
+def store_linears_in_(module: nn.Module, dtype: torch.dtype) -> list[str]:
+    """Hold the weights (and biases) of the plain linear layers of every transformer in ``module``
+    in ``dtype``, in place, for a frozen model that only ever runs under autocast to ``dtype``.
+
+    Autocast casts a linear layer's float32 weight to ``dtype`` at every call; a weight stored
+    in ``dtype`` gives the same bits without the cast, in half the memory. The output layer (often
+    tied to the input embedding, which feeds the float32 residual stream outside autocast) and
+    everything outside the transformers stay float32, so outputs under autocast are bit-identical.
+    Outside autocast such a model fails with a dtype mismatch. Returns the dotted names of the layers.
+    """
+    stored: list[str] = []
+    for slot in transformers_in(module):
+        root = slot.model
+        skip = root.get_output_embeddings() if hasattr(root, "get_output_embeddings") else None
+        for _, _, dotted, layer in _linear_children(root, skip):
+            if layer.weight.requires_grad:
+                raise ValueError(f"{slot.name or type(root).__name__}.{dotted} requires grad: only frozen "
+                                 f"layers can be stored in {dtype} (call requires_grad_(False) first)")
+            layer.weight.data = layer.weight.data.to(dtype)
+            if layer.bias is not None:
+                layer.bias.data = layer.bias.data.to(dtype)
+            stored.append(f"{slot.name}.{dotted}" if slot.name else dotted)
+    return stored
+
+
 class _DropCastNotice(logging.Filter):
     """bitsandbytes logs "MatMul8bitLt: inputs will be cast from torch.float32 to float16" as a
     warning on *every* 8-bit matmul with float32 inputs (i.e. every forward on CPU): drop that line."""

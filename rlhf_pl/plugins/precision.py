@@ -7,13 +7,17 @@ strategy          trained models       frozen models (PPO: ref, RM)  PPO referen
 ================  ===================  ============================  ====================  ===============
 ``auto``          ``bf16-mixed`` where the device has native bfloat16 matmuls, else ``fp32`` (the default)
 ``fp32``          float32, all params  float32                       frozen copy           32-true
-``bf16-mixed``    float32, all params  float32                       frozen copy           bf16-mixed
-``fp16-mixed``    float32, all params  float32                       frozen copy           16-mixed (CUDA)
+``bf16-mixed``    float32, all params  linear weights bfloat16 [1]_  frozen copy           bf16-mixed
+``fp16-mixed``    float32, all params  linear weights float16 [1]_   frozen copy           16-mixed (CUDA)
 ``int8-frozen``   float32, all params  8-bit LLM.int8                frozen copy, 8-bit    ``compute``
 ``nf4-frozen``    float32, all params  4-bit NF4                     frozen copy, NF4      ``compute``
 ``lora``          LoRA on float32      float32                       policy, adapter off   ``compute``
 ``qlora``         LoRA on NF4          4-bit NF4                     policy, adapter off   ``compute``
 ================  ===================  ============================  ====================  ===============
+
+.. [1] The frozen models only run under autocast, which would cast each float32 linear weight to
+   the autocast dtype at every call: the weight is stored cast once instead (bit-identical outputs,
+   half the memory of those weights). Embeddings, norms, the output layer and heads stay float32.
 
 "Trained models" are the policy (SFT, PPO), the reward model (RM) and the critic (PPO); heads
 (reward, value) are always float32 and fully trained. ``compute`` (fp32 | bf16-mixed |
@@ -198,7 +202,19 @@ class _Strategy:
 
     def prepare_frozen(self, model: torch.nn.Module) -> torch.nn.Module:
         model.requires_grad_(False)
+        dtype = self.frozen_linear_dtype()
+        if dtype is not None:
+            from rlhf_pl.models.adapters import store_linears_in_
+
+            names = store_linears_in_(model, dtype)
+            log.info("precision=%s: %s frozen with %d linear layers stored in %s (bit-identical under autocast)",
+                     self.name, type(model).__name__, len(names), dtype)
         return model.eval()
+
+    def frozen_linear_dtype(self) -> Optional[torch.dtype]:
+        """The dtype the frozen models' linear weights are stored in: the autocast dtype of a mixed
+        precision strategy (the cast autocast would make at every call, made once), else None."""
+        return None
 
     def reference_from_policy(self, policy: torch.nn.Module) -> Any:
         raise PrecisionError(
@@ -243,6 +259,9 @@ class BF16Mixed(_Strategy):
     def _check_device(self, accelerator: str) -> None:
         _check_bf16(self.name, accelerator)
 
+    def frozen_linear_dtype(self) -> Optional[torch.dtype]:
+        return torch.bfloat16
+
 
 class FP16Mixed(_Strategy):
     """float32 weights, float16 autocast with loss scaling; CUDA only."""
@@ -258,6 +277,9 @@ class FP16Mixed(_Strategy):
             raise PrecisionError(
                 f"precision=fp16-mixed needs a CUDA GPU; on {_where(accelerator)} use precision=bf16-mixed or precision=fp32"
             )
+
+    def frozen_linear_dtype(self) -> Optional[torch.dtype]:
+        return torch.float16
 
 
 def native_bf16(accelerator: str) -> tuple[bool, str]:
@@ -299,6 +321,9 @@ class AutoPrecision(_Strategy):
         if not self.trainer_precision:
             raise PrecisionError("precision=auto has not been resolved yet: call check() (build_for_stage does)")
         return "bf16-mixed" if self.trainer_precision == "bf16-mixed" else "fp32"
+
+    def frozen_linear_dtype(self) -> Optional[torch.dtype]:
+        return torch.bfloat16 if self.chosen == "bf16-mixed" else None
 
     def describe(self) -> str:
         return f"{self.chosen} ({self.reason}); {super().describe()}"
