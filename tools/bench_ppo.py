@@ -7,7 +7,8 @@ head (timing only: the scores are meaningless); the critic is a copy of that tru
 value head. EOS is banned while sampling so that every response has exactly 32 tokens.
 
 Each precision runs ``--warmup`` updates (not measured), then ``--updates`` measured ones, through
-the real :class:`rlhf_pl.stages.ppo.PPOModule` in a Lightning ``Trainer``. Reported per phase:
+the real :class:`rlhf_pl.stages.ppo.PPOModule` in a Lightning ``Trainer``, with the frozen models held
+by the precision strategy as in a run (bf16-mixed: their linear weights stored in bfloat16). Reported per phase:
 
 - generation: new tokens / s (b·n per update; one policy call per new token, KV cache);
 - scoring, reference, policy_logprobs, values: sequence tokens / s (b·(p + n) per pass);
@@ -45,6 +46,7 @@ import torch
 from hydra import compose, initialize_config_module
 from torch import nn
 
+from rlhf_pl import registry
 from rlhf_pl.config import PPOConfig, register_configs
 from rlhf_pl.data.formats import load_prompts
 from rlhf_pl.models.loading import load_model_and_tokenizer
@@ -175,7 +177,10 @@ def run_precision(name: str, models: PPOModels, prompts: list, items: list, args
     ppo = PPOConfig(updates=args.warmup + args.updates, batch_size=8, max_new_tokens=32, ppo_epochs=1, num_minibatches=1,
                     checkpoint_every=10 ** 6, sample_every=10 ** 6, num_samples=0, score_baseline="none")
     sampler = NoEOSSampler(0.7, models.tokenizer.eos_token_id)
-    fresh = models._replace(policy=copy.deepcopy(models.policy), critic=copy.deepcopy(models.critic))
+    strategy = registry.build_by_name("precision", name)  # holds the frozen models as a run would
+    fresh = models._replace(policy=copy.deepcopy(models.policy), critic=copy.deepcopy(models.critic),
+                            reference=strategy.prepare_frozen(copy.deepcopy(models.reference)),
+                            scorer=strategy.prepare_frozen(copy.deepcopy(models.scorer)))
     module = BenchModule(fresh, ppo, sampler, AdaptiveKLController(), prompts, items, seed=0, run_dir=Path(tempfile.mkdtemp()))
     counts, handles = count_forwards(module)
     marker = Snapshot(module, counts, args.warmup)
