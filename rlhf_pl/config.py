@@ -154,10 +154,11 @@ class PPOConfig:
     responses; 20–35 s per update with precision=auto (bf16-mixed on an AVX512-BF16 CPU), a run
     of 10–15 minutes. Against the embedded reward model that raises the score relative to the
     reference's answers by about 0.2 (fitted over the run, t ≈ 2 in most runs; from the first to
-    the last quarter every measured run rose, some by little; see the README). Using each episode once gives over twice the episodes per minute
-    of Ziegler's 4 epochs × 1 minibatch, and the prompts start to recur, which is what this reward
-    model needs: it separates the SFT policy's answers to one prompt by little (0.13 against 0.96
-    between prompts). Real runs want far more updates.
+    the last quarter every measured run rose, some by little; see the README). Using each episode
+    once gives over twice the episodes per minute of Ziegler's 4 epochs × 1 minibatch, and the
+    prompts start to recur, which is what this reward model needs: it separates the SFT policy's
+    answers to one prompt by little (0.13 against 0.96 between prompts). Real runs want far more
+    updates.
     """
 
     policy_from: str = "auto"  # "auto": this model's latest SFT output (else an error: run +stage=sft first); or a model directory
