@@ -22,6 +22,8 @@ often weights are cast.
 - :func:`weights_cast_once` — under bf16 autocast, sampling casts the policy's float32 weights to
   bfloat16 once instead of at every new token (16 prompts × 32 tokens on SmolLM2: 2.48 s against
   2.93 s).
+
+:func:`matmul_peak` measures the denominator of the benchmarks' model-FLOP utilisation.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import ctypes
 import ctypes.util
 import logging
 import sys
+import time
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
@@ -124,3 +127,21 @@ def weights_cast_once(device: torch.device) -> Iterator[None]:
             yield
         finally:
             torch.clear_autocast_cache()
+
+
+def matmul_peak(dtype: torch.dtype, size: int = 1536, windows: int = 8, seconds: float = 0.5) -> float:
+    """The machine's matmul peak in FLOP/s: the best of ``windows`` short windows of repeated
+    (size × size) @ (size × size) products. The best, not the mean: on a shared virtual machine
+    one window can run 40% below another, and a peak measured low would inflate the MFU.
+    The denominator of the benchmarks' model-FLOP utilisation (tools/bench_sft.py, bench_ppo.py)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    best = 0.0
+    for _ in range(windows):
+        count, started = 0, time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            a @ b
+            count += 1
+        best = max(best, 2 * size ** 3 * count / (time.perf_counter() - started))
+    return best

@@ -1,5 +1,6 @@
-"""rlhf_pl.runtime: glibc keeps freed memory (no page faults on re-allocation), and the attention
-kernel choice (plain path for short bf16 sequences on the CPU) changes speed, not results."""
+"""rlhf_pl.runtime: glibc keeps freed memory (no page faults on re-allocation), the attention
+kernel choice (plain path for short bf16 sequences on the CPU) and the once-per-block weight casts
+change speed, not results."""
 from __future__ import annotations
 
 import contextlib
@@ -13,7 +14,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from rlhf_pl.models.generate import position_ids_from_mask
-from rlhf_pl.runtime import PLAIN_ATTENTION_MAX_LENGTH, _glibc, attention_kernel, uses_plain_attention, weights_cast_once
+from rlhf_pl.runtime import (
+    PLAIN_ATTENTION_MAX_LENGTH, _glibc, attention_kernel, matmul_peak, uses_plain_attention, weights_cast_once,
+)
 
 FAULTS_PER_STEP = """
 import json, resource, sys, torch
@@ -124,3 +127,17 @@ def test_weights_cast_once_casts_once_and_forgets_on_exit(tiny_model):
         model.lm_head.weight.mul_(2.0)
     after, _ = weight_casts(model, ids, 1, cached=True)
     assert not torch.allclose(after[0], cached[0])
+
+
+def test_matmul_peak_is_the_best_window(monkeypatch):
+    """Three 1-second windows of 1, 4 and 2 products of 8 × 8 matrices on a fake clock: the peak is
+    the best window's rate, 2·8³·4 FLOP/s, not the mean."""
+    import rlhf_pl.runtime as runtime
+
+    times: list[float] = []
+    for start, products in ((0.0, 1), (10.0, 4), (20.0, 2)):
+        # the window's start, `products` checks that continue, the check that stops, the end
+        times += [start] + [start] * products + [start + 1.0, start + 1.0]
+    clock = iter(times)
+    monkeypatch.setattr(runtime.time, "perf_counter", lambda: next(clock))
+    assert matmul_peak(torch.float32, size=8, windows=3, seconds=1.0) == 2 * 8 ** 3 * 4

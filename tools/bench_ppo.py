@@ -54,7 +54,7 @@ from rlhf_pl.models.reward import RewardModel, trunk_of
 from rlhf_pl.plugins.samplers import TemperatureSampler
 from rlhf_pl.plugins.specs import TemperatureSamplerConfig
 from rlhf_pl.plugins.kl_controllers import AdaptiveKLController
-from rlhf_pl.runtime import retain_freed_memory
+from rlhf_pl.runtime import matmul_peak, retain_freed_memory
 from rlhf_pl.stages.ppo import Critic, PPOModels, PPOModule, ValueHead, freeze, tokenize_prompts
 
 PHASES = ("generation", "scoring", "reference", "policy_logprobs", "values", "optimisation")
@@ -88,23 +88,6 @@ class BenchModule(PPOModule):
 
     def save_checkpoint(self):
         return None
-
-
-def matmul_peak(dtype: torch.dtype, size: int = 1536, windows: int = 8, seconds: float = 0.5) -> float:
-    """The machine's matmul peak in FLOP/s: the best of ``windows`` short windows of repeated
-    (size × size) @ (size × size) products. The best, not the mean: on a shared virtual machine
-    one window can run 40% below another, and a peak measured low would inflate the MFU."""
-    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = 0.0
-    for _ in range(windows):
-        count, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            a @ b
-            count += 1
-        best = max(best, 2 * size ** 3 * count / (time.perf_counter() - started))
-    return best
 
 
 def build_models(model_cfg: Any) -> PPOModels:

@@ -72,11 +72,11 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16-mixed"], choices=["fp32", "bf16-mixed"])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/rm.json"))
     args = parser.parse_args()
+    if args.sequences % 4:
+        parser.error(f"--sequences={args.sequences} must be a multiple of 4 (both K = 4 and K = 2 fill it)")
     from rlhf_pl.runtime import retain_freed_memory
 
     retain_freed_memory()  # as `python -m rlhf_pl` runs do
-    if args.sequences % 4:
-        parser.error(f"--sequences={args.sequences} must be a multiple of 4 (both K = 4 and K = 2 fill it)")
 
     from rich.console import Console
     from rich.table import Table

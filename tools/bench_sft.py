@@ -26,20 +26,6 @@ MODELS = {
 }
 
 
-def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
-    """Best-of-3 FLOP/s of an n×n @ n×n matmul in ``dtype`` (the utilisation denominator)."""
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(2):
-        a @ b
-    best = 0.0
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
-    return best
-
-
 class StepTimer:
     """Lightning callback: wall time of each optimisation step (forward, backward, optimizer)."""
 
@@ -94,7 +80,7 @@ def main() -> None:
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16-mixed"], choices=["fp32", "bf16-mixed"])
     parser.add_argument("--out", type=Path, default=Path("outputs/bench/sft.json"))
     args = parser.parse_args()
-    from rlhf_pl.runtime import retain_freed_memory
+    from rlhf_pl.runtime import matmul_peak, retain_freed_memory
 
     retain_freed_memory()  # as `python -m rlhf_pl` runs do
 
