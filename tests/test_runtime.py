@@ -42,12 +42,15 @@ def faults_per_step(mode: str) -> list[int]:
 
 @pytest.mark.skipif(_glibc() is None, reason="mallopt parameters exist only in glibc (Linux)")
 def test_retained_memory_is_reused_without_page_faults():
-    """By default every step maps fresh zero pages (16384 faults of 4 KiB for 64 MiB); with freed
-    memory retained the heap grows during the first steps (aligned allocations leave gaps), then
-    the same memory is reused without a fault."""
+    """With freed memory retained the heap grows during the first steps (aligned allocations leave
+    gaps), then the same memory is reused without a fault. By default glibc maps fresh zero pages at
+    every step; how many faults that costs is the host's business (16384 with 4 KiB pages, a few
+    thousand where transparent huge pages back the mapping), so the comparison with the default is
+    made only where the default faults at all (checked first), and then as a ratio."""
     default, retained = faults_per_step("default"), faults_per_step("retain")
-    assert min(default[-4:]) > 16000
     assert max(retained[-4:]) < 100
+    if min(default[-4:]) >= 1000:  # this host unmaps freed memory by default: retaining must beat it
+        assert 10 * max(retained[-4:]) < min(default[-4:]), (default, retained)
 
 
 def test_plain_attention_only_for_short_bf16_cpu_sequences(tiny_model):
