@@ -8,7 +8,6 @@ import random
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 
 import lightning as L
@@ -161,46 +160,3 @@ def test_killed_with_sigkill_mid_run_then_resumed_from_the_command_line(tmp_path
 
     events = EventAccumulator(str(second_dir / "tensorboard"), size_guidance={"scalars": 0}).Reload()
     assert [e.step for e in events.Scalars("ppo/score")] == list(range(done, 6))  # logger steps continue
-
-
-WRITER = textwrap.dedent("""
-    import sys, torch
-    from pathlib import Path
-    from rlhf_pl.stages.ppo import atomic_torch_save
-    path, i = Path(sys.argv[1]), 0
-    while True:
-        i += 1
-        atomic_torch_save({"i": i, "x": torch.full((4_000_000,), float(i))}, path)  # 16 MB per save
-""")
-
-
-def test_sigkill_during_checkpoint_saves_leaves_a_loadable_latest_checkpoint(tmp_path):
-    path = tmp_path / "checkpoints" / CHECKPOINT_FILE
-    for attempt in range(3):
-        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stderr=subprocess.PIPE, text=True)
-        _wait_for(path.is_file, 120, "the first save", proc)
-        time.sleep(0.2 + 0.15 * attempt)  # lands in the middle of a later save
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
-        state = torch.load(path, weights_only=True)
-        assert state["i"] >= 1 and torch.equal(state["x"], torch.full((4_000_000,), float(state["i"])))
-
-
-def test_a_failed_checkpoint_write_names_the_file_and_free_space_and_keeps_the_previous_one(tmp_path, monkeypatch):
-    from rlhf_pl.stages import ppo as ppo_stage
-
-    path = tmp_path / "checkpoints" / CHECKPOINT_FILE
-    ppo_stage.atomic_torch_save({"i": 1}, path)
-    real_save = torch.save
-
-    def disk_full(obj, handle):  # writes part of the file, then fails as torch does on a full disk
-        handle.write(b"partial")
-        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 318843200 vs 318843088")
-
-    monkeypatch.setattr(ppo_stage.torch, "save", disk_full)
-    with pytest.raises(OSError, match=r"writing the checkpoint .*last\.pt failed \(RuntimeError: .*unexpected pos.*\); "
-                                      r"\d+ MiB free on its disk; the previous one is untouched"):
-        ppo_stage.atomic_torch_save({"i": 2}, path)
-    monkeypatch.setattr(ppo_stage.torch, "save", real_save)
-    assert torch.load(path, weights_only=True) == {"i": 1}
-    assert sorted(p.name for p in path.parent.iterdir()) == [CHECKPOINT_FILE]  # no temp file left behind

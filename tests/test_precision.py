@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from rlhf_pl import registry
-from rlhf_pl.plugins.precision import (
+from rlhf_pl.precision import (
     BF16Mixed, FP16Mixed, FullPrecision, PrecisionError, PrecisionStrategy, resolve_accelerator,
 )
 from rlhf_pl.plugins.specs import BF16MixedConfig, FP16MixedConfig, FP32Config

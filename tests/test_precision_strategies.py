@@ -1,7 +1,7 @@
 """Precision and memory strategies (issue 5) on CPU with the tiny Llama.
 
 Every strategy bitsandbytes supports on this CPU is exercised through the real SFT and RM stages
-(``run_from_config`` with the composed command-line config): the run completes, only the trainable
+(``run_stage`` with the composed command-line config): the run completes, only the trainable
 tensors change (frozen ones — incl. packed NF4 bytes — stay bit-identical), the Lightning
 checkpoint reloads strictly and the exported model gives the same outputs. int8-frozen and
 nf4-frozen have no frozen model in sft/rm (refused there, before loading); their frozen models are
@@ -25,7 +25,7 @@ from rlhf_pl.models import adapters
 from rlhf_pl.models.generate import response_logprobs
 from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_atomic
 from rlhf_pl.models.reward import RewardModel
-from rlhf_pl.plugins.precision import PrecisionError, PrecisionStrategy, QLoRA
+from rlhf_pl.precision import PrecisionError, PrecisionStrategy, QLoRA
 
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -129,7 +129,8 @@ def test_strategy_settings_compose_and_are_type_checked():
 
 def _run_with_loaders_trapped(monkeypatch, stage: str, *overrides: str) -> BaseException:
     """Run the stage from its composed config with the model loader booby-trapped; the exception."""
-    from rlhf_pl.stages import rm, sft, stage_runner
+    from rlhf_pl.outputs import Inputs
+    from rlhf_pl.stages import rm, sft, stage_module
 
     def trap(*a, **k):
         raise AssertionError("a model was loaded")
@@ -139,7 +140,8 @@ def _run_with_loaders_trapped(monkeypatch, stage: str, *overrides: str) -> BaseE
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = _compose(f"+stage={stage}", "experiment=quick", "paths.output_root=/nonexistent/never-written", *overrides)
     with pytest.raises(Exception) as info:
-        stage_runner(stage)(cfg, Path("/nonexistent/never-written"))
+        module = stage_module(stage)
+        module.run(cfg, Path("/nonexistent/never-written"), Inputs(cfg, module.INPUTS))
     return info.value
 
 
@@ -404,7 +406,7 @@ def test_ppo_shaped_update_trains_only_the_trainable_weights(name):
 @pytest.mark.parametrize("name", ["int8-frozen", "nf4-frozen", "lora", "qlora"])
 def test_the_ppo_stage_update_loop_runs_with_models_held_per_strategy(tmp_path, name):
     """rlhf_pl.stages.ppo.PPOModule (the stage's own update) with the four models built the way the
-    stage is to build them (see rlhf_pl.plugins.precision): completes, frozen tensors untouched,
+    stage is to build them (see rlhf_pl.precision): completes, frozen tensors untouched,
     only trainable tensors change, the first minibatch's ratio is exactly 1, the checkpoint reloads."""
     ppo_stage = pytest.importorskip("rlhf_pl.stages.ppo")
     from rlhf_pl.config import PPOConfig
@@ -542,11 +544,11 @@ SFT_CASES = {
 
 @pytest.mark.parametrize("case", list(SFT_CASES))
 def test_sft_stage(tmp_path, case):
-    from rlhf_pl.run import run_from_config
+    from rlhf_pl.run import run_stage
 
     cfg = _compose("+stage=sft", *STAGE_ARGS, "data.limit=20", "sft.num_samples=1", "sft.max_new_tokens=4",
                    f"paths.output_root={tmp_path}", *SFT_CASES[case])
-    summary = run_from_config(cfg)
+    summary = run_stage(cfg).metrics
     run_dir = Path(summary["model_dir"]).parent
     assert summary["steps"] == 2 and (run_dir / "model" / "config.json").is_file()
 
@@ -588,14 +590,14 @@ RM_CASES = {
 
 @pytest.mark.parametrize("case", list(RM_CASES))
 def test_rm_stage(tmp_path, case):
-    from rlhf_pl.run import run_from_config
+    from rlhf_pl.run import run_stage
 
     comparisons = tmp_path / "comparisons.jsonl"
     _write_comparisons(comparisons, 10)
     cfg = _compose("+stage=rm", *STAGE_ARGS, f"data.comparisons={comparisons}", "data.limit=16", "rm.batch_size=4",
                    "rm.normalise_size=4", f"paths.output_root={tmp_path}", "reward_head=linear", *RM_CASES[case])
-    summary = run_from_config(cfg)
-    run_dir = Path(summary["model_dir"]).parent
+    summary = run_stage(cfg).metrics
+    run_dir = Path(summary["reward_model_dir"]).parent
     assert summary["steps"] == 2 and summary["init_from"] == "base model tiny"
 
     s = registry.build("precision", cfg.precision)

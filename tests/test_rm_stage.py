@@ -16,7 +16,9 @@ from rlhf_pl.config import OptimConfig
 from rlhf_pl.data.chat import tokenize_completion, tokenize_prompt
 from rlhf_pl.data.formats import Conversation, Message, Ranking
 from rlhf_pl.models.reward import RewardModel
+from rlhf_pl.outputs import Inputs
 from rlhf_pl.stages.rm import (
+    INPUTS,
     RankingCollator,
     RewardModelModule,
     TokenizedRanking,
@@ -161,12 +163,12 @@ def _compose(*overrides: str):
 def test_init_from_auto_without_sft_output_uses_base_model(tmp_path, caplog):
     cfg = _compose("+stage=rm", "model=tiny", f"paths.output_root={tmp_path}")
     with caplog.at_level(logging.WARNING, logger="rlhf_pl.stages.rm"):
-        model_cfg, described = init_model_config(cfg)
+        model_cfg, described = init_model_config(cfg, Inputs(cfg, INPUTS)["init"])
     assert model_cfg.name_or_path == "tiny" and described == "base model tiny"
     assert "no SFT output recorded for model 'tiny'" in caplog.text
     bad = _compose("+stage=rm", "model=tiny", f"rm.init_from={tmp_path / 'nowhere'}")
     with pytest.raises(FileNotFoundError, match=r"rm.init_from=.*nowhere.*valid: 'auto'"):
-        init_model_config(bad)
+        Inputs(bad, INPUTS)["init"]
 
 
 def test_rm_config_values_are_checked():
@@ -199,7 +201,8 @@ def _write_comparisons(path: Path, n: int) -> None:
 
 def test_stage_end_to_end_from_the_command_line_config(tmp_path, tiny_model, tiny_tokenizer, one_thread):
     from rlhf_pl.models.loading import save_pretrained_atomic
-    from rlhf_pl.run import latest_output, record_output, run_from_config
+    from rlhf_pl import outputs
+    from rlhf_pl.run import run_stage
 
     comparisons = tmp_path / "comparisons.jsonl"
     _write_comparisons(comparisons, 40)
@@ -210,11 +213,11 @@ def test_stage_end_to_end_from_the_command_line_config(tmp_path, tiny_model, tin
         "rm.normalise_max_new_tokens=4", "rm.batch_size=4",
     )
     sft_dir = save_pretrained_atomic(tiny_model, tiny_tokenizer, tmp_path / "sft_model")
-    record_output(cfg, "sft", sft_dir)  # init_from=auto must pick this up
+    outputs.record(cfg, "sft", {"model": sft_dir})  # init_from=auto must pick this up
 
-    summary = run_from_config(cfg)
+    summary = run_stage(cfg).metrics
 
-    run_dir = Path(summary["model_dir"]).parent
+    run_dir = Path(summary["reward_model_dir"]).parent
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["stage"] == "rm" and on_disk["init_from"] == str(sft_dir)
     assert on_disk["train_prompts"] == 30 and on_disk["val_prompts"] == 10 and on_disk["steps"] == 8  # 30 / 4 -> 8 steps
@@ -222,7 +225,7 @@ def test_stage_end_to_end_from_the_command_line_config(tmp_path, tiny_model, tin
         assert math.isfinite(on_disk[key]), key
     assert on_disk["normalisation"]["n"] == 6 and on_disk["reward_head"] == "ensemble"
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
-    assert latest_output(cfg, "rm") == run_dir / "reward_model"
+    assert outputs.latest(cfg, "rm", "reward_model") == (run_dir / "reward_model").resolve()
 
     loaded = RewardModel.from_pretrained(run_dir / "reward_model")
     assert loaded.head_choice.name == "ensemble" and loaded.normalisation_info["n"] == 6

@@ -47,7 +47,7 @@ def test_run_directory_has_everything(quick_run):
     assert summary["steps"] == 3 * -(-summary["train_examples"] // 8)  # 3 epochs of ceil(n/8) batches
     assert summary["train_tokens_per_s"] > 0
     index = json.loads((quick_run.parents[1] / "index.json").read_text())
-    assert Path(index["sft"]["tiny"]) == (quick_run / "model").resolve()
+    assert Path(index["sft"]["tiny"]["model"]) == (quick_run / "model").resolve()
 
 
 def test_loss_falls_well_below_chance(quick_run):
@@ -74,7 +74,7 @@ def test_exported_model_reloads_with_chat_template(quick_run):
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
     samples = (quick_run / "samples.md").read_text()
-    assert samples.startswith("| prompt | model | reference |")
+    assert samples.startswith("# SFT samples\n\n## held-out prompts\n\n| prompt | model | reference |")
 
 
 def test_multirun_sweep(tmp_path):
@@ -117,21 +117,21 @@ def test_the_model_trains_in_training_mode_so_dropout_and_checkpointing_act(tiny
     assert module.model.training
     examples = [tokenize_conversation(loaded.tokenizer, c.messages) for c in load_conversations("embedded:demonstrations", limit=2)]
     batch = SFTCollator(loaded.tokenizer.pad_token_id)(examples)
-    first, second = module._loss(batch)[0], module._loss(batch)[0]
+    first, second = module.token_loss(batch)[0], module.token_loss(batch)[0]
     assert not torch.equal(first, second)  # dropout is active: two passes differ
 
 
 def test_bad_overlong_rule_names_key_and_choices(tmp_path):
-    from rlhf_pl.run import run_from_config
+    from rlhf_pl.run import run_stage
 
     cfg = _compose("+stage=sft", "experiment=quick", "data.overlong=shorten", f"paths.output_root={tmp_path}")
     with pytest.raises(ValueError, match=r"shorten.*truncate.*drop|truncate.*drop.*shorten"):
-        run_from_config(cfg)
+        run_stage(cfg)
 
 
 def test_fp16_on_cpu_refused_before_loading(tmp_path):
-    from rlhf_pl.run import run_from_config
+    from rlhf_pl.run import run_stage
 
     cfg = _compose("+stage=sft", "experiment=quick", "precision=fp16-mixed", f"paths.output_root={tmp_path}")
     with pytest.raises(ValueError, match="bf16-mixed"):
-        run_from_config(cfg)
+        run_stage(cfg)

@@ -3,7 +3,7 @@
 For each strategy (default: fp32, bf16-mixed, int8-frozen, lora, qlora) a *fresh subprocess*:
 
 1. builds the four PPO models from SmolLM2-135M-Instruct the way the strategy holds them
-   (the calls the PPO stage is to make, see rlhf_pl.plugins.precision)::
+   (the calls the PPO stage is to make, see rlhf_pl.precision)::
 
        policy    = s.prepare_trainable(load())                      # lora/qlora: adapters (qlora: NF4 base)
        reference = s.reference_from_policy(policy) if s.shares_reference else s.prepare_frozen(load())
@@ -268,7 +268,7 @@ def main() -> None:
         print(RESULT + json.dumps(result), flush=True)
         return
 
-    from rlhf_pl.run import atomic_write_json
+    from rlhf_pl.io import write_json
 
     rows = []
     for gc in args.gc:
@@ -278,7 +278,7 @@ def main() -> None:
             print(f"{name} (checkpointing {gc}): peak {rows[-1]['peak_rss_mb']:.0f} MiB, {rows[-1]['s_per_update']:.1f} "
                   f"s/update ({time.perf_counter() - started:.0f} s)", flush=True)
             table = markdown(rows)
-            atomic_write_json(args.out, {"model": args.model, "batch": args.batch, "new_tokens": args.new_tokens,
+            write_json(args.out, {"model": args.model, "batch": args.batch, "new_tokens": args.new_tokens,
                                          "updates": args.updates, "warmup": args.warmup, "results": rows, "table_md": table})
     print(f"\nPPO update, {args.model}, {args.batch} prompts × {args.new_tokens} new tokens, "
           f"{rows[0]['threads']} threads\n\n{table}\n\nwritten {args.out}")

@@ -81,7 +81,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from rlhf_pl.run import atomic_write_json
+    from rlhf_pl.io import write_json
 
     rows = [bench(MODELS[args.model], k, p, args.sequences, args.seq, args.steps, args.warmup)
             for p in args.precisions for k in (4, 2)]
@@ -96,7 +96,7 @@ def main() -> None:
             table.add_row(p, str(r["k"]), str(r["prompts_per_step"]), str(r["pairs_per_step"]), f"{r['step_s']:.2f}",
                           f"{r['comparisons_per_s']:.2f}", f"{speedups[p]:.2f}×" if r is k4 else "")
     Console().print(table)
-    atomic_write_json(args.out, {"model": args.model, "seq": args.seq, "threads": torch.get_num_threads(),
+    write_json(args.out, {"model": args.model, "seq": args.seq, "threads": torch.get_num_threads(),
                                  "results": rows, "k4_over_k2": speedups})
     print(f"written {args.out}")
 

@@ -87,7 +87,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from rlhf_pl.run import atomic_write_json
+    from rlhf_pl.io import write_json
 
     console = Console()
     peaks = {"fp32": matmul_peak(torch.float32), "bf16-mixed": matmul_peak(torch.bfloat16)}
@@ -107,7 +107,7 @@ def main() -> None:
         table.add_row(r["precision"], f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['model_flops_per_s'] / 1e9:.1f}",
                       f"{r['mfu_vs_own_dtype_peak']:.0%}", f"{r['mfu_vs_fp32_peak']:.0%}")
     console.print(table)
-    atomic_write_json(args.out, {"model": args.model, "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads(),
+    write_json(args.out, {"model": args.model, "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads(),
                                  "peaks_flops_per_s": peaks, "results": rows})
     console.print(f"written {args.out}")
 

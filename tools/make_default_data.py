@@ -414,10 +414,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in stale:
             print(f"{args.out / name}: out of date; run python tools/make_default_data.py", file=sys.stderr)
         return 1 if stale else 0
-    from rlhf_pl.run import atomic_write_text
+    from rlhf_pl.io import write_text
 
     for name, text in files.items():
-        path = atomic_write_text(args.out / name, text)
+        path = write_text(args.out / name, text)
         print(f"wrote {path} ({text.count(chr(10))} records)")
     return 0
 

@@ -183,9 +183,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             print(f"{key:32s} {value:.3f}" if isinstance(value, float) else f"{key:32s} {value}")
     if args.json is not None:
-        from rlhf_pl.run import atomic_write_json
+        from rlhf_pl.io import write_json
 
-        atomic_write_json(args.json, result)
+        write_json(args.json, result)
     return 0
 
 

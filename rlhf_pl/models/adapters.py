@@ -1,6 +1,6 @@
 """LoRA adapters (peft) and bitsandbytes quantisation of already-loaded models.
 
-The precision strategies (:mod:`rlhf_pl.plugins.precision`) call these; stages normally go
+The precision strategies (:mod:`rlhf_pl.precision`) call these; stages normally go
 through a strategy rather than calling them directly. Everything works on any ``nn.Module`` that
 contains Hugging Face transformers (a causal LM, a bare trunk, a :class:`RewardModel` = trunk +
 head): the *transformers* inside are quantised / adapted, everything else (reward and value heads)

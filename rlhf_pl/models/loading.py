@@ -56,7 +56,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 import zipfile
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, NamedTuple, Optional
@@ -65,6 +64,8 @@ import torch
 from torch import nn
 
 from rlhf_pl.config import ModelConfig
+from rlhf_pl.errors import UserError
+from rlhf_pl.io import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,7 @@ _DROPOUT_FIELD = re.compile(r"(dropout|pdrop)(_prob|_rate)?$")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(UserError, RuntimeError):
     """No source could provide the model or tokenizer; the message lists every source tried."""
 
 
@@ -461,29 +462,15 @@ def save_pretrained_atomic(model: Any, tokenizer: Any, out_dir: str | os.PathLik
     names to text written alongside. ``config.use_cache`` is saved as true (an inference default).
     """
     out = Path(out_dir).expanduser().resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     use_cache = getattr(model.config, "use_cache", None)
     try:
         model.config.use_cache = True
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        for name, text in (extra_files or {}).items():
-            (tmp / name).write_text(text)
-        _replace_dir(tmp, out)
+        with atomic_dir(out) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
     finally:
         model.config.use_cache = use_cache
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def _replace_dir(src: Path, dest: Path) -> None:
-    """Rename ``src`` to ``dest``; an existing ``dest`` is moved aside first and then deleted."""
-    old = None
-    if dest.exists():
-        old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(dest, old)
-    os.replace(src, dest)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -24,19 +24,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
-import tempfile
-import uuid
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Union
+from typing import Any, NamedTuple, Optional, Sequence, Union
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlhf_pl import registry
+from rlhf_pl.io import atomic_dir
 from rlhf_pl.models.generate import position_ids_from_mask
 from rlhf_pl.plugins.reward_heads import HeadChoice, RewardHeadOutput, build_head, resolve_head
 from rlhf_pl.runtime import attention_kernel
@@ -126,29 +123,6 @@ def _package_version(distribution: Optional[str]) -> Optional[str]:
         return version(distribution)
     except PackageNotFoundError:
         return None
-
-
-def write_dir_atomically(out_dir: Path | str, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp_dir)`` then move ``tmp_dir`` to ``out_dir`` with ``os.replace``.
-
-    Readers see the old directory or the complete new one. An existing ``out_dir`` is moved aside
-    first (a directory cannot be replaced while non-empty) and deleted afterwards.
-    """
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".tmp"))
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = out_dir.with_name(f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}") if out_dir.exists() else None
-    if old is not None:
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return out_dir
 
 
 class RewardModel(nn.Module):
@@ -315,15 +289,14 @@ class RewardModel(nn.Module):
     def save_pretrained(self, out_dir: Path | str) -> Path:
         """Write trunk (HF format), tokenizer, head weights and ``reward_config.json`` atomically."""
 
-        def write(tmp: Path) -> None:
+        with atomic_dir(out_dir) as tmp:
             self.trunk.save_pretrained(tmp)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(tmp)
             head_state = {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}
             save_file(head_state, str(tmp / HEAD_WEIGHTS))
             (tmp / REWARD_CONFIG).write_text(json.dumps(self.reward_config(), indent=2, sort_keys=True) + "\n")
-
-        return write_dir_atomically(out_dir, write)
+        return Path(out_dir)
 
     @classmethod
     def from_pretrained(

@@ -5,9 +5,10 @@ configs with Hydra. The implementations are imported only when a plugin is selec
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List
 
+from rlhf_pl.config import setting
 from rlhf_pl.registry import PluginSpec
 
 # --- samplers (rlhf_pl.samplers) -------------------------------------------------------------
@@ -15,19 +16,19 @@ from rlhf_pl.registry import PluginSpec
 
 @dataclass
 class TemperatureSamplerConfig:
-    temperature: float = 0.7  # logits are divided by it before sampling (and before computing RL logprobs)
+    temperature: float = setting(0.7, gt=0)  # logits are divided by it before sampling (and before computing RL logprobs)
 
 
 @dataclass
 class TopKSamplerConfig:
-    temperature: float = 0.7
-    k: int = 50  # keep the k most likely tokens
+    temperature: float = setting(0.7, gt=0)
+    k: int = setting(50, ge=1)  # keep the k most likely tokens
 
 
 @dataclass
 class TopPSamplerConfig:
-    temperature: float = 0.7
-    p: float = 0.9  # keep the smallest set of tokens whose probability mass reaches p
+    temperature: float = setting(0.7, gt=0)
+    p: float = setting(0.9, gt=0, le=1)  # keep the smallest set of tokens whose probability mass reaches p
 
 
 TEMPERATURE_SAMPLER = PluginSpec(
@@ -61,26 +62,29 @@ class AutoPrecisionConfig:
 
 
 AUTO_PRECISION = PluginSpec(
-    "auto", AutoPrecisionConfig, "rlhf_pl.plugins.precision:AutoPrecision",
+    "auto", AutoPrecisionConfig, "rlhf_pl.precision:AutoPrecision",
     "bf16-mixed where bfloat16 matmuls are native (CUDA with bf16, CPU with AVX512-BF16/AMX), else fp32",
 )
-FP32 = PluginSpec("fp32", FP32Config, "rlhf_pl.plugins.precision:FullPrecision", "float32 weights and compute")
+FP32 = PluginSpec("fp32", FP32Config, "rlhf_pl.precision:FullPrecision", "float32 weights and compute")
 BF16_MIXED = PluginSpec(
-    "bf16-mixed", BF16MixedConfig, "rlhf_pl.plugins.precision:BF16Mixed",
+    "bf16-mixed", BF16MixedConfig, "rlhf_pl.precision:BF16Mixed",
     "float32 weights, bfloat16 autocast compute (CPU and GPU)",
 )
 FP16_MIXED = PluginSpec(
-    "fp16-mixed", FP16MixedConfig, "rlhf_pl.plugins.precision:FP16Mixed",
+    "fp16-mixed", FP16MixedConfig, "rlhf_pl.precision:FP16Mixed",
     "float32 weights, float16 autocast with loss scaling (CUDA only)",
 )
 
 
-# Quantising and adapter strategies (rlhf_pl.plugins.precision; the heavy lifting is in
+# Quantising and adapter strategies (rlhf_pl.precision; the heavy lifting is in
 # rlhf_pl.models.adapters). `compute` is the Lightning precision of the compute of trained models:
 # fp32 (32-true) | bf16-mixed | fp16-mixed (CUDA only). LoRA target modules: "all-linear" means every
 # linear projection of the attention and MLP blocks (Llama: q_proj, k_proj, v_proj, o_proj,
 # gate_proj, up_proj, down_proj); the output layer (lm_head) is never adapted. Any list of module
 # names (last name component, e.g. [q_proj, v_proj]) may be given instead.
+
+
+COMPUTE_CHOICES = ("fp32", "bf16-mixed", "fp16-mixed")  # `compute` of the strategies below
 
 
 def _all_linear() -> List[str]:
@@ -92,8 +96,8 @@ class Int8FrozenConfig:
     """Frozen models (PPO's reference and reward model) held in 8 bits (LLM.int8, bitsandbytes);
     trained models stay float32. Needs a stage with frozen models (not sft/rm)."""
 
-    compute: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (CUDA only): compute of the trained models
-    threshold: float = 6.0  # LLM.int8 outlier threshold: activation columns above it run in 16 bits; 0 = all int8
+    compute: str = setting("fp32", choices=COMPUTE_CHOICES)  # fp32 | bf16-mixed | fp16-mixed (CUDA only): compute of the trained models
+    threshold: float = setting(6.0, ge=0)  # LLM.int8 outlier threshold: activation columns above it run in 16 bits; 0 = all int8
 
 
 @dataclass
@@ -101,7 +105,7 @@ class NF4FrozenConfig:
     """Frozen models (PPO's reference and reward model) held in 4-bit NF4 (bitsandbytes); trained
     models stay float32. Needs a stage with frozen models (not sft/rm)."""
 
-    compute: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (CUDA only); also the dtype NF4 weights are dequantized to
+    compute: str = setting("fp32", choices=COMPUTE_CHOICES)  # fp32 | bf16-mixed | fp16-mixed (CUDA only); also the dtype NF4 weights are dequantized to
     double_quant: bool = True  # quantize the per-block scales too (QLoRA's double quantization)
 
 
@@ -111,11 +115,11 @@ class LoRAPrecisionConfig:
     weights; their heads stay fully trained. In PPO the reference is the policy with its adapter
     disabled (no second copy). Frozen models stay float32."""
 
-    compute: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (CUDA only)
-    r: int = 8  # adapter rank: each adapted W (out×in) gets B (out×r)·A (r×in); r·(in+out) parameters
-    alpha: float = 16.0  # the update is scaled by alpha / r
-    dropout: float = 0.0  # dropout on the adapter's input (0: deterministic, as RLHF wants)
-    target_modules: List[str] = field(default_factory=_all_linear)  # "all-linear" (see above) or module names
+    compute: str = setting("fp32", choices=COMPUTE_CHOICES)  # fp32 | bf16-mixed | fp16-mixed (CUDA only)
+    r: int = setting(8, ge=1)  # adapter rank: each adapted W (out×in) gets B (out×r)·A (r×in); r·(in+out) parameters
+    alpha: float = setting(16.0, gt=0)  # the update is scaled by alpha / r
+    dropout: float = setting(0.0, ge=0, lt=1)  # dropout on the adapter's input (0: deterministic, as RLHF wants)
+    target_modules: List[str] = setting(default_factory=_all_linear, min_length=1)  # "all-linear" (see above) or module names
     merge_on_export: bool = True  # true: exports are plain models with W + (alpha/r)·B·A; false: adapter-only exports (later stages cannot start from them)
 
 
@@ -124,28 +128,28 @@ class QLoRAPrecisionConfig:
     """LoRA adapters (as ``lora``) on a 4-bit NF4 base; frozen models are NF4 as well. The merged
     export dequantizes the base to float32 and adds the adapters."""
 
-    compute: str = "fp32"  # fp32 | bf16-mixed | fp16-mixed (CUDA only); also the dtype NF4 weights are dequantized to
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=_all_linear)
+    compute: str = setting("fp32", choices=COMPUTE_CHOICES)  # fp32 | bf16-mixed | fp16-mixed (CUDA only); also the dtype NF4 weights are dequantized to
+    r: int = setting(8, ge=1)
+    alpha: float = setting(16.0, gt=0)
+    dropout: float = setting(0.0, ge=0, lt=1)
+    target_modules: List[str] = setting(default_factory=_all_linear, min_length=1)
     merge_on_export: bool = True
     double_quant: bool = True  # quantize the per-block scales too
 
 
 INT8_FROZEN = PluginSpec(
-    "int8-frozen", Int8FrozenConfig, "rlhf_pl.plugins.precision:Int8Frozen",
+    "int8-frozen", Int8FrozenConfig, "rlhf_pl.precision:Int8Frozen",
     "frozen models (reference, reward model) in 8 bits; trained models float32",
 )
 NF4_FROZEN = PluginSpec(
-    "nf4-frozen", NF4FrozenConfig, "rlhf_pl.plugins.precision:NF4Frozen",
+    "nf4-frozen", NF4FrozenConfig, "rlhf_pl.precision:NF4Frozen",
     "frozen models (reference, reward model) in 4-bit NF4; trained models float32",
 )
 LORA = PluginSpec(
-    "lora", LoRAPrecisionConfig, "rlhf_pl.plugins.precision:LoRA",
+    "lora", LoRAPrecisionConfig, "rlhf_pl.precision:LoRA",
     "LoRA adapters on frozen float32 weights; PPO reference = adapter disabled",
 )
 QLORA = PluginSpec(
-    "qlora", QLoRAPrecisionConfig, "rlhf_pl.plugins.precision:QLoRA",
+    "qlora", QLoRAPrecisionConfig, "rlhf_pl.precision:QLoRA",
     "LoRA adapters on a 4-bit NF4 base; frozen models NF4",
 )

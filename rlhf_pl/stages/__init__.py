@@ -1,9 +1,21 @@
-"""Stages: one module each, read top to bottom. ``run(cfg, run_dir)`` returns the final metrics."""
+"""Stages: one module each, read top to bottom, with one entry point.
+
+Every stage module defines ``INPUTS`` (name -> :class:`rlhf_pl.outputs.InputSpec`: the earlier
+outputs it reads) and ``run(cfg, run_dir, inputs) -> StageResult``: it takes the composed config,
+its run directory and its :class:`rlhf_pl.outputs.Inputs` (paths given explicitly, else the latest
+recorded outputs), and returns the outputs it wrote and its final metrics. It does not record
+anything in the output index: :func:`rlhf_pl.run.run_stage` does, so that a caller (the iterate
+stage) can chain stages by passing outputs explicitly.
+"""
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import Any
+
+from rlhf_pl.errors import ConfigError
 
 # name -> (module, one-line description). Order is the order of the RLHF recipe.
 STAGES: dict[str, tuple[str, str]] = {
@@ -13,10 +25,21 @@ STAGES: dict[str, tuple[str, str]] = {
 }
 
 
-def stage_runner(name: str) -> Callable[[Any, Path], dict]:
+@dataclass
+class StageResult:
+    """What a stage wrote and measured. ``outputs``: name -> path of what later stages read (recorded
+    in the output index as this stage's latest); ``metrics``: JSON-able final figures, ``objective``
+    (what sweeps minimise) among them."""
+
+    outputs: dict[str, Path] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def stage_module(name: str) -> ModuleType:
+    """The module of stage ``name`` (its ``INPUTS`` and ``run``)."""
     if name not in STAGES:
-        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)}")
-    return importlib.import_module(STAGES[name][0]).run
+        raise ConfigError(f"stage={name!r}; choose one of: {', '.join(STAGES)}")
+    return importlib.import_module(STAGES[name][0])
 
 
 def usage() -> str:

@@ -69,8 +69,6 @@ import logging
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 import warnings
 from collections import Counter
@@ -94,19 +92,20 @@ from rlhf_pl.data.formats import Prompt, load_conversations, load_prompts
 from rlhf_pl.models.generate import GreedySampler, entropy_from_logits, generate, logprobs_from_logits, position_ids_from_mask, response_logits
 from rlhf_pl.models.loading import load_model_and_tokenizer, load_tokenizer, save_pretrained_atomic, set_dropout
 from rlhf_pl.models.reward import RewardModel, RewardOutput, trunk_of
-from rlhf_pl.plugins.precision import build_for_stage
-from rlhf_pl.plots import plot_curves
+from rlhf_pl.precision import build_for_stage
+from rlhf_pl.report import Trend, linear_trend, markdown_table, plot_curves, running_mean, tensorboard_writer
 from rlhf_pl.rl.kl import KL_ESTIMATORS, kl_estimate, kl_loss, sequence_kl
 from rlhf_pl.rl.ppo import (
     PolicyLossOutput, ValueLossOutput, explained_variance, gae, masked_mean, masked_var, masked_whiten,
     missing_eos_penalty, per_token_rewards, policy_loss, valid_only, value_loss,
 )
-from rlhf_pl.run import (
-    atomic_write_json, atomic_write_text, latest_output, make_trainer, markdown_table,
-    record_output, tensorboard_writer,
-)
+from rlhf_pl.io import torch_save, write_json, write_text
+from rlhf_pl.optim import build_optimizer
+from rlhf_pl.outputs import InputSpec, check_input, model_config_at
 from rlhf_pl.runtime import attention_kernel, weights_cast_once
-from rlhf_pl.stages.sft import build_optimizer, tokenize_split
+from rlhf_pl.stages import StageResult
+from rlhf_pl.stages.sft import tokenize_split
+from rlhf_pl.training import check_finite_loss, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -332,36 +331,17 @@ class PPOModels(NamedTuple):
     reward_from: str
 
 
-def resolve_input(cfg: DictConfig, key: str, stage: str, marker: str) -> Path:
-    """``ppo.<key>``: ``auto`` = the latest output of ``stage`` for this model, else a directory holding ``marker``."""
-    value = cfg.ppo[key]
-    if value == "auto":
-        found = latest_output(cfg, stage)
-        if found is None:
-            raise FileNotFoundError(
-                f"ppo.{key}=auto: no +stage={stage} output recorded for model {cfg.model.name!r} in "
-                f"{Path(cfg.paths.output_root) / 'index.json'}; run `python -m rlhf_pl +stage={stage}` first (same model= "
-                f"and paths.output_root), or set ppo.{key}=<directory written by +stage={stage}>"
-            )
-        return found
-    path = Path(value).expanduser()
-    if not (path / marker).is_file():
-        raise FileNotFoundError(f"ppo.{key}={value!r}: {path} has no {marker}; valid: 'auto' (the latest "
-                                f"+stage={stage} output of this model) or a directory written by +stage={stage}")
-    return path
-
-
-def policy_model_config(cfg: DictConfig, policy_dir: Path) -> DictConfig:
-    """``cfg.model`` (dropout, checkpointing, chat template) pointed at the SFT output directory."""
-    return OmegaConf.merge(cfg.model, {"name_or_path": str(policy_dir), "gguf_file": None,
-                                       "package_index_wheel": None, "revision": None})
+INPUTS = {
+    "policy": InputSpec("ppo.policy_from", stage="sft", output="model", marker="config.json"),
+    "reward_model": InputSpec("ppo.reward_from", stage="rm", output="reward_model", marker="reward_config.json"),
+}
 
 
 def load_policy(cfg: DictConfig, policy_dir: Path, precision: Any) -> tuple[nn.Module, Any, Any]:
     """Policy (trainable, dropout 0) and the reference; and the tokenizer. The precision strategy
     holds them: a frozen copy (quantised under int8-frozen / nf4-frozen), or, under lora / qlora,
     the policy itself with its adapters disabled (no second copy)."""
-    policy, tokenizer, _ = load_model_and_tokenizer(policy_model_config(cfg, policy_dir))
+    policy, tokenizer, _ = load_model_and_tokenizer(model_config_at(cfg.model, policy_dir))
     set_dropout(policy, 0.0)
     if precision.shares_reference:
         policy = precision.prepare_trainable(policy)
@@ -389,7 +369,7 @@ def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Optional[Path], 
     precision = precision if precision is not None else registry.build_by_name("precision", "fp32")
     reward_model = None
     if scorer is None:  # before the precision strategy prepares (and may quantise) any model
-        reward_model = load_reward_model(reward_dir, load_tokenizer(policy_model_config(cfg, policy_dir)))
+        reward_model = load_reward_model(reward_dir, load_tokenizer(model_config_at(cfg.model, policy_dir)))
     critic_trunk = critic_head = None
     if cfg.ppo.critic != "shared" and reward_model is not None:
         critic_trunk = copy.deepcopy(reward_model.trunk)
@@ -714,36 +694,6 @@ def mean_stats(steps: Sequence[MinibatchStats]) -> MinibatchStats:
 # --- checkpoints ----------------------------------------------------------------------------------
 
 
-def atomic_torch_save(obj: Any, path: Path) -> Path:
-    """torch.save to a temp file in the same directory, fsync, os.replace, fsync the directory: a
-    kill at any moment leaves either the old complete file or the new one. A failed write (a full
-    disk shows up as torch's "unexpected pos" error) raises an OSError naming the file and the free
-    space; the temp file is removed and the previous file is untouched."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except Exception as err:
-        Path(tmp).unlink(missing_ok=True)
-        free = shutil.disk_usage(path.parent).free / 2 ** 20
-        kept = "the previous one is untouched" if path.exists() else "there is no previous one"
-        raise OSError(f"writing the checkpoint {path} failed ({type(err).__name__}: {err}); {free:.0f} MiB free on its disk; "
-                      f"{kept}") from err
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-    return path
-
-
 def find_checkpoint(resume: str) -> Path:
     """``+resume=``: a run directory (its ``checkpoints/latest.json`` pointer, else ``last.pt``) or a .pt file."""
     path = Path(resume).expanduser()
@@ -957,10 +907,14 @@ class PPOModule(L.LightningModule):
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         terms = self.policy_objective(rollout, adv, rows, beta, step)
+        check_finite_loss(terms.loss, stage="ppo", step=self.rollouts_done + 1, lr=self.ppo.policy_optim.lr,
+                          lr_key="ppo.policy_optim.lr")
         self.manual_backward(terms.loss)
         vf, total = terms.vf, terms.loss.detach()
         if vf is None:
             vf = self.critic_objective(rollout, adv, rows)
+            check_finite_loss(vf.loss, stage="ppo", step=self.rollouts_done + 1, lr=self.ppo.critic_optim.lr,
+                              lr_key="ppo.critic_optim.lr")
             self.manual_backward(self.ppo.vf_coef * vf.loss)
             total = total + self.ppo.vf_coef * vf.loss.detach()
         for optimizer in optimizers:
@@ -1065,7 +1019,7 @@ class PPOModule(L.LightningModule):
         rows = sample_rows(rollout, self.tokenizer, self.prompts, self.ppo.num_samples)
         table = markdown_table(rows)
         self.samples_md.append(f"## update {self.rollouts_done}\n\n{table}\n")
-        atomic_write_text(self.run_dir / "samples.md", "# PPO samples\n\n" + "\n".join(self.samples_md))
+        write_text(self.run_dir / "samples.md", "# PPO samples\n\n" + "\n".join(self.samples_md))
         writer = tensorboard_writer(self.trainer)
         if writer is not None:
             writer.add_text("ppo/samples", table, global_step=self.rollouts_done)
@@ -1096,8 +1050,8 @@ class PPOModule(L.LightningModule):
             "rng": rng_state(self.generator), "history": self.history, "samples_md": self.samples_md,
             "sources": self.sources, "ppo": asdict(self.ppo), "seed": self.seed,
         }
-        path = atomic_torch_save(state, self.run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE)
-        atomic_write_json(path.parent / POINTER_FILE, {"file": CHECKPOINT_FILE, "rollouts_done": self.rollouts_done,
+        path = torch_save(state, self.run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE)
+        write_json(path.parent / POINTER_FILE, {"file": CHECKPOINT_FILE, "rollouts_done": self.rollouts_done,
                                                       "updates": self.ppo.updates})
         log.info("checkpoint after update %d: %s (%.1f s)", self.rollouts_done, path, time.perf_counter() - started)
         return path
@@ -1138,41 +1092,6 @@ def sample_rows(rollout: Rollout, tokenizer: Any, prompts: Sequence[Prompt], n: 
             "KL": f"{float(kl[i]):.3f}", "ended": "yes" if bool(rollout.ended[i]) else "no",
         })
     return rows
-
-
-def running_mean(values: Sequence[float], window: int) -> list[float]:
-    """Mean of the last ``window`` values at each position (fewer at the start)."""
-    return [sum(values[max(0, i + 1 - window):i + 1]) / (i + 1 - max(0, i + 1 - window)) for i in range(len(values))]
-
-
-class Trend(NamedTuple):
-    """Least-squares line through a metric's per-update values."""
-
-    start: float  # the fitted value at the first update
-    rise: float  # slope × (n − 1): the fitted change from the first update to the last
-    t: float  # slope / its standard error: |t| > 2 is a change beyond the update-to-update noise (nan for n < 3)
-
-    def line(self, n: int) -> list[float]:
-        """The fitted values at updates 0 … n − 1 of the n it was fitted on."""
-        return [self.start + self.rise * i / max(1, n - 1) for i in range(n)]
-
-
-def linear_trend(values: Sequence[float]) -> Trend:
-    """Fit ``values[i] ≈ a + b·i`` (n values, one per update). The standard error of ``b`` is
-    ``sqrt(Σ residual² / (n − 2) / Σ (i − ī)²)``. Shape: n floats (n = 1: rise 0, t nan; n = 0: start nan)."""
-    n = len(values)
-    if n < 2:
-        return Trend(float(values[0]) if n else math.nan, 0.0, math.nan)
-    x_mean, y_mean = (n - 1) / 2, sum(values) / n
-    sxx = sum((i - x_mean) ** 2 for i in range(n))
-    slope = sum((i - x_mean) * (y - y_mean) for i, y in enumerate(values)) / sxx
-    start = y_mean - slope * x_mean
-    if n < 3:
-        return Trend(start, slope * (n - 1), math.nan)
-    residual = sum((y - y_mean - slope * (i - x_mean)) ** 2 for i, y in enumerate(values))
-    stderr = math.sqrt(residual / (n - 2) / sxx)
-    t = slope / stderr if stderr > 0 else math.copysign(math.inf, slope) if slope else math.nan
-    return Trend(start, slope * (n - 1), t)
 
 
 def plot_run(history: dict[str, list[float]], path: Path, title: str, kl_target: Optional[float]) -> Path:
@@ -1224,8 +1143,7 @@ def summarise(module: PPOModule, kl_name: str) -> dict[str, Any]:
 
 
 def _plain_trend(values: Sequence[float]) -> dict[str, Optional[float]]:
-    """:func:`linear_trend` as JSON-safe floats (nan -> None)."""
-    return {k: (None if math.isnan(v) or math.isinf(v) else round(v, 4)) for k, v in linear_trend(values)._asdict().items()}
+    return linear_trend(values).plain()
 
 
 def _trend_text(trend: Optional[dict[str, Optional[float]]]) -> str:
@@ -1275,15 +1193,14 @@ def _plain(value: Any) -> Any:
     return asdict(value) if hasattr(value, "__dataclass_fields__") else value
 
 
-def input_dirs(cfg: DictConfig, state: Optional[dict[str, Any]], scorer: Optional[Scorer]) -> tuple[Path, Optional[Path]]:
-    """SFT policy and reward model directories: the checkpoint's when resuming, else ``ppo.policy_from`` / ``ppo.reward_from``."""
+def input_dirs(cfg: DictConfig, inputs: Any, state: Optional[dict[str, Any]], scorer: Optional[Scorer]) -> tuple[Path, Optional[Path]]:
+    """SFT policy and reward model directories: the checkpoint's when resuming, else the stage inputs."""
     if state is None:
-        policy = resolve_input(cfg, "policy_from", "sft", "config.json")
-        return policy, None if scorer is not None else resolve_input(cfg, "reward_from", "rm", "reward_config.json")
+        return inputs["policy"], None if scorer is not None else inputs["reward_model"]
     sources = state["sources"]
-    for key in ("policy_from",) + (("reward_from",) if scorer is None else ()):
-        if not Path(sources[key]).is_dir():
-            raise FileNotFoundError(f"resume={cfg.resume!r}: the checkpoint's {key} {sources[key]} no longer exists")
+    specs = [("policy_from", INPUTS["policy"])] + ([("reward_from", INPUTS["reward_model"])] if scorer is None else [])
+    for key, spec in specs:
+        check_input(spec, Path(sources[key]), f"resume={cfg.resume!r}: the checkpoint's {key}")
     return Path(sources["policy_from"]), None if scorer is not None else Path(sources["reward_from"])
 
 
@@ -1306,7 +1223,8 @@ def build_trainer(cfg: DictConfig, run_dir: Path, precision: Any, callbacks: Seq
     return trainer
 
 
-def run(cfg: DictConfig, run_dir: Path, *, scorer: Optional[Scorer] = None, callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: Path, inputs: Any, *, scorer: Optional[Scorer] = None,
+        callbacks: Sequence[Any] = ()) -> StageResult:
     """The PPO stage. ``scorer`` replaces the reward model (tests: rule-based rewards); ``callbacks``
     are extra Lightning callbacks (tests: interrupting a run)."""
     ppo: PPOConfig = OmegaConf.to_object(cfg.ppo)
@@ -1314,7 +1232,7 @@ def run(cfg: DictConfig, run_dir: Path, *, scorer: Optional[Scorer] = None, call
     # refuses impossible combinations before any model is loaded
     precision = build_for_stage(cfg, "ppo", frozen=("reference", "reward model"))
     state = resume_state_of(cfg, ppo)
-    policy_dir, reward_dir = input_dirs(cfg, state, scorer)
+    policy_dir, reward_dir = input_dirs(cfg, inputs, state, scorer)
     models = build_models(cfg, policy_dir, reward_dir, scorer, precision)
     log.info("policy and reference from %s; reward model from %s; critic: %s", models.policy_from, models.reward_from, ppo.critic)
 
@@ -1335,11 +1253,10 @@ def run(cfg: DictConfig, run_dir: Path, *, scorer: Optional[Scorer] = None, call
     out_dir = run_dir / "policy"
     if trainer.is_global_zero:
         save_pretrained_atomic(precision.export(module.policy), models.tokenizer, out_dir)  # lora/qlora: merged
-        record_output(cfg, "ppo", out_dir)
     summary = summarise(module, kl_name)
     log.info("trend over %d updates (fitted rise, t = slope/standard error; |t| > 2 is beyond the update-to-update noise): "
              "score %s; score − reference %s", module.rollouts_done, _trend_text(summary["score_trend"]),
              _trend_text(summary["score_vs_reference_trend"]))
-    return {**summary, "policy_dir": str(out_dir),
-            "resumed_from": str(cfg.resume) if state is not None else None, "rows_forwarded": dict(module.rows_forwarded),
-            "seconds_by_phase": {k: round(v, 3) for k, v in module.timings.items()}}
+    return StageResult({"policy": out_dir}, {
+        **summary, "resumed_from": str(cfg.resume) if state is not None else None,
+        "rows_forwarded": dict(module.rows_forwarded), "seconds_by_phase": {k: round(v, 3) for k, v in module.timings.items()}})

@@ -20,7 +20,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import lightning as L
 import torch
@@ -33,16 +33,19 @@ from torchmetrics.functional import kendall_rank_corrcoef
 from rlhf_pl import registry
 from rlhf_pl.config import OptimConfig
 from rlhf_pl.data.chat import LENGTH_RULES, LengthReport, tokenize_completion, tokenize_prompt
-from rlhf_pl.data.collate import batched_loader, pad_left, pad_right
+from rlhf_pl.data.collate import batched_loader, pad_right
 from rlhf_pl.data.formats import Conversation, Ranking, load_conversations, load_prompts, load_rankings, train_val_split
 from rlhf_pl.models.loading import load_model_and_tokenizer
 from rlhf_pl.models.reward import RewardModel, RewardOutput
-from rlhf_pl.plots import plot_curves
+from rlhf_pl.optim import build_optimizer
+from rlhf_pl.outputs import InputSpec, model_config_at
 from rlhf_pl.plugins.reward_heads import HeadChoice, resolve_head
+from rlhf_pl.precision import build_for_stage
+from rlhf_pl.report import plot_curves
+from rlhf_pl.sampling import model_device, sample_texts
 from rlhf_pl.rl.ranking import RankingLossOutput, all_pairs, group_positions, kwise_ranking_loss
-from rlhf_pl.plugins.precision import build_for_stage
-from rlhf_pl.run import latest_output, make_trainer, record_output
-from rlhf_pl.stages.sft import build_optimizer
+from rlhf_pl.stages import StageResult
+from rlhf_pl.training import check_finite_loss, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +225,7 @@ class RewardModelModule(L.LightningModule):
 
     def training_step(self, batch: RankingBatch, batch_idx: int) -> Tensor:
         result = ranking_loss(self(batch.input_ids, batch.attention_mask), batch)
+        check_finite_loss(result.loss, stage="rm", step=self.global_step, lr=self.optim.lr, lr_key="rm.optim.lr")
         n = batch.n_prompts
         self.log("train/loss", result.loss, prog_bar=True, batch_size=n)
         self.log("train/accuracy", result.accuracy, prog_bar=True, batch_size=n)
@@ -275,29 +279,20 @@ class RewardModelModule(L.LightningModule):
 # --- initial model and head -----------------------------------------------------------------------
 
 
-def init_model_config(cfg: DictConfig) -> tuple[DictConfig, str]:
-    """The model config to start from (``rm.init_from``) and a description of it."""
-    init_from = cfg.rm.init_from
-    if init_from == "auto":
-        sft = latest_output(cfg, "sft")
-        if sft is None:
-            log.warning(
-                "rm.init_from=auto: no SFT output recorded for model %r in %s/index.json; initialising the "
-                "reward model from the base model %s (run +stage=sft first to start from the SFT policy)",
-                cfg.model.name, cfg.paths.output_root, cfg.model.name_or_path,
-            )
-            return cfg.model, f"base model {cfg.model.name_or_path}"
-        log.info("rm.init_from=auto: initialising from the latest SFT output of %r: %s", cfg.model.name, sft)
-        path = sft
-    else:
-        path = Path(init_from).expanduser()
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(
-                f"rm.init_from={init_from!r}: {path} is not a Hugging Face model directory (no config.json); "
-                "valid: 'auto' (latest SFT output, else the base model) or a model directory"
-            )
-    local = OmegaConf.merge(cfg.model, {"name_or_path": str(path), "gguf_file": None, "package_index_wheel": None, "revision": None})
-    return local, str(path)
+INPUTS = {"init": InputSpec("rm.init_from", stage="sft", output="model", marker="config.json", required=False)}
+
+
+def init_model_config(cfg: DictConfig, init_dir: Optional[Path]) -> tuple[DictConfig, str]:
+    """The model config to start from (the SFT output ``init_dir``, else the base model) and a description of it."""
+    if init_dir is None:
+        log.warning(
+            "rm.init_from=auto: no SFT output recorded for model %r in %s/index.json; initialising the "
+            "reward model from the base model %s (run +stage=sft first to start from the SFT policy)",
+            cfg.model.name, cfg.paths.output_root, cfg.model.name_or_path,
+        )
+        return cfg.model, f"base model {cfg.model.name_or_path}"
+    log.info("reward model initialised from %s", init_dir)
+    return model_config_at(cfg.model, init_dir), str(init_dir)
 
 
 def head_from_config(head_cfg: Any) -> HeadChoice:
@@ -327,29 +322,13 @@ def demonstration_references(conversations: Sequence[Conversation], tokenizer: A
     return sequences
 
 
-@torch.no_grad()
 def policy_samples(causal_lm: Any, tokenizer: Any, prompts: Sequence[Any], sampler: Any, cfg: DictConfig) -> list[tuple[int, ...]]:
-    """prompt + sampled answer sequences from the initial (SFT) policy, prompts left-padded."""
-    from rlhf_pl.models.generate import generate
-
-    rm = cfg.rm
-    device = next(causal_lm.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(cfg.seed)
-    was_training = causal_lm.training
-    causal_lm.eval()
-    sequences: list[tuple[int, ...]] = []
-    for start in range(0, len(prompts), rm.eval_batch_size):
-        prompt_ids = [tokenize_prompt(tokenizer, p.messages)[-cfg.data.max_prompt_length:] for p in prompts[start:start + rm.eval_batch_size]]
-        ids, mask = pad_left(prompt_ids, tokenizer.pad_token_id)
-        out = generate(
-            causal_lm, ids.to(device), mask.to(device), sampler, rm.normalise_max_new_tokens,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, generator=generator,
-        )
-        for prompt, response, resp_mask in zip(prompt_ids, out.response, out.response_mask):
-            answer = response[resp_mask.bool()].tolist()
-            sequences.append(tuple(prompt) + tuple(answer if answer else [tokenizer.eos_token_id]))
-    causal_lm.train(was_training)
-    return sequences
+    """prompt + sampled answer sequences from the initial (SFT) policy."""
+    prompt_ids = [tokenize_prompt(tokenizer, p.messages)[-cfg.data.max_prompt_length:] for p in prompts]
+    generator = torch.Generator(device=model_device(causal_lm)).manual_seed(cfg.seed)
+    samples = sample_texts(causal_lm, tokenizer, prompt_ids, 1, sampler, cfg.rm.normalise_max_new_tokens,
+                           batch_size=cfg.rm.eval_batch_size, generator=generator)
+    return [tuple(ids) + (answer[0].tokens or (tokenizer.eos_token_id,)) for ids, answer in zip(prompt_ids, samples)]
 
 
 def reference_sequences(cfg: DictConfig, causal_lm: Any, tokenizer: Any) -> tuple[list[tuple[int, ...]], str]:
@@ -397,7 +376,7 @@ def check_rm_config(rm: DictConfig) -> None:
         raise ValueError(f"rm.normalise_size={rm.normalise_size!r}; must be >= 2 (a mean and a std are fitted)")
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     rm = cfg.rm
     check_rm_config(rm)
     precision = build_for_stage(cfg, "rm")  # refuses impossible combinations before any model is loaded
@@ -406,7 +385,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     train_rankings, val_rankings = train_val_split(rankings, cfg.data.val_fraction, cfg.seed)
     log.info("rankings: %d train, %d validation (%s)", len(train_rankings), len(val_rankings), cfg.data.comparisons)
 
-    model_cfg, init_from = init_model_config(cfg)
+    model_cfg, init_from = init_model_config(cfg, inputs["init"])
     causal_lm, tokenizer, _ = load_model_and_tokenizer(model_cfg)
     references, reference_name = reference_sequences(cfg, causal_lm, tokenizer)
     head = head_from_config(cfg.reward_head)
@@ -444,9 +423,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     out_dir = run_dir / "reward_model"
     if trainer.is_global_zero:
         reward_model.save_pretrained(out_dir)
-        record_output(cfg, "rm", out_dir)
     val = module.val_results
-    return {
+    return StageResult({"reward_model": out_dir}, {
         "objective": val.get("val/loss", math.nan),
         "val_loss": val.get("val/loss", math.nan),
         "val_accuracy": val.get("val/accuracy", math.nan),
@@ -464,5 +442,4 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "init_from": init_from,
         "normalisation": {"fitted_on": reference_name, "n": norm.n, "gain": norm.gain, "bias": norm.bias,
                           "raw_mean": norm.raw_mean, "raw_std": norm.raw_std},
-        "model_dir": str(out_dir),
-    }
+    })

@@ -25,85 +25,18 @@ from torchmetrics import MeanMetric
 from rlhf_pl import registry
 from rlhf_pl.config import OptimConfig
 from rlhf_pl.data.chat import LengthReport, apply_length_rule, tokenize_conversation, tokenize_prompt
-from rlhf_pl.data.collate import SFTCollator, batched_loader, pad_left
+from rlhf_pl.data.collate import SFTCollator, batched_loader
 from rlhf_pl.data.formats import Conversation, load_conversations, train_val_split
-from rlhf_pl.models.generate import generate
 from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_atomic
-from rlhf_pl.plots import plot_curves
-from rlhf_pl.plugins.precision import build_for_stage
-from rlhf_pl.run import make_trainer, markdown_table, record_output, tensorboard_writer
+from rlhf_pl.optim import build_optimizer
+from rlhf_pl.precision import build_for_stage
+from rlhf_pl.report import SampleLog, plot_curves
 from rlhf_pl.runtime import attention_kernel
+from rlhf_pl.sampling import model_device, sample_texts
+from rlhf_pl.stages import StageResult
+from rlhf_pl.training import check_finite_loss, make_trainer
 
 log = logging.getLogger(__name__)
-
-
-# --- optimisation (shared with the other stages) --------------------------------------------------
-
-
-OPTIMIZERS = {  # optim.optimizer -> (module, class)
-    "adamw": ("torch.optim", "AdamW"),
-    "adamw8bit": ("bitsandbytes.optim", "AdamW8bit"),
-    "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit"),
-}
-
-
-def check_optimizer(optim: OptimConfig, key: str) -> None:
-    """Refuse an unknown ``<key>.optimizer`` before any model is loaded."""
-    if optim.optimizer not in OPTIMIZERS:
-        raise ValueError(f"{key}.optimizer={optim.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
-
-
-def make_optimizer(params, optim: OptimConfig) -> torch.optim.Optimizer:
-    """``optim.optimizer`` over the parameters that require grad. The 8-bit ones (bitsandbytes) keep
-    both Adam moments in 8 bits (blockwise) for tensors of >= 4096 elements, 32 bits below that;
-    paging (``paged_adamw8bit``) only acts on CUDA: elsewhere it is ``adamw8bit``. torch's AdamW
-    runs its fused kernel when every parameter is a floating-point tensor on the CPU or CUDA: on the
-    CPU the default is a per-tensor loop, ~10× slower (0.88 s against 0.08 s per step for 135M
-    parameters on 2 cores), and a PPO update takes two steps per minibatch."""
-    import importlib
-
-    check_optimizer(optim, "optim")
-    trainable = [p for p in params if p.requires_grad]
-    module, cls = OPTIMIZERS[optim.optimizer]
-    if optim.optimizer.startswith("paged") and trainable and trainable[0].device.type != "cuda":
-        log.info("optim.optimizer=%s: paging needs CUDA; on %s it runs unpaged (as adamw8bit)",
-                 optim.optimizer, trainable[0].device.type)
-        import warnings
-
-        warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
-    optimizer_cls = getattr(importlib.import_module(module), cls)
-    fused = optimizer_cls is torch.optim.AdamW and fused_adamw_ok(trainable)
-    optimizer = optimizer_cls(trainable, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                              weight_decay=optim.weight_decay, **({"fused": True} if fused else {}))
-    if fused:
-        # A fused AdamW tells GradScaler it can unscale gradients inside its kernel, and Lightning then
-        # refuses gradient clipping under mixed precision (clipping needs unscaled gradients first).
-        # Clearing the flag keeps the ordinary order — unscale, clip, step (skipped on inf) — with
-        # the fused kernel doing only the Adam update.
-        optimizer._step_supports_amp_scaling = False
-    return optimizer
-
-
-def fused_adamw_ok(params: list[torch.Tensor]) -> bool:
-    """Whether torch's fused AdamW kernel takes these parameters: floating point, on CPU or CUDA."""
-    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
-
-
-def build_optimizer(params, optim: OptimConfig, total_steps: int):
-    """``optim.optimizer`` (AdamW, 8-bit AdamW, paged 8-bit AdamW) + linear warm-up, then
-    ``optim.schedule`` decay. Returns Lightning's optimizer dict."""
-    from transformers import get_scheduler
-
-    schedules = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-    if optim.schedule not in schedules:
-        raise ValueError(f"optim.schedule={optim.schedule!r}; choose one of {', '.join(schedules)}")
-    optimizer = make_optimizer(params, optim)
-    total_steps = max(1, int(total_steps))
-    scheduler = get_scheduler(
-        schedules[optim.schedule], optimizer,
-        num_warmup_steps=int(optim.warmup_ratio * total_steps), num_training_steps=total_steps,
-    )
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 # --- the LightningModule --------------------------------------------------------------------------
@@ -131,7 +64,7 @@ class SFTModule(L.LightningModule):
         with attention_kernel(input_ids.shape[1], input_ids.device, self.model):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def token_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
         """Mean token loss over the batch's assistant tokens, and how many there were."""
         logits = self(batch["input_ids"], batch["attention_mask"])  # (b, t, v)
         labels = batch["labels"][:, 1:]  # (b, t-1): token t+1 predicted at t
@@ -145,7 +78,8 @@ class SFTModule(L.LightningModule):
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, n_trained = self._loss(batch)
+        loss, n_trained = self.token_loss(batch)
+        check_finite_loss(loss, stage="sft", step=self.global_step, lr=self.optim.lr, lr_key="sft.optim.lr")
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/ppl", torch.exp(loss.detach().clamp(max=20)))
         self.log("train/trained_tokens", float(n_trained), reduce_fx="sum")
@@ -162,7 +96,7 @@ class SFTModule(L.LightningModule):
             self.history["train/loss"][1].append(float(outputs["loss"]))
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, n_tokens = self._loss(batch)
+        loss, n_tokens = self.token_loss(batch)
         self.val_loss.update(loss, weight=n_tokens)
 
     def on_validation_epoch_end(self) -> None:
@@ -200,35 +134,26 @@ def make_loader(examples, pad_id: int, batch_size: int, seed: int, trainer: Any,
 # --- samples --------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def sample_answers(model, tokenizer, conversations: list[Conversation], sampler, max_new_tokens: int) -> list[dict]:
     """Answer the first user turn(s) of each held-out conversation; rows for a sample table."""
     prompts = [c.messages[: next(i for i, m in enumerate(c.messages) if m.role == "assistant")] for c in conversations]
-    ids, mask = pad_left([tokenize_prompt(tokenizer, p) for p in prompts], tokenizer.pad_token_id)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = generate(
-        model, ids.to(device), mask.to(device), sampler, max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        generator=torch.Generator(device=device).manual_seed(0),
-    )
-    model.train(was_training)
-    rows = []
-    for conv, prompt, response, resp_mask in zip(conversations, prompts, out.response, out.response_mask):
-        answer = tokenizer.decode(response[resp_mask.bool()], skip_special_tokens=True)
-        reference = next(m.content for m in conv.messages if m.role == "assistant")
-        rows.append({"prompt": prompt[-1].content, "model": answer.strip(), "reference": reference})
-    return rows
+    generator = torch.Generator(device=model_device(model)).manual_seed(0)
+    answers = sample_texts(model, tokenizer, [tokenize_prompt(tokenizer, p) for p in prompts], 1, sampler, max_new_tokens,
+                           batch_size=max(1, len(prompts)), generator=generator)
+    return [{"prompt": prompt[-1].content, "model": answer[0].text,
+             "reference": next(m.content for m in conv.messages if m.role == "assistant")}
+            for conv, prompt, answer in zip(conversations, prompts, answers)]
 
 
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+INPUTS: dict = {}  # demonstrations come from data.demonstrations, the model from model.*
+
+
+def run(cfg: DictConfig, run_dir: Path, inputs: Any = None) -> StageResult:
     stage = cfg.sft
     precision = build_for_stage(cfg, "sft")  # refuses impossible combinations before any model is loaded
-    check_optimizer(stage.optim, "sft.optim")
 
     conversations = load_conversations(cfg.data.demonstrations, split=cfg.data.split, limit=cfg.data.limit)
     train_convs, val_convs = train_val_split(conversations, cfg.data.val_fraction, cfg.seed)
@@ -256,10 +181,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     out_dir = run_dir / "model"
     if trainer.is_global_zero:
         save_pretrained_atomic(precision.export(module.model), tokenizer, out_dir)  # lora/qlora: merged
-        record_output(cfg, "sft", out_dir)
     metrics = trainer.callback_metrics
     val_loss = float(metrics["val/loss"]) if "val/loss" in metrics else math.nan
-    return {
+    return StageResult({"model": out_dir}, {
         "objective": val_loss,
         "val_loss": val_loss,
         "val_ppl": math.exp(min(val_loss, 20)) if not math.isnan(val_loss) else math.nan,
@@ -270,8 +194,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         "val_examples": len(val_examples),
         "truncated": train_report.truncated + val_report.truncated,
         "dropped": train_report.dropped + val_report.dropped,
-        "model_dir": str(out_dir),
-    }
+    })
 
 
 def _report_lengths(cfg: DictConfig, *reports: LengthReport) -> None:
@@ -285,12 +208,4 @@ def _report_lengths(cfg: DictConfig, *reports: LengthReport) -> None:
 
 
 def _write_samples(run_dir: Path, trainer: L.Trainer, rows: list[dict]) -> None:
-    if not rows:
-        return
-    from rlhf_pl.run import atomic_write_text
-
-    table = markdown_table(rows)
-    atomic_write_text(run_dir / "samples.md", table + "\n")
-    writer = tensorboard_writer(trainer)
-    if writer is not None:
-        writer.add_text("samples", table, global_step=trainer.global_step)
+    SampleLog(run_dir / "samples.md", "SFT samples", "samples").add(rows, "held-out prompts", trainer.global_step, trainer)

@@ -1,0 +1,169 @@
+"""Sample completions of prompts from a causal LM and, optionally, score them: the one
+generate-then-score path of the project (PPO rollouts and its reference baseline, RM
+normalisation samples, SFT sample answers, comparison collection, the reward-spread tool).
+
+Two levels:
+
+- :func:`sample`: one batch of LEFT-padded prompt tensors → :class:`Completions` (tensors: the
+  sequences, the response mask cut at EOS or a stop string, whether each ended; the scores when a
+  scorer is given). The sampler plugin draws the tokens (:func:`rlhf_pl.models.generate.generate`).
+- :func:`sample_texts`: ``n`` completions of each of a list of tokenized prompts, batched by
+  prompt length, with progress → one list of :class:`Sample` (decoded text, tokens, ended,
+  reward) per prompt.
+
+Shapes: ``b`` sequences, ``p`` prompt columns (left-padded), ``n`` response columns.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Callable, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from rlhf_pl.data.collate import pad_left
+from rlhf_pl.models.generate import generate
+from rlhf_pl.runtime import weights_cast_once
+
+log = logging.getLogger(__name__)
+
+#: ``scorer(sequences (b, t), attention_mask (b, t)) -> RewardOutput`` with (b,) fields, read at the
+#: last attended token. :class:`rlhf_pl.models.reward.RewardModel` is one; tests inject rule-based ones.
+Scorer = Callable[[Tensor, Tensor], Any]
+
+
+class Completions(NamedTuple):
+    """One batch of sampled completions."""
+
+    sequences: Tensor  # (b, p + n) long: prompt, then response (pad after the end)
+    attention_mask: Tensor  # (b, p + n) long: prompt mask, then ``mask``
+    prompt_length: int  # p
+    mask: Tensor  # (b, n) long: 1 on response tokens up to and including EOS / the stop-string end
+    ended: Tensor  # (b,) bool: the response reached EOS or a stop string
+    scores: Any = None  # the scorer's RewardOutput ((b,) rewards, …) when a scorer was given
+
+    @property
+    def response(self) -> Tensor:
+        """(b, n) long: the response columns."""
+        return self.sequences[:, self.prompt_length:]
+
+    def texts(self, tokenizer: Any) -> list[str]:
+        """Each response's valid tokens decoded without special tokens, stripped of surrounding white space."""
+        response = self.response
+        return [tokenizer.decode(response[i, self.mask[i].bool()].tolist(), skip_special_tokens=True).strip()
+                for i in range(response.shape[0])]
+
+
+def cut_at_stop_strings(response: Tensor, mask: Tensor, tokenizer: Any, stop_strings: Sequence[str]) -> tuple[Tensor, Tensor]:
+    """End each response after the first token whose decoded prefix contains a stop string.
+
+    Shapes: response, mask (b, n) -> mask (b, n) long (0 after the cut), stopped (b,) bool.
+    """
+    mask, stopped = mask.clone(), torch.zeros(mask.shape[0], dtype=torch.bool, device=mask.device)
+    if not stop_strings:
+        return mask, stopped
+    for row in range(response.shape[0]):
+        tokens = response[row, mask[row].bool()].tolist()
+        for k in range(1, len(tokens) + 1):
+            text = tokenizer.decode(tokens[:k], skip_special_tokens=False)
+            if any(stop in text for stop in stop_strings):
+                mask[row, k:] = 0
+                stopped[row] = True
+                break
+    return mask, stopped
+
+
+@torch.no_grad()
+def sample(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Any, max_new_tokens: int, tokenizer: Any, *,
+           stop_strings: Sequence[str] = (), generator: Optional[torch.Generator] = None,
+           scorer: Optional[Scorer] = None) -> Completions:
+    """Sample one completion per prompt row, cut it at EOS or the first stop string, and score it
+    with ``scorer`` if given. Under autocast each weight is cast once for the whole generation
+    (the weights are fixed while sampling). Shapes: prompt_ids, prompt_mask (b, p) on the model's
+    device -> :class:`Completions`."""
+    with weights_cast_once(prompt_ids.device):
+        gen = generate(model, prompt_ids, prompt_mask, sampler, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                       pad_token_id=tokenizer.pad_token_id, generator=generator)
+    mask, stopped = cut_at_stop_strings(gen.response, gen.response_mask, tokenizer, stop_strings)
+    completions = Completions(gen.sequences, torch.cat([prompt_mask.long(), mask], dim=1), gen.prompt_length, mask,
+                              gen.ended | stopped)
+    return completions if scorer is None else score(completions, scorer)
+
+
+@torch.no_grad()
+def score(completions: Completions, scorer: Scorer) -> Completions:
+    """``completions`` with the scorer's output over prompt + response (read at the last valid token)."""
+    return completions._replace(scores=scorer(completions.sequences, completions.attention_mask))
+
+
+class Sample(NamedTuple):
+    """One sampled completion of prompt ``prompt_index``."""
+
+    prompt_index: int
+    text: str  # decoded without special tokens, stripped
+    tokens: tuple[int, ...]  # the response's valid tokens (EOS included when it ended)
+    ended: bool  # EOS or a stop string (False: cut at max_new_tokens)
+    reward: Optional[float] = None  # the scorer's (normalised) reward, when a scorer was given
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def sample_texts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], n: int, sampler: Any,
+                 max_new_tokens: int, *, batch_size: int = 16, stop_strings: Sequence[str] = (),
+                 generator: Optional[torch.Generator] = None, scorer: Optional[Scorer] = None,
+                 progress: Optional[str] = None) -> list[list[Sample]]:
+    """``n`` completions of each tokenized prompt (chat-templated ids ending with the generation
+    prompt), ``batch_size`` sequences at a time. Jobs are sorted by prompt length (stable: a
+    prompt's copies stay together) so that a batch pads little. ``progress``: a label to show a
+    progress bar (a log line per batch when stderr is not a terminal). Returns one list of ``n``
+    samples per prompt, in prompt order."""
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n={n} and batch_size={batch_size} must be >= 1")
+    jobs = sorted(((i, tuple(ids)) for i, ids in enumerate(prompts) for _ in range(n)), key=lambda job: len(job[1]))
+    results: list[list[Sample]] = [[] for _ in prompts]
+    device = model_device(model)
+    with _Progress(progress, len(jobs)) as bar:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start:start + batch_size]
+            ids, mask = pad_left([list(ids) for _, ids in batch], tokenizer.pad_token_id)
+            out = sample(model, ids.to(device), mask.to(device), sampler, max_new_tokens, tokenizer,
+                         stop_strings=stop_strings, generator=generator, scorer=scorer)
+            rewards = out.scores.rewards.float().tolist() if out.scores is not None else [None] * len(batch)
+            for row, ((index, _), text) in enumerate(zip(batch, out.texts(tokenizer))):
+                tokens = tuple(out.response[row, out.mask[row].bool()].tolist())
+                results[index].append(Sample(index, text, tokens, bool(out.ended[row]), rewards[row]))
+            bar.advance(len(batch))
+    return results
+
+
+class _Progress:
+    """A rich progress bar over ``total`` sequences on a terminal; a log line per batch elsewhere
+    (where rich would draw nothing until the end); nothing without a label."""
+
+    def __init__(self, label: Optional[str], total: int) -> None:
+        self.label, self.total, self.done, self.started, self.bar = label, total, 0, time.perf_counter(), None
+
+    def __enter__(self) -> "_Progress":
+        if self.label and sys.stderr.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                                TimeRemainingColumn(), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task(self.label, total=self.total)
+        return self
+
+    def advance(self, count: int) -> None:
+        self.done += count
+        if self.bar is not None:
+            self.bar.advance(self.task, count)
+        elif self.label:
+            log.info("%s: %d/%d sequences, %.0f s", self.label, self.done, self.total, time.perf_counter() - self.started)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.bar is not None:
+            self.bar.stop()

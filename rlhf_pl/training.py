@@ -1,0 +1,84 @@
+"""What every training stage builds the same way: the Lightning trainer and the finite-loss guard."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from omegaconf import DictConfig
+
+from rlhf_pl.errors import NonFiniteLossError
+
+
+def make_trainer(
+    cfg: DictConfig,
+    run_dir: Path,
+    precision: Any,
+    *,
+    callbacks: Iterable[Any] = (),
+    manual_optimization: bool = False,
+    **overrides: Any,
+):
+    """A ``lightning.Trainer`` from ``cfg.trainer`` writing into ``run_dir`` (TensorBoard / CSV
+    loggers from ``cfg.logger``, a last-checkpoint callback, LR monitor, progress bar).
+
+    With ``manual_optimization`` the options Lightning refuses in manual mode (gradient clipping,
+    accumulation) must be unset; the stage clips itself.
+    """
+    import lightning as L
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = cfg.trainer
+    loggers = []
+    if cfg.logger.tensorboard:
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False))
+    if cfg.logger.csv:
+        loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
+    all_callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0), *callbacks]
+    if loggers:
+        all_callbacks.append(LearningRateMonitor(logging_interval="step"))
+    if t.enable_progress_bar:
+        all_callbacks.append(RichProgressBar(leave=True))
+    kwargs: dict[str, Any] = dict(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        num_nodes=t.num_nodes,
+        max_epochs=t.max_epochs,
+        max_steps=t.max_steps,
+        precision=precision.trainer_precision,
+        log_every_n_steps=t.log_every_n_steps,
+        val_check_interval=t.val_check_interval,
+        limit_train_batches=t.limit_train_batches,
+        limit_val_batches=t.limit_val_batches,
+        fast_dev_run=t.fast_dev_run,
+        enable_progress_bar=t.enable_progress_bar,
+        deterministic=t.deterministic,
+        logger=loggers or False,
+        callbacks=all_callbacks,
+        default_root_dir=str(run_dir),
+        num_sanity_val_steps=0,
+    )
+    if manual_optimization:
+        if t.accumulate_grad_batches != 1:
+            from rlhf_pl.errors import ConfigError
+
+            raise ConfigError(
+                f"trainer.accumulate_grad_batches={t.accumulate_grad_batches}: stage {cfg.stage} uses manual "
+                "optimisation, where Lightning cannot accumulate; set it to 1 and use the stage's minibatch settings"
+            )
+    else:
+        kwargs.update(gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches)
+    kwargs.update(overrides)
+    return L.Trainer(**kwargs)
+
+
+def check_finite_loss(loss: Any, *, stage: str, step: int, lr: float, lr_key: str) -> None:
+    """Stop the run at the first non-finite loss, naming the step, the value and the learning rate
+    ``lr`` set by config key ``lr_key`` (a diverged model is neither exported nor recorded)."""
+    value = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(
+            f"{stage}: the loss is {value} at step {step} with learning rate {lr:.3g} ({lr_key}); training stopped "
+            f"and no model was exported or recorded. Lower {lr_key} and run again.")
