@@ -219,12 +219,10 @@ def _tool():
 def test_tool_dedupes_and_formats_rankings():
     tool = _tool()
     pool = tool.Pool(k=3)
-    pool.add([tool.Sample(0, t, 3, True) for t in ("a", "", "a", "b")] + [tool.Sample(1, "x", 2, False)])
+    pool.add([tool.Sample(0, t, (1, 2, 3), True) for t in ("a", "", "a", "b")] + [tool.Sample(1, "x", (4, 5), False)])
     assert [s.text for s in pool.kept[0]] == ["a", "b"] and (pool.empty, pool.duplicates) == (1, 1)
-    assert [j.prompt_index for j in pool.missing({0: [5], 1: [6, 7]})] == [0, 1, 1]
+    assert pool.missing(2) == [0, 1, 1]
     assert tool.ranking_json(((2,), (0, 3), (1,))) == [2, [0, 3], 1]
-    batches = tool.make_batches([tool.Job(i, [0] * n) for i, n in enumerate([5, 1, 3, 1])], 2)
-    assert [[j.prompt_index for j in b] for b in batches] == [[1, 3], [2, 0]]
 
 
 @pytest.fixture(scope="module")

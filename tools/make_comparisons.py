@@ -36,27 +36,26 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
-import os
+import logging
 import sys
 import time
-import uuid
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Sequence
 
 import torch
+from omegaconf import OmegaConf
 
+from rlhf_pl import registry
 from rlhf_pl.config import ModelConfig
 from rlhf_pl.data.chat import tokenize_prompt
 from rlhf_pl.data.formats import Prompt, as_dicts, load_prompts, load_rankings
-from rlhf_pl.models.generate import generate
+from rlhf_pl.io import write_jsonl
+from rlhf_pl.outputs import model_config_at
 from rlhf_pl.models.loading import load_model_and_tokenizer
-from rlhf_pl.plugins.labeler_specs import RuleLabelerConfig
-from rlhf_pl.plugins.labelers import Labeling, RuleLabeler
-from rlhf_pl.plugins.samplers import TemperatureSampler
-from rlhf_pl.plugins.specs import TemperatureSamplerConfig
+from rlhf_pl.plugins.labelers import Labeling
+from rlhf_pl.sampling import Sample, sample_texts
 
 DEFAULT_OUT = Path(__file__).resolve().parent.parent / "rlhf_pl" / "data" / "default" / "comparisons.jsonl"
 MODELS: dict[str, ModelConfig] = {  # the conf/model/*.yaml presets this tool can use
@@ -109,72 +108,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # --- sampling --------------------------------------------------------------------------------
 
 
-class Job(NamedTuple):
-    """One completion to sample: which prompt, and the prompt's token ids (t_prompt,)."""
-
-    prompt_index: int
-    ids: list[int]
-
-
-class Sample(NamedTuple):
-    """One sampled completion (text stripped of surrounding white space)."""
-
-    prompt_index: int
-    text: str
-    tokens: int  # response tokens, EOS included
-    finished: bool  # ended with EOS (False: cut at max_new_tokens)
-
-
-def left_pad(rows: Sequence[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """LEFT-padded ids and mask. Shapes: b lists -> (b, p), (b, p) long."""
-    width = max(len(r) for r in rows)
-    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
-    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], dtype=torch.long)
-    return ids, mask
-
-
-def make_batches(jobs: list[Job], batch_size: int) -> list[list[Job]]:
-    """Jobs sorted by prompt length (stable: a prompt's copies stay together), cut into batches."""
-    ordered = sorted(jobs, key=lambda j: len(j.ids))
-    return [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
-
-
-def sample_batch(model: Any, tokenizer: Any, batch: list[Job], sampler: TemperatureSampler,
-                 max_new_tokens: int, generator: torch.Generator) -> list[Sample]:
-    """Generate one completion per job; decode up to (excluding) the first EOS."""
-    ids, mask = left_pad([j.ids for j in batch], tokenizer.pad_token_id)
-    out = generate(model, ids, mask, sampler, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-    samples = []
-    for row, job in enumerate(batch):
-        n = int(out.response_mask[row].sum())
-        ended = bool(out.ended[row])
-        text = tokenizer.decode(out.response[row, : n - 1 if ended else n].tolist(), skip_special_tokens=True)
-        samples.append(Sample(job.prompt_index, text.strip(), n, ended))
-    return samples
-
-
-def run_round(model: Any, tokenizer: Any, jobs: list[Job], args: argparse.Namespace, sampler: TemperatureSampler,
-              generator: torch.Generator, label: str) -> list[Sample]:
-    """Sample every job in batches, with a rich progress bar (a log line per batch when stderr is
-    not a terminal, where rich would draw nothing until the end)."""
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    samples: list[Sample] = []
-    console = Console(stderr=True)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
-    started = time.perf_counter()
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task(label, total=len(jobs))
-        for batch in make_batches(jobs, args.batch_size):
-            samples += sample_batch(model, tokenizer, batch, sampler, args.max_new_tokens, generator)
-            progress.advance(task, len(batch))
-            if not console.is_terminal:
-                print(f"{label}: {len(samples)}/{len(jobs)} sequences, {time.perf_counter() - started:.0f} s",
-                      file=sys.stderr, flush=True)
-    return samples
-
-
 @dataclass
 class Pool:
     """Distinct non-empty completions collected per prompt, and what was thrown away."""
@@ -196,24 +129,26 @@ class Pool:
             else:
                 self.kept[s.prompt_index].append(s)
 
-    def missing(self, prompt_ids: dict[int, list[int]]) -> list[Job]:
-        """One job per completion still missing (prompts short of K distinct completions)."""
-        return [Job(i, ids) for i, ids in prompt_ids.items() for _ in range(self.k - len(self.kept[i]))]
+    def missing(self, n_prompts: int) -> list[int]:
+        """A prompt index per completion still missing (prompts short of K distinct completions)."""
+        return [i for i in range(n_prompts) for _ in range(self.k - len(self.kept[i]))]
 
 
 def collect(model: Any, tokenizer: Any, prompts: list[Prompt], args: argparse.Namespace) -> Pool:
     """K distinct non-empty completions per prompt where possible (see the module docstring, 3)."""
-    sampler = TemperatureSampler(TemperatureSamplerConfig(temperature=args.temperature))
+    sampler = registry.build_by_name("samplers", "temperature", temperature=args.temperature)
     generator = torch.Generator().manual_seed(args.seed)
-    prompt_ids = {i: tokenize_prompt(tokenizer, p.messages) for i, p in enumerate(prompts)}
+    prompt_ids = [tokenize_prompt(tokenizer, p.messages) for p in prompts]
     pool = Pool(args.k)
-    jobs = [Job(i, ids) for i, ids in prompt_ids.items() for _ in range(args.k)]
+    todo = [i for i in range(len(prompts)) for _ in range(args.k)]  # one entry per completion still wanted
     for round_no in range(args.resample_rounds + 1):
-        if not jobs:
+        if not todo:
             break
-        label = "sampling" if round_no == 0 else f"resampling {len(jobs)} (round {round_no})"
-        pool.add(run_round(model, tokenizer, jobs, args, sampler, generator, label))
-        jobs = pool.missing(prompt_ids)
+        label = "sampling" if round_no == 0 else f"resampling {len(todo)} (round {round_no})"
+        samples = sample_texts(model, tokenizer, [prompt_ids[i] for i in todo], 1, sampler, args.max_new_tokens,
+                               batch_size=args.batch_size, generator=generator, progress=label)
+        pool.add([s[0]._replace(prompt_index=i) for i, s in zip(todo, samples)])
+        todo = pool.missing(len(prompts))
     return pool
 
 
@@ -237,7 +172,7 @@ def make_record(n: int, prompt: Prompt, samples: list[Sample], labeling: Labelin
         "prompt_id": prompt.meta.get("id"),
         "scores": list(labeling.scores),
         "correct": [b.correct for b in labeling.breakdowns],
-        "finished": [s.finished for s in samples],
+        "finished": [s.ended for s in samples],
         "labeler": labeler_name,
         "noisy": labeling.noisy,
     }
@@ -273,8 +208,8 @@ class Stats:
         correct = record["correct"]
         self.completions += len(samples)
         self.words += sum(len(s.text.split()) for s in samples)
-        self.tokens += sum(s.tokens for s in samples)
-        self.finished += sum(s.finished for s in samples)
+        self.tokens += sum(len(s.tokens) for s in samples)
+        self.finished += sum(s.ended for s in samples)
         self.correct += sum(correct)
         self.any_correct += any(correct)
         best, worst = labeling.ranking[0], labeling.ranking[-1]
@@ -285,7 +220,7 @@ class Stats:
         counts[1] += len(correct)
 
 
-def label_all(prompts: list[Prompt], pool: Pool, labeler: RuleLabeler, k: int, stats: Stats) -> list[dict]:
+def label_all(prompts: list[Prompt], pool: Pool, labeler: Any, k: int, stats: Stats) -> list[dict]:
     """Rank each prompt's K completions; drop prompts short of K and all-tie prompts (counted)."""
     records: list[dict] = []
     for i, prompt in enumerate(prompts):
@@ -301,19 +236,6 @@ def label_all(prompts: list[Prompt], pool: Pool, labeler: RuleLabeler, k: int, s
         stats.add(record, labeling, samples)
         records.append(record)
     return records
-
-
-def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    """Write JSON lines to a hidden sibling file, then rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # --- report ----------------------------------------------------------------------------------
@@ -358,14 +280,14 @@ def print_stats(stats: Stats, out: Path) -> None:
     console.print(tasks)
 
 
-def model_config(args: argparse.Namespace) -> ModelConfig:
+def model_config(args: argparse.Namespace) -> Any:
     """The preset ``--model``, or the model directory ``--policy`` (which must exist)."""
     if args.policy is None:
         return MODELS[args.model]
     if not (args.policy / "config.json").is_file():
         raise SystemExit(f"--policy {args.policy}: not a model directory (no config.json); pass an SFT run's "
                          "model/ or a PPO run's policy/")
-    return ModelConfig(name=args.policy.name, name_or_path=str(args.policy))
+    return model_config_at(OmegaConf.structured(ModelConfig(name=args.policy.name)), args.policy)
 
 
 # --- main ------------------------------------------------------------------------------------
@@ -376,7 +298,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    labeler = RuleLabeler(RuleLabelerConfig(noise=args.noise, seed=args.labeler_seed))
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    labeler = registry.build_by_name("labelers", "rule", noise=args.noise, seed=args.labeler_seed)
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
     loaded = load_model_and_tokenizer(model_config(args), torch_dtype=DTYPES[args.dtype])
     print(f"{len(prompts)} prompts from {args.prompts}; model {args.policy or args.model} from {loaded.source}; "
@@ -388,7 +311,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not records:
         print("no prompt kept (every prompt was short of K completions or all-tie); nothing written", file=sys.stderr)
         return 1
-    write_jsonl_atomic(args.out, records)
+    write_jsonl(args.out, records)
     loaded_back = load_rankings(str(args.out))  # the file must pass the data format's validation
     if len(loaded_back) != len(records):
         raise RuntimeError(f"{args.out}: wrote {len(records)} records but load_rankings read {len(loaded_back)}")

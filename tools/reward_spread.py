@@ -100,7 +100,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def resolve(path: Path | None, stage: str, args: argparse.Namespace) -> Path:
+def resolve(path: Path | None, stage: str, output: str, args: argparse.Namespace) -> Path:
     """The given directory, or the latest ``stage`` output recorded in ``<output-root>/index.json``."""
     if path is not None:
         if not path.is_dir():
@@ -108,9 +108,10 @@ def resolve(path: Path | None, stage: str, args: argparse.Namespace) -> Path:
         return path
     from omegaconf import OmegaConf
 
-    from rlhf_pl.run import latest_output
+    from rlhf_pl import outputs
 
-    found = latest_output(OmegaConf.create({"paths": {"output_root": args.output_root}, "model": {"name": args.model_name}}), stage)
+    found = outputs.latest(OmegaConf.create({"paths": {"output_root": args.output_root}, "model": {"name": args.model_name}}),
+                           stage, output)
     if found is None:
         raise SystemExit(f"no {stage} output of {args.model_name} under {args.output_root}/index.json: "
                          f"run `python -m rlhf_pl +stage={stage}` first or pass --{'policy' if stage == 'sft' else 'reward'}")
@@ -120,38 +121,37 @@ def resolve(path: Path | None, stage: str, args: argparse.Namespace) -> Path:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
 
+    from omegaconf import OmegaConf
+
+    from rlhf_pl import registry
     from rlhf_pl.config import ModelConfig
     from rlhf_pl.data.chat import tokenize_prompt
     from rlhf_pl.data.collate import pad_left
     from rlhf_pl.data.formats import load_prompts
-    from rlhf_pl.models.generate import entropy_from_logits, generate, response_logits
+    from rlhf_pl.models.generate import entropy_from_logits, response_logits
     from rlhf_pl.models.loading import load_model_and_tokenizer
     from rlhf_pl.models.reward import RewardModel
-    from rlhf_pl.plugins.labeler_specs import RuleLabelerConfig
-    from rlhf_pl.plugins.labelers import RuleLabeler
-    from rlhf_pl.plugins.samplers import TemperatureSampler
-    from rlhf_pl.plugins.specs import TemperatureSamplerConfig
+    from rlhf_pl.outputs import model_config_at
+    from rlhf_pl.sampling import sample
 
-    policy_dir, reward_dir = resolve(args.policy, "sft", args), resolve(args.reward, "rm", args)
-    policy, tokenizer, _ = load_model_and_tokenizer(ModelConfig(name=policy_dir.name, name_or_path=str(policy_dir)))
+    policy_dir, reward_dir = resolve(args.policy, "sft", "model", args), resolve(args.reward, "rm", "reward_model", args)
+    policy, tokenizer, _ = load_model_and_tokenizer(model_config_at(OmegaConf.structured(ModelConfig(name=policy_dir.name)), policy_dir))
     policy.eval()
     reward_model = RewardModel.from_pretrained(reward_dir).eval()
-    labeler = RuleLabeler(RuleLabelerConfig())
+    labeler = registry.build_by_name("labelers", "rule")
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
-    sampler = TemperatureSampler(TemperatureSamplerConfig(temperature=args.temperature))
+    sampler = registry.build_by_name("samplers", "temperature", temperature=args.temperature)
     generator = torch.Generator().manual_seed(args.seed)
     autocast = torch.autocast("cpu", torch.bfloat16, enabled=args.bf16)
     rm_scores, gold, lengths, entropies, started = [], [], [], [], time.perf_counter()
     with torch.no_grad(), autocast:
         for n, prompt in enumerate(prompts):
             ids, mask = pad_left([tokenize_prompt(tokenizer, prompt.messages)] * args.samples, tokenizer.pad_token_id)
-            gen = generate(policy, ids, mask, sampler, args.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id, generator)
-            full_mask = torch.cat([mask, gen.response_mask], dim=1)
-            rm_scores.append(reward_model(gen.sequences, full_mask).rewards.float().tolist())
-            logits = response_logits(policy, gen.sequences, full_mask, gen.prompt_length).float() / args.temperature
-            entropies.append(float((entropy_from_logits(logits) * gen.response_mask).sum() / gen.response_mask.sum()))
-            texts = [tokenizer.decode(gen.response[i, gen.response_mask[i].bool()].tolist(), skip_special_tokens=True).strip()
-                     for i in range(args.samples)]
+            out = sample(policy, ids, mask, sampler, args.max_new_tokens, tokenizer, generator=generator, scorer=reward_model)
+            rm_scores.append(out.scores.rewards.float().tolist())
+            logits = response_logits(policy, out.sequences, out.attention_mask, out.prompt_length).float() / args.temperature
+            entropies.append(float((entropy_from_logits(logits) * out.mask).sum() / out.mask.sum()))
+            texts = out.texts(tokenizer)
             gold.append([labeler.score(prompt, t) if prompt.meta.get("answer") is not None else math.nan for t in texts])
             lengths.append([float(len(t.split())) for t in texts])
             print(f"\rsampled {n + 1}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)

@@ -1,0 +1,56 @@
+"""rlhf_pl.sampling: n completions per prompt, batched by length, cut at stop strings, scored."""
+from __future__ import annotations
+
+import torch
+
+from rlhf_pl.data.chat import tokenize_prompt
+from rlhf_pl.data.collate import pad_left
+from rlhf_pl.data.formats import Message
+from rlhf_pl.models.generate import GreedySampler
+from rlhf_pl.models.reward import RewardOutput
+from rlhf_pl.sampling import Completions, sample, sample_texts
+
+QUESTIONS = ["Hi.", "What is 2 + 3? Answer with the number only, please.", "Spell 'cat'."]
+
+
+def _prompts(tokenizer) -> list[list[int]]:
+    return [tokenize_prompt(tokenizer, [Message("user", q)]) for q in QUESTIONS]
+
+
+def length_scorer(sequences: torch.Tensor, attention_mask: torch.Tensor) -> RewardOutput:
+    """A rule 'reward model': the number of attended tokens. Shape: (b, t) -> (b,)."""
+    rewards = attention_mask.sum(1).float()
+    return RewardOutput(rewards, rewards)
+
+
+def test_n_completions_per_prompt_in_prompt_order_whatever_the_batching(tiny_model, tiny_tokenizer, one_thread):
+    """Greedy answers do not depend on how prompts are batched (left padding, sorted by length)."""
+    prompts = _prompts(tiny_tokenizer)
+    alone = [sample_texts(tiny_model, tiny_tokenizer, [p], 1, GreedySampler(), 6)[0][0] for p in prompts]
+    batched = sample_texts(tiny_model, tiny_tokenizer, prompts, 2, GreedySampler(), 6, batch_size=4)
+    assert [len(per_prompt) for per_prompt in batched] == [2, 2, 2]
+    for index, (one, two) in enumerate(zip(alone, batched)):
+        assert {s.prompt_index for s in two} == {index}
+        assert two[0].tokens == two[1].tokens == one.tokens and two[0].text == one.text
+        assert 1 <= len(one.tokens) <= 6 and one.ended == (one.tokens[-1] == tiny_tokenizer.eos_token_id)
+
+
+def test_scores_are_read_over_prompt_and_response(tiny_model, tiny_tokenizer, one_thread):
+    prompts = _prompts(tiny_tokenizer)
+    samples = sample_texts(tiny_model, tiny_tokenizer, prompts, 1, GreedySampler(), 5, scorer=length_scorer)
+    for ids, (s,) in zip(prompts, samples):
+        assert s.reward == len(ids) + len(s.tokens)
+
+
+def test_sample_cuts_at_stop_strings_and_decodes_without_special_tokens(tiny_model, tiny_tokenizer, one_thread):
+    ids, mask = pad_left(_prompts(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    free = sample(tiny_model, ids, mask, GreedySampler(), 8, tiny_tokenizer)
+    assert isinstance(free, Completions) and free.scores is None
+    assert free.attention_mask.shape == free.sequences.shape
+    assert torch.equal(free.attention_mask[:, free.prompt_length:], free.mask)
+    first_text = tiny_tokenizer.decode(free.response[0, :1].tolist())  # the first token's text ends the response
+    cut = sample(tiny_model, ids, mask, GreedySampler(), 8, tiny_tokenizer, stop_strings=[first_text])
+    assert cut.mask[0].tolist() == [1] + [0] * (cut.mask.shape[1] - 1) and bool(cut.ended[0])
+    assert torch.equal(cut.sequences, free.sequences)  # the cut changes the mask, not what was sampled
+    for text in free.texts(tiny_tokenizer):
+        assert tiny_tokenizer.eos_token not in text and text == text.strip()
