@@ -63,6 +63,7 @@ from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
 
 import torch
 
+from rlhf_pl.errors import UserError
 from rlhf_pl.plugins.specs import (
     AutoPrecisionConfig, BF16MixedConfig, FP16MixedConfig, FP32Config, Int8FrozenConfig, LoRAPrecisionConfig, NF4FrozenConfig,
     QLoRAPrecisionConfig,
@@ -86,7 +87,7 @@ COMPUTE: dict[str, tuple[str, torch.dtype]] = {
 BNB_ACCELERATORS = ("cpu", "cuda", "xpu")  # where bitsandbytes 0.50 has kernels
 
 
-class PrecisionError(ValueError):
+class PrecisionError(UserError, ValueError):
     """The precision plugin cannot work with this accelerator, stage or trainer.precision."""
 
 
