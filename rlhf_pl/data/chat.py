@@ -20,6 +20,7 @@ import warnings
 from typing import Any, NamedTuple, Sequence
 
 from rlhf_pl.data.formats import Message, as_dicts
+from rlhf_pl.errors import UserError
 
 #: ChatML, the default when neither the config nor the tokenizer has a template. A turn renders as
 #: ``<|im_start|>{role}\n{content}<|im_end|>\n``; the generation prompt is ``<|im_start|>assistant\n``.
@@ -33,7 +34,7 @@ LENGTH_RULES = ("truncate", "drop")
 _PROBE_USER = "Hi"  # the user turn before an answer rendered on its own (tokenize_completion)
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(UserError, ValueError):
     """The chat template cannot be split into prompt and answer segments."""
 
 

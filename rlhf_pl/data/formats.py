@@ -32,6 +32,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence, TypeVar
 
+from rlhf_pl.errors import UserError
+
 ROLES = ("system", "user", "assistant")
 FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 EMBEDDED_PREFIX = "embedded:"
@@ -39,7 +41,7 @@ EMBEDDED_PACKAGE = "rlhf_pl.data.default"
 T = TypeVar("T")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data source cannot be read, or one of its records is invalid.
 
     Attributes:

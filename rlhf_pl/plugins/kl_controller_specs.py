@@ -2,14 +2,16 @@
 
 Light on purpose: config dataclasses and :class:`~rlhf_pl.registry.PluginSpec` objects only. The
 controllers live in :mod:`rlhf_pl.plugins.kl_controllers` and are imported when one is selected
-(``kl_controller=pi kl_controller.target=4``). Each config validates itself when it is built
-(``OmegaConf.to_object`` calls ``__post_init__``); errors name the offending key.
+(``kl_controller=pi kl_controller.target=4``). The ranges are field metadata, checked when the
+config is composed (:func:`rlhf_pl.config.validate_config`); each config also validates itself when
+it is built (``OmegaConf.to_object`` calls ``__post_init__``). Errors name the offending key.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
+from rlhf_pl.config import setting
 from rlhf_pl.registry import PluginSpec
 
 _GROUP = "kl_controller"
@@ -36,7 +38,7 @@ def _non_negative(key: str, value: float) -> None:
 class FixedKLConfig:
     """A constant KL coefficient β (0.02–0.05 is the common range)."""
 
-    beta: float = 0.05  # the KL coefficient, never changed
+    beta: float = setting(0.05, ge=0)  # the KL coefficient, never changed
 
     def __post_init__(self) -> None:
         _non_negative("beta", self.beta)
@@ -46,9 +48,9 @@ class FixedKLConfig:
 class AdaptiveKLConfig:
     """Ziegler et al. (2019): e = clip(KL/target − 1, −0.2, 0.2); β ← β·(1 + e·n/horizon)."""
 
-    init_beta: float = 0.15  # β before the first update
-    target: float = 6.0  # KL (nats per response, sum of k1 over tokens) to hold
-    horizon: float = 10000.0  # episodes over which a 100% error would move β by about 20%
+    init_beta: float = setting(0.15, gt=0)  # β before the first update
+    target: float = setting(6.0, gt=0)  # KL (nats per response, sum of k1 over tokens) to hold
+    horizon: float = setting(10000.0, gt=0)  # episodes over which a 100% error would move β by about 20%
 
     def __post_init__(self) -> None:
         _positive("init_beta", self.init_beta)
@@ -66,15 +68,15 @@ class PIKLConfig:
     overshoot and oscillation of pure integral action. Defaults tuned with tools/plot_kl_controllers.py.
     """
 
-    init_beta: float = 0.15  # β before the first update (the integrator starts at log init_beta)
-    target: float = 6.0  # KL (nats per response, sum of k1 over tokens) to hold
-    horizon: float = 10000.0  # episodes; sets the integral rate exactly as in Ziegler's controller
-    kp: float = 2.5  # proportional gain: log β moves by kp·e at once
-    ki: float = 2.0  # integral gain, in units of Ziegler's rate (1 = same speed)
-    error_clip: float = 0.2  # |e| is clipped to this (Ziegler: 0.2)
-    smoothing: float = 0.5  # EMA weight of the previous error in the proportional term (0 = none, < 1)
-    beta_min: float = 0.001  # β never goes below (the integrator is clamped too: anti-windup)
-    beta_max: float = 10.0  # β never goes above
+    init_beta: float = setting(0.15, gt=0)  # β before the first update (the integrator starts at log init_beta)
+    target: float = setting(6.0, gt=0)  # KL (nats per response, sum of k1 over tokens) to hold
+    horizon: float = setting(10000.0, gt=0)  # episodes; sets the integral rate exactly as in Ziegler's controller
+    kp: float = setting(2.5, ge=0)  # proportional gain: log β moves by kp·e at once
+    ki: float = setting(2.0, gt=0)  # integral gain, in units of Ziegler's rate (1 = same speed)
+    error_clip: float = setting(0.2, gt=0)  # |e| is clipped to this (Ziegler: 0.2)
+    smoothing: float = setting(0.5, ge=0, lt=1)  # EMA weight of the previous error in the proportional term (0 = none, < 1)
+    beta_min: float = setting(0.001, gt=0)  # β never goes below (the integrator is clamped too: anti-windup)
+    beta_max: float = setting(10.0, gt=0)  # β never goes above
 
     def __post_init__(self) -> None:
         for key in ("init_beta", "target", "horizon", "ki", "error_clip", "beta_min", "beta_max"):

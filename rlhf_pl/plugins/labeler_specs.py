@@ -2,9 +2,10 @@
 
 Light on purpose: the config dataclass and the :class:`~rlhf_pl.registry.PluginSpec` only (no
 torch). The labeler itself lives in :mod:`rlhf_pl.plugins.labelers` and is imported when one is
-selected (``labeler=rule labeler.noise=0.1``). The config validates itself when it is built
-(``OmegaConf.to_object`` calls ``__post_init__``); errors name the offending key, the bad value and
-the valid range.
+selected (``labeler=rule labeler.noise=0.1``). The ranges are field metadata, checked when the
+config is composed (:func:`rlhf_pl.config.validate_config`); the config also validates itself when
+it is built (``OmegaConf.to_object`` calls ``__post_init__``). Errors name the offending key, the
+bad value and the valid range.
 
 The ``rule`` labeler's score of one completion (see :mod:`rlhf_pl.plugins.labelers` for the
 answer-matching rule)::
@@ -24,6 +25,7 @@ import math
 from dataclasses import dataclass, field
 from typing import List
 
+from rlhf_pl.config import setting
 from rlhf_pl.registry import PluginSpec
 
 _GROUP = "labeler"
@@ -47,18 +49,18 @@ class RuleLabelerConfig:
     """A transparent rule-based simulated labeler for the embedded default task (Gao et al.'s
     "gold" labeler): correctness first, then brevity and directness. Weights are points of score."""
 
-    correct: float = 4.0  # points for giving the prompt's answer (meta["answer"]); dominates the rest
-    direct: float = 0.5  # extra points when the answer comes within the first `direct_words` words
-    direct_words: int = 12  # how early (in words) a direct answer must appear
-    max_words: int = 15  # words allowed before the length penalty starts (a right answer takes 1-10)
-    length: float = 0.05  # penalty per word beyond max_words (48 tokens ≈ 35 words: at most ~1)
-    repetition: float = 2.0  # penalty × fraction of word trigrams that repeat an earlier trigram
-    unfinished: float = 1.0  # penalty for an answer that stops mid-sentence (see short_words)
-    short_words: int = 6  # answers up to this many words need no closing punctuation ("FRESH BREAD")
-    garbage: float = 3.0  # penalty × fraction of characters that are not plain English text
-    decimals: int = 2  # scores are rounded to this many decimals; equal rounded scores tie
+    correct: float = setting(4.0, ge=0)  # points for giving the prompt's answer (meta["answer"]); dominates the rest
+    direct: float = setting(0.5, ge=0)  # extra points when the answer comes within the first `direct_words` words
+    direct_words: int = setting(12, ge=1)  # how early (in words) a direct answer must appear
+    max_words: int = setting(15, ge=1)  # words allowed before the length penalty starts (a right answer takes 1-10)
+    length: float = setting(0.05, ge=0)  # penalty per word beyond max_words (48 tokens ≈ 35 words: at most ~1)
+    repetition: float = setting(2.0, ge=0)  # penalty × fraction of word trigrams that repeat an earlier trigram
+    unfinished: float = setting(1.0, ge=0)  # penalty for an answer that stops mid-sentence (see short_words)
+    short_words: int = setting(6, ge=1)  # answers up to this many words need no closing punctuation ("FRESH BREAD")
+    garbage: float = setting(3.0, ge=0)  # penalty × fraction of characters that are not plain English text
+    decimals: int = setting(2, ge=0, le=6)  # scores are rounded to this many decimals; equal rounded scores tie
     case_sensitive_tasks: List[str] = field(default_factory=lambda: ["uppercase", "lowercase"])  # tasks whose text answers must match in case
-    noise: float = 0.0  # probability that a prompt's ranking is replaced by a uniformly random permutation
+    noise: float = setting(0.0, ge=0, le=1)  # probability that a prompt's ranking is replaced by a uniformly random permutation
     seed: int = 0  # seeds the noise; the draw for a prompt depends only on (seed, prompt, completions)
 
     def __post_init__(self) -> None:

@@ -49,13 +49,14 @@ import re
 from typing import NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
 from rlhf_pl.data.formats import Prompt
+from rlhf_pl.errors import UserError
 from rlhf_pl.plugins.labeler_specs import RuleLabelerConfig
 
 KIND = "labelers"
 Ranking = tuple[tuple[int, ...], ...]
 
 
-class LabelerError(ValueError):
+class LabelerError(UserError, ValueError):
     """A labeler cannot label this prompt or these completions."""
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from rlhf_pl.config import setting
 from rlhf_pl.registry import PluginSpec
 
 MLP_ACTIVATIONS = ("gelu", "relu", "tanh")
@@ -22,17 +23,17 @@ MLP_ACTIVATIONS = ("gelu", "relu", "tanh")
 class LinearHeadConfig:
     """A single scalar projection of the last token's hidden state."""
 
-    init_std: Optional[float] = None  # std of the weight's normal init; None = 1/sqrt(hidden_size + 1) (Stiennon et al.)
+    init_std: Optional[float] = setting(None, gt=0)  # std of the weight's normal init; None = 1/sqrt(hidden_size + 1) (Stiennon et al.)
 
 
 @dataclass
 class MLPHeadConfig:
     """Hidden layer + activation + scalar projection."""
 
-    hidden: int = 256  # width of the hidden layer
-    activation: str = "gelu"  # gelu | relu | tanh
-    dropout: float = 0.0  # dropout on the hidden layer (off by default: RLHF trains with dropout off)
-    init_std: Optional[float] = None  # std of the output layer's normal init; None = 1/sqrt(hidden + 1)
+    hidden: int = setting(256, ge=1)  # width of the hidden layer
+    activation: str = setting("gelu", choices=MLP_ACTIVATIONS)  # gelu | relu | tanh
+    dropout: float = setting(0.0, ge=0, lt=1)  # dropout on the hidden layer (off by default: RLHF trains with dropout off)
+    init_std: Optional[float] = setting(None, gt=0)  # std of the output layer's normal init; None = 1/sqrt(hidden + 1)
 
 
 @dataclass
@@ -43,8 +44,8 @@ class EnsembleHeadConfig:
     stage averages the loss over heads), so the heads disagree where the data says little.
     """
 
-    n_heads: int = 4  # number of scalar heads (>= 2)
-    init_std: Optional[float] = None  # std of each head's normal init; None = 1/sqrt(hidden_size + 1)
+    n_heads: int = setting(4, ge=2)  # number of scalar heads (>= 2)
+    init_std: Optional[float] = setting(None, gt=0)  # std of each head's normal init; None = 1/sqrt(hidden_size + 1)
 
 
 LINEAR = PluginSpec(
