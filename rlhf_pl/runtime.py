@@ -1,27 +1,19 @@
 """Process-level settings that make the same computation faster on the CPU.
 
 None changes what is computed, only how memory is served, which attention kernel runs and how
-often weights are cast.
+often weights are cast. Measured effects: docs/benchmarks.md ("Speed on the CPU").
 
 - :func:`retain_freed_memory` — glibc serves every allocation over its mmap threshold (at most
-  32 MiB) with a fresh ``mmap`` and returns it to the kernel on free. A training step allocates
-  and frees tensors far larger than that (the 49152 × 576 embedding gradient of SmolLM2, the
-  (b, n, 49152) logits), and every fresh mapping is zero-filled by the kernel one 4 KiB page fault
-  at a time: ``torch.zeros(49152, 576)`` takes 29 ms that way and 5 ms in retained memory.
-  Keeping freed memory in the process (what jemalloc or tcmalloc do, and what PyTorch's CPU
-  performance guide recommends them for) removes that cost once the heap has grown to the step's
-  pattern, after a few steps. Measured on 10 bf16 policy steps of SmolLM2 (8 × ~70 tokens): page
-  faults per step 170–200 thousand (0.7 GB zero-filled) by default, 0 from the 7th step on; peak
-  RSS 3675 MiB against 3320 (the price: freed memory stays resident and aligned allocations leave
-  gaps in the heap). ``tools/bench_ppo.py``: optimisation phase 3–7% faster.
-- :func:`attention_kernel` — on the CPU, PyTorch's fused (flash) attention kernel in bfloat16 is
-  slower than the plain matmul–softmax–matmul path for short sequences (forward + backward of one
-  SmolLM2 layer, batch 8: 15.5 ms against 8.2 ms at 96 tokens, about equal at 192; in float32 the
-  fused kernel is as fast or faster). PPO's sequences are prompt + a few dozen tokens, so its
-  passes take the plain path in that case.
+  32 MiB) with a fresh ``mmap`` and returns it to the kernel on free; a training step allocates
+  and frees tensors far larger than that (the embedding gradient, the (b, n, vocabulary) logits),
+  and the kernel zero-fills every fresh mapping one page fault at a time. Keeping freed memory in
+  the process (what jemalloc or tcmalloc do) removes that cost once the heap has grown to the
+  step's pattern; the price is a somewhat higher resident size.
+- :func:`attention_kernel` — on the CPU, PyTorch's fused attention kernel in bfloat16 is slower
+  than the plain matmul–softmax–matmul path for short sequences (in float32 it is not); PPO's
+  sequences are prompt + a few dozen tokens, so their passes take the plain path there.
 - :func:`weights_cast_once` — under bf16 autocast, sampling casts the policy's float32 weights to
-  bfloat16 once instead of at every new token (16 prompts × 32 tokens on SmolLM2: 2.48 s against
-  2.93 s).
+  bfloat16 once instead of at every new token.
 
 :func:`matmul_peak` measures the denominator of the benchmarks' model-FLOP utilisation.
 """
