@@ -33,7 +33,7 @@ import difflib
 import math
 import typing
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from typing import Any, Callable, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
@@ -42,6 +42,10 @@ from omegaconf.errors import MissingMandatoryValue
 from rlhf_pl.errors import ConfigError
 
 RULES = ("choices", "ge", "gt", "le", "lt", "length", "min_length")  # the field-metadata vocabulary
+# Choices used by several fields, or too long to spell out on their field's line.
+OVERLONG_RULES = ("truncate", "drop")
+SCHEDULES = ("cosine", "linear", "constant")
+KL_ESTIMATORS = ("k1", "k2", "k3")
 _ROOT_EXTRAS = ("hydra",)  # present only when composed with return_hydra_config=True
 _NO_DEFAULT: Any = dataclasses.MISSING
 
@@ -70,7 +74,7 @@ def choices_of(cls: type, name: str) -> tuple[str, ...]:
 class TinyModelConfig:
     """Architecture of the random tiny Llama built by ``model=tiny`` (no download at all)."""
 
-    vocab_size: int = setting(512, ge=258)  # size of the BPE tokenizer trained on the embedded data (at least 256 bytes + 2 special tokens)
+    vocab_size: int = setting(512, ge=258)  # BPE tokenizer trained on the embedded data (>= 256 bytes + 2 specials)
     hidden_size: int = setting(64, ge=1)  # a multiple of num_heads
     intermediate_size: int = setting(128, ge=1)
     num_layers: int = setting(2, ge=1)
@@ -108,7 +112,7 @@ class DataConfig:
     val_fraction: float = setting(0.05, ge=0, lt=1)  # held-out fraction (deterministic, by seed)
     max_length: int = setting(512, ge=1)  # tokens per example (prompt + response)
     max_prompt_length: int = setting(256, ge=1)  # tokens per prompt for sampling
-    overlong: str = setting("truncate", choices=("truncate", "drop"))  # what to do with examples over max_length: truncate | drop
+    overlong: str = setting("truncate", choices=OVERLONG_RULES)  # examples over max_length: truncate | drop them
     limit: Optional[int] = setting(None, ge=1)  # use only the first N records of each source (quick runs)
 
 
@@ -152,7 +156,7 @@ class OptimConfig:
     betas: List[float] = setting(default_factory=lambda: [0.9, 0.95], length=2, ge=0, lt=1)  # Adam's β1, β2
     eps: float = setting(1e-8, gt=0)
     warmup_ratio: float = setting(0.05, ge=0, le=1)  # fraction of total steps spent warming up linearly from 0
-    schedule: str = setting("cosine", choices=("cosine", "linear", "constant"))  # cosine | linear | constant (after warm-up)
+    schedule: str = setting("cosine", choices=SCHEDULES)  # cosine | linear | constant (after warm-up)
 
 
 @dataclass
@@ -183,7 +187,7 @@ class RMConfig:
     batch_size: int = setting(8, ge=1)  # prompts per training batch (each brings all of its K completions)
     eval_batch_size: int = setting(8, ge=1)  # prompts per validation batch
     group_by_length: bool = True  # batches of prompts whose longest sequences are similar (less padding); order still shuffled
-    epochs: int = setting(1, ge=1)  # passes over the comparisons (one is the norm; more overfits); overrides trainer.max_epochs
+    epochs: int = setting(1, ge=1)  # passes over the comparisons (more than 1 overfits); overrides trainer.max_epochs
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="linear"))
     init_from: str = "auto"  # "auto": this model's latest SFT output, else the base model (logged); or a model directory
     normalise_on: str = setting("demonstrations", choices=("demonstrations", "prompts_samples"))  # reference set for gain/bias: demonstrations | prompts_samples (SFT policy samples)
@@ -217,18 +221,18 @@ class PPOConfig:
     critic: str = setting("separate", choices=("separate", "shared"))  # separate: own network from the reward model's trunk + a value head (value_head_init) | shared: value head on the policy trunk
     value_head_init: str = setting("zero", choices=("zero", "reward", "fresh"))  # separate critic's head: zero = V starts at 0, the expected return when scores are centred by score_baseline=reference | reward = the RM's linear head, normalisation folded in (V starts as the RM's score of the prefix; InstructGPT, uncentred scores) | fresh = N(0, 1/√(d+1))
     score_baseline: str = setting("reference", choices=("reference", "none"))  # reference: subtract b(x), the RM score of the reference (SFT) policy's greedy response to the same prompt, from each score (per-prompt baseline, computed once per prompt; unbiased) | none
-    updates: int = setting(24, ge=1)  # PPO updates (rollouts) in the whole run; the learning-rate decay spans all of them
+    updates: int = setting(24, ge=1)  # PPO updates (rollouts) in the whole run; the learning-rate decay spans them all
     batch_size: int = setting(16, ge=1)  # prompts (episodes) per rollout, per rank
-    max_new_tokens: int = setting(32, ge=1)  # response length limit; a response without EOS by then gets the missing-EOS penalty
+    max_new_tokens: int = setting(32, ge=1)  # response length limit; without EOS by then: the missing-EOS penalty
     stop_strings: List[str] = field(default_factory=list)  # a response also ends after the first token completing one of these
     ppo_epochs: int = setting(1, ge=1)  # passes over each rollout (InstructGPT: 1 epoch × several minibatches; Ziegler/Stiennon: 4 epochs × 1)
     num_minibatches: int = setting(2, ge=1)  # minibatches per epoch; must divide batch_size
     clip_eps: float = setting(0.2, gt=0, le=1)  # policy ratio clip ε: clip(ρ, 1−ε, 1+ε)
-    value_clip: Optional[float] = setting(0.2, gt=0)  # value clip: clip(V, V_old ± value_clip); null turns value clipping off
+    value_clip: Optional[float] = setting(0.2, gt=0)  # clip(V, V_old ± value_clip); null turns value clipping off
     vf_coef: float = setting(0.1, ge=0)  # c_v in loss = pg + c_v·vf
     gamma: float = setting(1.0, gt=0, le=1)  # GAE discount γ
     lam: float = setting(0.95, gt=0, le=1)  # GAE λ
-    kl_estimator: str = setting("k1", choices=("k1", "k2", "k3"))  # per-token KL estimator that trains: k1 | k2 | k3 (k1 = logp − logq, as in Ziegler)
+    kl_estimator: str = setting("k1", choices=KL_ESTIMATORS)  # per-token KL that trains; k1 = logp − logq (Ziegler)
     kl_penalty: str = setting("reward", choices=("reward", "loss"))  # reward: r_t = −β·kl_t (default) | loss: β·mean(kl_t) added to the loss (use k3 or k2 there)
     whiten_rewards: bool = False  # scale the per-token rewards to std 1 over the batch's valid tokens (mean added back)
     score_norm: str = setting("none", choices=("none", "scale", "standardise"))  # running statistics of the scores: none | scale (divide by running std) | standardise (also subtract running mean)
@@ -236,7 +240,7 @@ class PPOConfig:
     whiten_advantages: bool = True  # whiten advantages to mean 0, std 1 over valid tokens of the global batch (all ranks)
     missing_eos_penalty: Optional[float] = -1.0  # score of a response that reached max_new_tokens without EOS/stop string; null: off
     missing_eos_mode: str = setting("replace", choices=("replace", "add"))  # replace: the score becomes the penalty (Ziegler) | add: the penalty is added to the score
-    entropy_coef: float = setting(0.0, ge=0)  # entropy bonus: loss −= entropy_coef·mean token entropy (at temperature T); 0 = off
+    entropy_coef: float = setting(0.0, ge=0)  # loss −= entropy_coef·mean token entropy (at temperature T); 0 = off
     ptx_coef: float = setting(0.0, ge=0)  # PPO-ptx γ: loss += ptx_coef·NLL on SFT demonstrations (data.demonstrations) in every minibatch (InstructGPT: 27.8); 0 = off
     ptx_batch_size: int = setting(4, ge=1)  # demonstrations per minibatch for the ptx term
     uncertainty_coef: float = setting(0.0, ge=0)  # score −= uncertainty_coef·uncertainty of the reward head (needs a head that returns one, e.g. ensemble); 0 = off
@@ -247,7 +251,7 @@ class PPOConfig:
     critic_optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=2e-5, betas=[0.9, 0.999], eps=1e-5, warmup_ratio=0.0, schedule="linear")
     )  # the critic's Adam (its value head only when critic=shared)
-    sample_every: int = setting(5, ge=1)  # every N updates: a table of prompts/responses/scores to TensorBoard text and samples.md
+    sample_every: int = setting(5, ge=1)  # every N updates: prompt/response/score table to TensorBoard and samples.md
     num_samples: int = setting(4, ge=0)  # rows in that table
     checkpoint_every: int = setting(5, ge=1)  # every N updates (and at the end): checkpoints/last.pt, written atomically, for +resume=<run dir>
 
@@ -256,7 +260,7 @@ class PPOConfig:
 class Config:
     stage: Optional[str] = None  # chosen with +stage=<name>; `python -m rlhf_pl` lists the stages
     resume: Optional[str] = None  # +resume=<run dir> (or its checkpoints/last.pt): continue that run (ppo stage)
-    seed: int = setting(0, ge=0, le=2**32 - 1)  # seeds Python, NumPy and torch (lightning.seed_everything) and the data split
+    seed: int = setting(0, ge=0, le=2**32 - 1)  # lightning.seed_everything (Python, NumPy, torch); also the data split
     retain_freed_memory: bool = True  # glibc: keep freed memory in the process instead of a fresh zero-filled mmap per large tensor (rlhf_pl.runtime; PPO optimisation phase 3–7% faster on the CPU)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -424,12 +428,12 @@ CROSS_FIELD_RULES: tuple[Callable[[DictConfig], Optional[str]], ...] = (_minibat
 # --- helpers ------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=None)
+@cache
 def _fields(cls: type) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(cls)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def _hints(cls: type) -> dict[str, Any]:
     try:
         return typing.get_type_hints(cls)

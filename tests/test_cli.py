@@ -13,7 +13,9 @@ from omegaconf import OmegaConf
 from rlhf_pl.config import register_configs, validate_config
 
 
-def run_cli(*args: str, cwd: Path, module: str = "rlhf_pl", full_error: bool = False) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, module: str = "rlhf_pl", full_error: bool = False
+) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "1" if full_error else "0"}
     return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -137,7 +139,8 @@ def test_a_broken_data_record_is_one_message_and_exit_2(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}\n'
                    '{"messages": [{"role": "robot", "content": "Hi"}]}\n')
-    proc = run_cli("+stage=sft", "experiment=quick", f"data.demonstrations={bad}", f"paths.output_root={tmp_path}", cwd=tmp_path)
+    proc = run_cli("+stage=sft", "experiment=quick", f"data.demonstrations={bad}", f"paths.output_root={tmp_path}",
+                   cwd=tmp_path)
     assert_user_error(proc, f"{bad}:2", "robot")
 
 

@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_module
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from rlhf_pl import registry
-from rlhf_pl.config import Config, ConfigError, RULES, register_configs, setting, validate_config
+from rlhf_pl.config import RULES, Config, ConfigError, register_configs, setting, validate_config
 from rlhf_pl.errors import InputError, NonFiniteLossError, UserError
 
 
@@ -115,7 +115,8 @@ def test_every_declared_choice_field_is_checked():
         message = error_with(cfg, key, "no_such_choice")
         assert message.startswith(f"{key}='no_such_choice': choose one of: {', '.join(choices)}"), message
         keys.append(key)
-    assert {"ppo.critic", "rm.normalise_on", "data.overlong", "sft.optim.schedule", "ppo.critic_optim.optimizer"} <= set(keys)
+    expected = {"ppo.critic", "rm.normalise_on", "data.overlong", "sft.optim.schedule", "ppo.critic_optim.optimizer"}
+    assert expected <= set(keys)
 
 
 def test_every_plugin_choice_field_is_checked():
@@ -206,7 +207,8 @@ def test_every_plugin_lower_bound_is_checked():
             for key, value in _bounded_fields(plugin.spec().config, f"{group}."):
                 assert error_with(cfg, key, value).startswith(f"{key}="), key
                 checked.append(key)
-    assert {"sampler.k", "sampler.p", "kl_controller.horizon", "labeler.direct_words", "reward_head.n_heads"} <= set(checked)
+    expected = {"sampler.k", "sampler.p", "kl_controller.horizon", "labeler.direct_words", "reward_head.n_heads"}
+    assert expected <= set(checked)
 
 
 def test_null_turns_optional_settings_off():
@@ -277,8 +279,9 @@ def test_user_errors_keep_the_builtin_types_callers_catch():
     from rlhf_pl.models.loading import ModelLoadError
     from rlhf_pl.plugins.labelers import LabelerError
 
-    for cls, base in ((ConfigError, ValueError), (InputError, FileNotFoundError), (NonFiniteLossError, FloatingPointError),
-                      (DataError, ValueError), (registry.PluginError, ValueError), (ChatTemplateError, ValueError),
+    for cls, base in ((ConfigError, ValueError), (InputError, FileNotFoundError),
+                      (NonFiniteLossError, FloatingPointError), (DataError, ValueError),
+                      (registry.PluginError, ValueError), (ChatTemplateError, ValueError),
                       (LabelerError, ValueError), (ModelLoadError, RuntimeError)):
         assert issubclass(cls, UserError) and issubclass(cls, base), cls
 
@@ -290,7 +293,8 @@ def test_validation_is_cheap_no_torch():
         "from rlhf_pl.config import register_configs, validate_config\n"
         "register_configs()\n"
         "with initialize_config_module('rlhf_pl.conf', version_base='1.3'):\n"
-        "    cfg = compose('config', overrides=['+stage=ppo', 'reward_head=mlp', 'kl_controller=pi', 'precision=lora'])\n"
+        "    overrides = ['+stage=ppo', 'reward_head=mlp', 'kl_controller=pi', 'precision=lora']\n"
+        "    cfg = compose('config', overrides=overrides)\n"
         "validate_config(cfg)\n"
         "assert 'torch' not in sys.modules, 'validate_config imported torch'\n"
     )

@@ -74,7 +74,7 @@ class PIKLConfig:
     kp: float = setting(2.5, ge=0)  # proportional gain: log β moves by kp·e at once
     ki: float = setting(2.0, gt=0)  # integral gain, in units of Ziegler's rate (1 = same speed)
     error_clip: float = setting(0.2, gt=0)  # |e| is clipped to this (Ziegler: 0.2)
-    smoothing: float = setting(0.5, ge=0, lt=1)  # EMA weight of the previous error in the proportional term (0 = none, < 1)
+    smoothing: float = setting(0.5, ge=0, lt=1)  # EMA weight of the previous error in the proportional term (0: none)
     beta_min: float = setting(0.001, gt=0)  # β never goes below (the integrator is clamped too: anti-windup)
     beta_max: float = setting(10.0, gt=0)  # β never goes above
 

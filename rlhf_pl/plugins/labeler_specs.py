@@ -60,7 +60,7 @@ class RuleLabelerConfig:
     garbage: float = setting(3.0, ge=0)  # penalty × fraction of characters that are not plain English text
     decimals: int = setting(2, ge=0, le=6)  # scores are rounded to this many decimals; equal rounded scores tie
     case_sensitive_tasks: List[str] = field(default_factory=lambda: ["uppercase", "lowercase"])  # tasks whose text answers must match in case
-    noise: float = setting(0.0, ge=0, le=1)  # probability that a prompt's ranking is replaced by a uniformly random permutation
+    noise: float = setting(0.0, ge=0, le=1)  # chance a prompt's ranking is replaced by a uniformly random permutation
     seed: int = 0  # seeds the noise; the draw for a prompt depends only on (seed, prompt, completions)
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ MLP_ACTIVATIONS = ("gelu", "relu", "tanh")
 class LinearHeadConfig:
     """A single scalar projection of the last token's hidden state."""
 
-    init_std: Optional[float] = setting(None, gt=0)  # std of the weight's normal init; None = 1/sqrt(hidden_size + 1) (Stiennon et al.)
+    init_std: Optional[float] = setting(None, gt=0)  # normal init std; None: 1/sqrt(hidden_size + 1) (Stiennon et al.)
 
 
 @dataclass
@@ -32,7 +32,7 @@ class MLPHeadConfig:
 
     hidden: int = setting(256, ge=1)  # width of the hidden layer
     activation: str = setting("gelu", choices=MLP_ACTIVATIONS)  # gelu | relu | tanh
-    dropout: float = setting(0.0, ge=0, lt=1)  # dropout on the hidden layer (off by default: RLHF trains with dropout off)
+    dropout: float = setting(0.0, ge=0, lt=1)  # on the hidden layer (off by default: RLHF trains without dropout)
     init_std: Optional[float] = setting(None, gt=0)  # std of the output layer's normal init; None = 1/sqrt(hidden + 1)
 
 
