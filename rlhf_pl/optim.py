@@ -12,17 +12,12 @@ from rlhf_pl.config import OptimConfig
 
 log = logging.getLogger(__name__)
 
+SCHEDULES = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}  # -> transformers' names
 OPTIMIZERS = {  # optim.optimizer -> (module, class)
     "adamw": ("torch.optim", "AdamW"),
     "adamw8bit": ("bitsandbytes.optim", "AdamW8bit"),
     "paged_adamw8bit": ("bitsandbytes.optim", "PagedAdamW8bit"),
 }
-
-
-def check_optimizer(optim: OptimConfig, key: str) -> None:
-    """Refuse an unknown ``<key>.optimizer`` before any model is loaded."""
-    if optim.optimizer not in OPTIMIZERS:
-        raise ValueError(f"{key}.optimizer={optim.optimizer!r}; choose one of: {', '.join(OPTIMIZERS)}")
 
 
 def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig) -> torch.optim.Optimizer:
@@ -31,7 +26,6 @@ def make_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig) -> 
     paging (``paged_adamw8bit``) only acts on CUDA: elsewhere it is ``adamw8bit``. torch's AdamW
     runs its fused kernel when every parameter is a floating-point tensor on the CPU or CUDA (on the
     CPU the default is a per-tensor loop, many times slower; docs/benchmarks.md)."""
-    check_optimizer(optim, "optim")
     trainable = [p for p in params if p.requires_grad]
     module, cls = OPTIMIZERS[optim.optimizer]
     if optim.optimizer.startswith("paged") and trainable and trainable[0].device.type != "cuda":
@@ -61,13 +55,10 @@ def build_optimizer(params: Iterable[torch.nn.Parameter], optim: OptimConfig, to
     ``optim.schedule`` decay. Returns Lightning's optimizer dict."""
     from transformers import get_scheduler
 
-    schedules = {"cosine": "cosine", "linear": "linear", "constant": "constant_with_warmup"}
-    if optim.schedule not in schedules:
-        raise ValueError(f"optim.schedule={optim.schedule!r}; choose one of {', '.join(schedules)}")
     optimizer = make_optimizer(params, optim)
     total_steps = max(1, int(total_steps))
     scheduler = get_scheduler(
-        schedules[optim.schedule], optimizer,
+        SCHEDULES[optim.schedule], optimizer,
         num_warmup_steps=int(optim.warmup_ratio * total_steps), num_training_steps=total_steps,
     )
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -300,3 +300,12 @@ def test_validation_is_cheap_no_torch():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_declared_choices_are_the_ones_the_code_implements():
+    """The schema's choice tuples and the code's tables are one list (a choice the code lacks fails here)."""
+    from rlhf_pl.config import OptimConfig, choices_of
+    from rlhf_pl.optim import OPTIMIZERS, SCHEDULES
+
+    assert set(choices_of(OptimConfig, "optimizer")) == set(OPTIMIZERS)
+    assert set(choices_of(OptimConfig, "schedule")) == set(SCHEDULES)

@@ -128,7 +128,9 @@ def test_strategy_settings_compose_and_are_type_checked():
 
 
 def _run_with_loaders_trapped(monkeypatch, stage: str, *overrides: str) -> BaseException:
-    """Run the stage from its composed config with the model loader booby-trapped; the exception."""
+    """Validate the composed config and run the stage as run_stage does, with the model loader
+    booby-trapped; the exception."""
+    from rlhf_pl.config import validate_config
     from rlhf_pl.outputs import Inputs
     from rlhf_pl.stages import rm, sft, stage_module
 
@@ -140,6 +142,7 @@ def _run_with_loaders_trapped(monkeypatch, stage: str, *overrides: str) -> BaseE
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     cfg = _compose(f"+stage={stage}", "experiment=quick", "paths.output_root=/nonexistent/never-written", *overrides)
     with pytest.raises(Exception) as info:
+        validate_config(cfg)
         module = stage_module(stage)
         module.run(cfg, Path("/nonexistent/never-written"), Inputs(cfg, module.INPUTS))
     return info.value
@@ -177,7 +180,7 @@ def test_conflicting_trainer_precision_and_unknown_optimizer_are_refused(monkeyp
                                          "trainer.precision=bf16-mixed")
     assert str(agreeing) == "a model was loaded"  # an agreeing trainer.precision passes the checks
     assert _refused_before_loading(monkeypatch, "sft", "sft.optim.optimizer=sgd") == (
-        "sft.optim.optimizer='sgd'; choose one of: adamw, adamw8bit, paged_adamw8bit")
+        "sft.optim.optimizer='sgd': choose one of: adamw, adamw8bit, paged_adamw8bit")
 
 
 def test_bitsandbytes_strategies_refuse_accelerators_it_has_no_kernels_for():
@@ -455,7 +458,7 @@ def test_the_ppo_stage_update_loop_runs_with_models_held_per_strategy(tmp_path, 
 
 @pytest.mark.parametrize("choice, cls", [("adamw", "AdamW"), ("adamw8bit", "AdamW8bit"), ("paged_adamw8bit", "PagedAdamW8bit")])
 def test_optimizer_choice_and_8bit_states_on_cpu(choice, cls):
-    from rlhf_pl.stages.sft import build_optimizer
+    from rlhf_pl.optim import build_optimizer
 
     model = tiny()[0]
     built = build_optimizer(model.parameters(), OptimConfig(optimizer=choice, lr=1e-3), total_steps=4)
@@ -475,7 +478,7 @@ def test_optimizer_choice_and_8bit_states_on_cpu(choice, cls):
 def test_adamw_runs_the_fused_kernel_and_matches_the_reference_loop():
     """torch's AdamW is built fused on the CPU (the per-tensor loop is ~10× slower there) and takes
     the same steps as the loop implementation, up to float rounding."""
-    from rlhf_pl.stages.sft import make_optimizer
+    from rlhf_pl.optim import make_optimizer
 
     fused_model, loop_model = tiny()[0].eval(), tiny()[0].eval()  # same seed, same weights; no dropout
     optim = OptimConfig(optimizer="adamw", lr=1e-2, weight_decay=0.1)
@@ -634,7 +637,7 @@ def test_qlora_with_fp16_compute_trains_on_cuda():
 @gpu
 @needs_cuda
 def test_paged_adamw8bit_pages_on_cuda():
-    from rlhf_pl.stages.sft import make_optimizer
+    from rlhf_pl.optim import make_optimizer
 
     model = copy.deepcopy(tiny()[0]).cuda()
     opt = make_optimizer(model.parameters(), OptimConfig(optimizer="paged_adamw8bit"))

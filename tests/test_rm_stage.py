@@ -12,7 +12,7 @@ import lightning as L
 import pytest
 import torch
 
-from rlhf_pl.config import OptimConfig
+from rlhf_pl.config import OptimConfig, validate_config
 from rlhf_pl.data.chat import tokenize_completion, tokenize_prompt
 from rlhf_pl.data.formats import Conversation, Message, Ranking
 from rlhf_pl.models.reward import RewardModel
@@ -22,7 +22,6 @@ from rlhf_pl.stages.rm import (
     RankingCollator,
     RewardModelModule,
     TokenizedRanking,
-    check_rm_config,
     demonstration_references,
     fit_to_length,
     init_model_config,
@@ -173,10 +172,10 @@ def test_init_from_auto_without_sft_output_uses_base_model(tmp_path, caplog):
 
 def test_rm_config_values_are_checked():
     cfg = _compose("+stage=rm", "model=tiny", "rm.normalise_on=samples")
-    with pytest.raises(ValueError, match="rm.normalise_on='samples'; choose one of: demonstrations, prompts_samples"):
-        check_rm_config(cfg.rm)
-    with pytest.raises(ValueError, match="rm.batch_size=0; must be >= 1"):
-        check_rm_config(_compose("+stage=rm", "rm.batch_size=0").rm)
+    with pytest.raises(ValueError, match="rm.normalise_on='samples': choose one of: demonstrations, prompts_samples"):
+        validate_config(cfg)
+    with pytest.raises(ValueError, match="rm.batch_size=0: must be an integer >= 1"):
+        validate_config(_compose("+stage=rm", "rm.batch_size=0"))
 
 
 def _write_comparisons(path: Path, n: int) -> None:

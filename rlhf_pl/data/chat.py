@@ -19,6 +19,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, NamedTuple, Sequence
 
+from rlhf_pl.config import OVERLONG_RULES
 from rlhf_pl.data.formats import Message, as_dicts
 from rlhf_pl.errors import UserError
 
@@ -30,7 +31,6 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-LENGTH_RULES = ("truncate", "drop")
 _PROBE_USER = "Hi"  # the user turn before an answer rendered on its own (tokenize_completion)
 
 
@@ -184,8 +184,8 @@ def apply_length_rule(examples: list[TokenizedExample], max_length: int, rule: s
     ``truncate`` keeps the first ``max_length`` tokens (an example left with no trained token is
     dropped); ``drop`` drops every overlong example. Shorter examples are kept unchanged.
     """
-    if rule not in LENGTH_RULES:
-        raise ValueError(f"data.overlong: expected one of {', '.join(LENGTH_RULES)}, got {rule!r}")
+    if rule not in OVERLONG_RULES:
+        raise ValueError(f"data.overlong: expected one of {', '.join(OVERLONG_RULES)}, got {rule!r}")
     if max_length < 1:
         raise ValueError(f"data.max_length: expected a positive number of tokens, got {max_length!r}")
     kept: list[TokenizedExample] = []

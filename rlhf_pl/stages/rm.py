@@ -31,8 +31,9 @@ from torchmetrics import MeanMetric
 from torchmetrics.functional import kendall_rank_corrcoef
 
 from rlhf_pl import registry
-from rlhf_pl.config import OptimConfig
-from rlhf_pl.data.chat import LENGTH_RULES, LengthReport, tokenize_completion, tokenize_prompt
+from rlhf_pl.config import OVERLONG_RULES, OptimConfig
+from rlhf_pl.errors import ConfigError
+from rlhf_pl.data.chat import LengthReport, tokenize_completion, tokenize_prompt
 from rlhf_pl.data.collate import batched_loader, pad_right
 from rlhf_pl.data.formats import Conversation, Ranking, load_conversations, load_prompts, load_rankings, train_val_split
 from rlhf_pl.models.loading import load_model_and_tokenizer
@@ -49,7 +50,6 @@ from rlhf_pl.training import check_finite_loss, make_trainer
 
 log = logging.getLogger(__name__)
 
-NORMALISE_ON = ("demonstrations", "prompts_samples")
 DEFAULT_HEAD = "linear"
 
 
@@ -94,8 +94,8 @@ def tokenize_rankings(
     ``rule`` (``data.overlong``): ``truncate`` cuts as :func:`fit_to_length` does, ``drop`` drops
     every ranking with an over-long sequence.
     """
-    if rule not in LENGTH_RULES:
-        raise ValueError(f"data.overlong={rule!r}; choose one of: {', '.join(LENGTH_RULES)}")
+    if rule not in OVERLONG_RULES:
+        raise ConfigError(f"data.overlong={rule!r}; choose one of: {', '.join(OVERLONG_RULES)}")
     items: list[TokenizedRanking] = []
     truncated = dropped = 0
     for ranking in rankings:
@@ -365,20 +365,8 @@ def raw_rewards(reward_model: RewardModel, sequences: Sequence[Sequence[int]], p
 # --- the stage ------------------------------------------------------------------------------------
 
 
-def check_rm_config(rm: DictConfig) -> None:
-    """Values a type check cannot catch; each error names the key, the value and the valid range."""
-    if rm.normalise_on not in NORMALISE_ON:
-        raise ValueError(f"rm.normalise_on={rm.normalise_on!r}; choose one of: {', '.join(NORMALISE_ON)}")
-    for key in ("batch_size", "eval_batch_size", "epochs", "normalise_max_new_tokens"):
-        if rm[key] < 1:
-            raise ValueError(f"rm.{key}={rm[key]!r}; must be >= 1")
-    if rm.normalise_size < 2:
-        raise ValueError(f"rm.normalise_size={rm.normalise_size!r}; must be >= 2 (a mean and a std are fitted)")
-
-
 def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     rm = cfg.rm
-    check_rm_config(rm)
     precision = build_for_stage(cfg, "rm")  # refuses impossible combinations before any model is loaded
 
     rankings = load_rankings(cfg.data.comparisons, split=cfg.data.split, limit=cfg.data.limit)
@@ -400,7 +388,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
         log.warning("data.max_length=%d: %d rankings truncated, %d dropped (data.overlong=%s)", cfg.data.max_length,
                     train_report.truncated + val_report.truncated, train_report.dropped + val_report.dropped, cfg.data.overlong)
     if not train_items:
-        raise ValueError(f"no training rankings left after data.overlong={cfg.data.overlong} at data.max_length={cfg.data.max_length}")
+        raise ConfigError(f"no training rankings left after data.overlong={cfg.data.overlong} at data.max_length="
+                          f"{cfg.data.max_length} ({cfg.data.comparisons}); raise data.max_length or use data.overlong=truncate")
     pad_id = reward_model.pad_token_id
     module = RewardModelModule(reward_model.train(), rm.optim)  # dropout is model.dropout (0 by default)
     if cfg.trainer.max_epochs != rm.epochs:

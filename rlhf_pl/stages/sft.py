@@ -24,7 +24,9 @@ from torchmetrics import MeanMetric
 
 from rlhf_pl import registry
 from rlhf_pl.config import OptimConfig
-from rlhf_pl.data.chat import LengthReport, apply_length_rule, tokenize_conversation, tokenize_prompt
+from rlhf_pl.errors import ConfigError
+from rlhf_pl.data.batches import tokenize_split
+from rlhf_pl.data.chat import LengthReport, tokenize_prompt
 from rlhf_pl.data.collate import SFTCollator, batched_loader
 from rlhf_pl.data.formats import Conversation, load_conversations, train_val_split
 from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_atomic
@@ -118,12 +120,6 @@ class SFTModule(L.LightningModule):
 # --- data -----------------------------------------------------------------------------------------
 
 
-def tokenize_split(conversations: list[Conversation], tokenizer, max_length: int, rule: str):
-    """Tokenize with assistant masks, then apply the over-length rule. Returns (examples, report)."""
-    examples = [tokenize_conversation(tokenizer, c.messages) for c in conversations]
-    return apply_length_rule(examples, max_length, rule)
-
-
 def make_loader(examples, pad_id: int, batch_size: int, seed: int, trainer: Any, *, train: bool, group_by_length: bool) -> DataLoader:
     """This rank's batches: training shuffled (length-grouped with ``group_by_length``), validation
     in order, sorted by length inside mega-batches (less padding; the order does not matter)."""
@@ -165,7 +161,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any = None) -> StageResult:
     val_examples, val_report = tokenize_split(val_convs, tokenizer, cfg.data.max_length, cfg.data.overlong)
     _report_lengths(cfg, train_report, val_report)
     if not train_examples:
-        raise ValueError(f"no training examples left after data.overlong={cfg.data.overlong} at data.max_length={cfg.data.max_length}")
+        raise ConfigError(f"no training examples left after data.overlong={cfg.data.overlong} at data.max_length="
+                          f"{cfg.data.max_length} ({cfg.data.demonstrations}); raise data.max_length or use data.overlong=truncate")
 
     module = SFTModule(model, stage.optim)
     trainer = make_trainer(cfg, run_dir, precision, use_distributed_sampler=False)  # the loaders shard themselves
