@@ -8,7 +8,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from rlhf_pl.data.chat import TokenizedExample, tokenize_conversation
-from rlhf_pl.data.collate import LengthGroupedBatchSampler, SFTCollator, pad_left, pad_right
+from rlhf_pl.data.collate import LengthGroupedBatchSampler, SFTCollator, pad_left, pad_right, trim_left_padding
 from rlhf_pl.data.formats import load_conversations
 
 PAD = 1  # equal to the EOS id below: masks must not be derived from token values
@@ -48,7 +48,8 @@ def test_sft_collator_rejects_mismatched_mask():
 
 
 def test_collator_over_real_conversations_trains_only_masked_tokens(tiny_tokenizer):
-    examples = [tokenize_conversation(tiny_tokenizer, c.messages) for c in load_conversations("embedded:demonstrations", limit=6)]
+    conversations = load_conversations("embedded:demonstrations", limit=6)
+    examples = [tokenize_conversation(tiny_tokenizer, c.messages) for c in conversations]
     batch = SFTCollator(tiny_tokenizer.pad_token_id)(examples)
     assert batch["input_ids"].shape == (6, max(len(e.input_ids) for e in examples))
     assert batch["attention_mask"].sum(1).tolist() == [len(e.input_ids) for e in examples]
@@ -122,7 +123,8 @@ def test_sampler_shards_across_replicas():
 
 
 def test_dataloader_with_sampler_and_collator(tiny_tokenizer):
-    examples = [tokenize_conversation(tiny_tokenizer, c.messages) for c in load_conversations("embedded:demonstrations", limit=64)]
+    conversations = load_conversations("embedded:demonstrations", limit=64)
+    examples = [tokenize_conversation(tiny_tokenizer, c.messages) for c in conversations]
     sampler = LengthGroupedBatchSampler([len(e.input_ids) for e in examples], batch_size=8, seed=0)
     loader = DataLoader(examples, batch_sampler=sampler, collate_fn=SFTCollator(tiny_tokenizer.pad_token_id))
     batches = list(loader)
@@ -157,9 +159,16 @@ def test_lightning_starts_each_epoch_of_the_batch_sampler(tmp_path):
 
     loader = batched_loader(list(range(12)), [1] * 12, list, 4, seed=0, shuffle=True)
     module = Recorder()
-    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-              use_distributed_sampler=False, default_root_dir=tmp_path).fit(module, loader)
+    L.Trainer(max_epochs=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, use_distributed_sampler=False, default_root_dir=tmp_path).fit(module, loader)
     first, second = module.seen[:3], module.seen[3:]
     assert len(second) == 3 and loader.batch_sampler.epoch == 1
     assert sorted(i for b in first for i in b) == sorted(i for b in second for i in b) == list(range(12))
     assert first != second
+
+
+def test_trim_left_padding_drops_only_all_padding_columns():
+    ids = torch.tensor([[0, 0, 0, 5, 6], [0, 0, 7, 8, 9]])
+    mask = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]])
+    trimmed, trimmed_mask = trim_left_padding(ids, mask)
+    assert trimmed.tolist() == [[0, 5, 6], [7, 8, 9]] and trimmed_mask.tolist() == [[0, 1, 1], [1, 1, 1]]

@@ -1,4 +1,4 @@
-"""Padding, the SFT collator and a length-grouped batch sampler.
+"""Padding (and trimming it), the SFT collator and a length-grouped batch sampler.
 
 Masks are always built from sequence lengths, never from ``token == pad_id``: the pad token may be
 the EOS token (SmolLM2, the tiny tokenizer), and EOS inside a sequence is a real, trained token.
@@ -6,8 +6,9 @@ the EOS token (SmolLM2, the tiny tokenizer), and EOS inside a sequence is a real
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -41,6 +42,13 @@ def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return _pad(seqs, pad_id, left=True)
 
 
+def trim_left_padding(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop the leading columns that are padding in every row (a subset of a left-padded batch).
+    Shapes: ids, mask (b, p) -> (b, p') with p' <= p."""
+    first = int(mask.any(0).long().argmax()) if bool(mask.any()) else 0
+    return ids[:, first:], mask[:, first:]
+
+
 @dataclass(frozen=True)
 class SFTCollator:
     """Batches :class:`TokenizedExample` s for causal-LM training on the masked tokens.
@@ -55,7 +63,8 @@ class SFTCollator:
     def __call__(self, examples: list[TokenizedExample]) -> dict[str, Tensor]:
         for i, ex in enumerate(examples):
             if len(ex.input_ids) != len(ex.loss_mask):
-                raise ValueError(f"SFTCollator: example {i} has {len(ex.input_ids)} input ids but {len(ex.loss_mask)} loss-mask entries")
+                raise ValueError(f"SFTCollator: example {i} has {len(ex.input_ids)} input ids but "
+                                 f"{len(ex.loss_mask)} loss-mask entries")
         input_ids, attention_mask = pad_right([ex.input_ids for ex in examples], self.pad_id)
         loss_mask, _ = pad_right([ex.loss_mask for ex in examples], 0)
         labels = torch.where(loss_mask.bool(), input_ids, torch.full_like(input_ids, IGNORE_INDEX))
@@ -66,7 +75,7 @@ class _EpochOf:
     """``batch_sampler.sampler`` for Lightning: it starts every epoch with ``sampler.set_epoch(epoch)``
     on the loader's sampler and on its batch sampler's ``.sampler``, but not on the batch sampler."""
 
-    def __init__(self, owner: "LengthGroupedBatchSampler") -> None:
+    def __init__(self, owner: LengthGroupedBatchSampler) -> None:
         self.owner = owner
 
     def set_epoch(self, epoch: int) -> None:
@@ -92,7 +101,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     MEGA_BATCH_FACTOR = 50
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True, drop_last: bool = False, *,
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int, shuffle: bool = True,
+                 drop_last: bool = False, *,
                  group: bool = True, num_replicas: int = 1, rank: int = 0):
         if batch_size < 1:
             raise ValueError(f"LengthGroupedBatchSampler: batch_size must be >= 1, got {batch_size}")
@@ -102,7 +112,8 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         self.batch_size, self.seed, self.shuffle, self.drop_last = batch_size, seed, shuffle, drop_last
         self.num_replicas, self.rank, self.group = num_replicas, rank, group
         self.epoch = 0
-        self.sampler = _EpochOf(self)  # Lightning calls batch_sampler.sampler.set_epoch(epoch), never batch_sampler.set_epoch
+        # Lightning calls batch_sampler.sampler.set_epoch(epoch), never batch_sampler.set_epoch
+        self.sampler = _EpochOf(self)
 
     def set_epoch(self, epoch: int) -> None:
         """Choose the epoch whose order ``__iter__`` yields (each epoch a different shuffle)."""
@@ -143,10 +154,13 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         yield from batches[self.rank : needed : self.num_replicas]
 
 
-def batched_loader(dataset: Sequence[Any], lengths: Sequence[int], collate_fn: Callable[[list[Any]], Any], batch_size: int,
+def batched_loader(dataset: Sequence[Any], lengths: Sequence[int], collate_fn: Callable[[list[Any]], Any],
+                   batch_size: int,
                    seed: int, *, shuffle: bool, group: bool = True, world_size: int = 1, rank: int = 0) -> DataLoader:
     """A DataLoader whose batches come from :class:`LengthGroupedBatchSampler`: grouped by
     ``lengths`` (one per item; padded cost) unless ``group=False``, this rank's share of them.
     The trainer that consumes it must have ``use_distributed_sampler=False``."""
-    sampler = LengthGroupedBatchSampler(lengths, batch_size, seed, shuffle=shuffle, group=group, num_replicas=world_size, rank=rank)
+    sampler = LengthGroupedBatchSampler(lengths, batch_size, seed, shuffle=shuffle, group=group,
+                                        num_replicas=world_size, rank=rank)
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn)
+
