@@ -19,10 +19,10 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-from rlhf_pl.rl.ppo import masked_mean, valid_only
+from rlhf_pl.config import KL_ESTIMATORS  # the valid ppo.kl_estimator choices
+from rlhf_pl.rl.masked import masked_mean, valid_only
 
 KLEstimator = Literal["k1", "k2", "k3"]
-KL_ESTIMATORS: tuple[str, ...] = ("k1", "k2", "k3")
 
 
 def kl_estimate(logp: Tensor, logq: Tensor, estimator: KLEstimator) -> Tensor:
