@@ -110,8 +110,9 @@ def trunk_of(causal_lm: nn.Module) -> nn.Module:
     return trunk
 
 
-def _hidden_size(trunk: nn.Module) -> int:
-    config = trunk.config
+def hidden_size_of(model: nn.Module) -> int:
+    """The hidden size d of a Hugging Face model or its trunk (the text config's, for multimodal configs)."""
+    config = model.config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return int(text_config.hidden_size)
 
@@ -155,13 +156,13 @@ class RewardModel(nn.Module):
         """
         choice = head if isinstance(head, HeadChoice) else resolve_head(head, None, **head_overrides)
         trunk = trunk_of(causal_lm)
-        module = build_head(choice, _hidden_size(trunk))
+        module = build_head(choice, hidden_size_of(trunk))
         device = next(trunk.parameters()).device
         return cls(trunk, module.to(device), choice, tokenizer)
 
     @property
     def hidden_size(self) -> int:
-        return _hidden_size(self.trunk)
+        return hidden_size_of(self.trunk)
 
     # --- scoring -----------------------------------------------------------------------------
 
@@ -317,8 +318,9 @@ class RewardModel(nn.Module):
             )
         choice = _saved_head_choice(saved["head"], config_file)
         trunk = AutoModel.from_pretrained(path, **_dtype_kwargs(dtype or torch.float32))
-        if _hidden_size(trunk) != saved["hidden_size"]:
-            raise ValueError(f"{config_file}: hidden_size={saved['hidden_size']} but the trunk has {_hidden_size(trunk)}")
+        if hidden_size_of(trunk) != saved["hidden_size"]:
+            raise ValueError(f"{config_file}: hidden_size={saved['hidden_size']} but the trunk has "
+                             f"{hidden_size_of(trunk)}")
         head = build_head(choice, saved["hidden_size"])
         head.load_state_dict(load_file(str(path / HEAD_WEIGHTS)))
         tokenizer = AutoTokenizer.from_pretrained(path) if (path / "tokenizer_config.json").exists() else None
