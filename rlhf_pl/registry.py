@@ -7,7 +7,7 @@ plugin an experiment actually selects. Built-in plugins are declared in rlhf_pl'
 ``pyproject.toml`` exactly the way a third-party package declares its own::
 
     [project.entry-points."rlhf_pl.reward_heads"]
-    gated = "my_package:SPEC"          # SPEC = PluginSpec(name="gated", config=..., factory="my_package.head:GatedHead")
+    gated = "my_package:SPEC"  # SPEC = PluginSpec(name="gated", config=..., factory="my_package.head:GatedHead")
 
 Selecting it from the command line: ``python -m rlhf_pl +stage=rm reward_head=gated``.
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any, Callable
 
@@ -105,7 +105,7 @@ def _check_kind(kind: str) -> None:
         raise PluginError(f"unknown plugin kind {kind!r}; kinds: {', '.join(KINDS)}")
 
 
-@lru_cache(maxsize=None)
+@cache
 def installed(kind: str) -> tuple[InstalledPlugin, ...]:
     """Plugins of one kind installed in this environment, sorted by name."""
     _check_kind(kind)

@@ -11,7 +11,6 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 from rlhf_pl.io import save_figure, write_text
 
-
 # --- tables ---------------------------------------------------------------------------------------
 
 

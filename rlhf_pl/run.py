@@ -68,7 +68,8 @@ def run_stage(cfg: DictConfig, run_dir: Optional[Path] = None, inputs: Optional[
     write_json(run_dir / "summary.json", summary)
     if record and rank_zero_only.rank == 0:
         outputs.record(cfg, cfg.stage, result.outputs)
-    log.info("summary: %s", json.dumps({k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}, default=str))
+    scalars = {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
+    log.info("summary: %s", json.dumps(scalars, default=str))
     return result
 
 

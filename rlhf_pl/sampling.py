@@ -56,7 +56,8 @@ class Completions(NamedTuple):
                 for i in range(response.shape[0])]
 
 
-def cut_at_stop_strings(response: Tensor, mask: Tensor, tokenizer: Any, stop_strings: Sequence[str]) -> tuple[Tensor, Tensor]:
+def cut_at_stop_strings(response: Tensor, mask: Tensor, tokenizer: Any,
+                        stop_strings: Sequence[str]) -> tuple[Tensor, Tensor]:
     """End each response after the first token whose decoded prefix contains a stop string.
 
     Shapes: response, mask (b, n) -> mask (b, n) long (0 after the cut), stopped (b,) bool.
@@ -147,12 +148,19 @@ class _Progress:
     def __init__(self, label: Optional[str], total: int) -> None:
         self.label, self.total, self.done, self.started, self.bar = label, total, 0, time.perf_counter(), None
 
-    def __enter__(self) -> "_Progress":
+    def __enter__(self) -> _Progress:
         if self.label and sys.stderr.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
-            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                                TimeRemainingColumn(), transient=False)
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
             self.bar.start()
             self.task = self.bar.add_task(self.label, total=self.total)
         return self
@@ -162,7 +170,8 @@ class _Progress:
         if self.bar is not None:
             self.bar.advance(self.task, count)
         elif self.label:
-            log.info("%s: %d/%d sequences, %.0f s", self.label, self.done, self.total, time.perf_counter() - self.started)
+            log.info("%s: %d/%d sequences, %.0f s", self.label, self.done, self.total,
+                     time.perf_counter() - self.started)
 
     def __exit__(self, *exc: Any) -> None:
         if self.bar is not None:

@@ -32,7 +32,8 @@ def make_trainer(
     t = cfg.trainer
     loggers = []
     if cfg.logger.tensorboard:
-        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="", default_hp_metric=False))
+        loggers.append(TensorBoardLogger(save_dir=str(run_dir), name="tensorboard", version="",
+                                         default_hp_metric=False))
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))
     all_callbacks = [ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, save_top_k=0), *callbacks]

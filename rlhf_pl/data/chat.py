@@ -135,9 +135,11 @@ def _segments(tokenizer: Any, messages: Sequence[Message], *, generation_prompt:
             split = _split_assistant_turn(tokenizer, messages, k)
             segments += [(split.generation_prompt, 0), (split.answer, 1), (split.trailer, 0)]
         else:
-            segments.append((_delta(_render(tokenizer, messages[:k]), _render(tokenizer, messages[: k + 1]), f"message {k}"), 0))
+            before, after = _render(tokenizer, messages[:k]), _render(tokenizer, messages[: k + 1])
+            segments.append((_delta(before, after, f"message {k}"), 0))
     if generation_prompt:
-        gen = _delta(_render(tokenizer, messages), _render(tokenizer, messages, generation_prompt=True), "the generation prompt")
+        gen = _delta(_render(tokenizer, messages), _render(tokenizer, messages, generation_prompt=True),
+                     "the generation prompt")
         segments.append((gen, 0))
     return segments
 
@@ -161,7 +163,8 @@ def tokenize_prompt(tokenizer: Any, messages: Sequence[Message]) -> list[int]:
     assistant turn. Shape: (t_prompt,).
     """
     if not messages or messages[-1].role != "user":
-        raise ValueError(f"tokenize_prompt: expected messages ending with a user turn, got roles {[m.role for m in messages]}")
+        raise ValueError("tokenize_prompt: expected messages ending with a user turn, "
+                         f"got roles {[m.role for m in messages]}")
     return [i for text, _ in _segments(tokenizer, messages, generation_prompt=True) for i in _encode(tokenizer, text)]
 
 
@@ -175,10 +178,12 @@ def tokenize_completion(tokenizer: Any, text: str) -> list[int]:
 def end_of_turn_text(tokenizer: Any) -> str:
     """The marker the template puts after an answer (``<|im_end|>`` for ChatML)."""
     probe = "x"
-    return _split_assistant_turn(tokenizer, (Message("user", _PROBE_USER), Message("assistant", probe)), 1).answer[len(probe) :]
+    messages = (Message("user", _PROBE_USER), Message("assistant", probe))
+    return _split_assistant_turn(tokenizer, messages, 1).answer[len(probe) :]
 
 
-def apply_length_rule(examples: list[TokenizedExample], max_length: int, rule: str) -> tuple[list[TokenizedExample], LengthReport]:
+def apply_length_rule(examples: list[TokenizedExample], max_length: int,
+                      rule: str) -> tuple[list[TokenizedExample], LengthReport]:
     """Handle examples longer than ``max_length`` tokens.
 
     ``truncate`` keeps the first ``max_length`` tokens (an example left with no trained token is

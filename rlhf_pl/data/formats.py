@@ -146,7 +146,7 @@ class Ranking:
         out: list[tuple[int, int]] = []
         for i, better in enumerate(self.ranking):
             for worse in self.ranking[i + 1 :]:
-                out.extend((w, l) for w in better for l in worse)
+                out.extend((w, lo) for w in better for lo in worse)
         return out
 
 
@@ -178,7 +178,8 @@ def parse_messages(value: Any, field_name: str = "messages", *, last_role: str |
             raise _RecordError(f"{where}.role", "'system' only as the first message", role)
         messages.append(Message(role, _content(item.get("content", MISSING), f"{where}.content")))
     if last_role is not None and messages[-1].role != last_role:
-        raise _RecordError(f"{field_name}[{len(messages) - 1}].role", f"the last message to be a {last_role} turn", messages[-1].role)
+        raise _RecordError(f"{field_name}[{len(messages) - 1}].role", f"the last message to be a {last_role} turn",
+                           messages[-1].role)
     return tuple(messages)
 
 
@@ -221,7 +222,8 @@ def _completions(value: Any) -> tuple[str, ...]:
     texts = tuple(_content(c, f"completions[{i}]") for i, c in enumerate(value))
     for j, text in enumerate(texts):
         if text in texts[:j]:
-            raise _RecordError(f"completions[{j}]", f"distinct completions (duplicate of completions[{texts.index(text)}])", text)
+            raise _RecordError(f"completions[{j}]",
+                               f"distinct completions (duplicate of completions[{texts.index(text)}])", text)
     return texts
 
 
@@ -229,7 +231,8 @@ def _ranking(value: Any, k: int) -> tuple[tuple[int, ...], ...]:
     """Best-first groups of completion indices whose union is a permutation of range(k)."""
     is_index = lambda x: isinstance(x, int) and not isinstance(x, bool)  # noqa: E731
     if not isinstance(value, list) or not value:
-        raise _RecordError("ranking", f"a best-first list of the completion indices 0..{k - 1} (inner lists are ties)", value)
+        raise _RecordError("ranking", f"a best-first list of the completion indices 0..{k - 1} (inner lists are ties)",
+                           value)
     groups = []
     for i, item in enumerate(value):
         group = item if isinstance(item, list) else [item]
@@ -240,7 +243,8 @@ def _ranking(value: Any, k: int) -> tuple[tuple[int, ...], ...]:
     if sorted(flat) != list(range(k)):
         raise _RecordError("ranking", f"a permutation of 0..{k - 1}", value)
     if len(groups) < 2:
-        raise _RecordError("ranking", "at least two groups (a ranking where all completions tie compares nothing)", value)
+        raise _RecordError("ranking", "at least two groups (a ranking where all completions tie compares nothing)",
+                           value)
     return tuple(groups)
 
 
@@ -250,14 +254,16 @@ def parse_ranking(record: Any, origin: str) -> Ranking:
     prompt = _prompt_messages(record)
     kwise, pairwise = "completions" in record, "chosen" in record or "rejected" in record
     if kwise and pairwise:
-        raise _RecordError("chosen", "either 'completions' + 'ranking' or 'chosen' + 'rejected', not both", record.get("chosen", MISSING))
+        raise _RecordError("chosen", "either 'completions' + 'ranking' or 'chosen' + 'rejected', not both",
+                           record.get("chosen", MISSING))
     if kwise:
         completions = _completions(record["completions"])
         ranking = _ranking(record.get("ranking", MISSING), len(completions))
         return Ranking(prompt, completions, ranking, origin, _meta(record, ("prompt", "completions", "ranking")))
     if not pairwise:
         raise _RecordError("completions", "'completions' + 'ranking' (K-wise) or 'chosen' + 'rejected' (pairwise)")
-    chosen, rejected = _content(record.get("chosen", MISSING), "chosen"), _content(record.get("rejected", MISSING), "rejected")
+    chosen = _content(record.get("chosen", MISSING), "chosen")
+    rejected = _content(record.get("rejected", MISSING), "rejected")
     if chosen == rejected:
         raise _RecordError("rejected", "a completion different from 'chosen'", rejected)
     return Ranking(prompt, (chosen, rejected), ((0,), (1,)), origin, _meta(record, ("prompt", "chosen", "rejected")))
@@ -304,22 +310,26 @@ def _read_json_array(text: str, label: str, limit: int | None) -> list[RawRecord
     line_of = lambda pos: text.count("\n", 0, pos) + 1  # noqa: E731
     pos = _WS.match(text, 0).end()
     if not text.startswith("[", pos):
-        raise DataError(f"{label}:{line_of(pos)}: expected a JSON array of objects (use .jsonl for one object per line), got {_show(text[pos:pos + 20])}")
+        raise DataError(f"{label}:{line_of(pos)}: expected a JSON array of objects (use .jsonl for one object per "
+                        f"line), got {_show(text[pos:pos + 20])}")
     pos = _WS.match(text, pos + 1).end()
     while not text.startswith("]", pos) and (limit is None or len(out) < limit):
         try:
             value, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            raise DataError(f"{label}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})", origin=f"{label}:{err.lineno}") from None
+            raise DataError(f"{label}:{err.lineno}: invalid JSON: {err.msg} (column {err.colno})",
+                            origin=f"{label}:{err.lineno}") from None
         out.append(RawRecord(f"{label}:{line_of(pos)}", value))
         pos = _WS.match(text, end).end()
         if text.startswith(",", pos):
             pos = _WS.match(text, pos + 1).end()
         elif not text.startswith("]", pos):
-            raise DataError(f"{label}:{line_of(pos)}: invalid JSON: expected ',' or ']' after an array element, got {_show(text[pos:pos + 20])}")
+            raise DataError(f"{label}:{line_of(pos)}: invalid JSON: expected ',' or ']' after an array element, "
+                            f"got {_show(text[pos:pos + 20])}")
     if limit is None and _WS.match(text, pos + 1).end() < len(text):
         end = _WS.match(text, pos + 1).end()
-        raise DataError(f"{label}:{line_of(end)}: invalid JSON: expected nothing after the closing ']', got {_show(text[end:end + 20])}")
+        raise DataError(f"{label}:{line_of(end)}: invalid JSON: expected nothing after the closing ']', "
+                        f"got {_show(text[end:end + 20])}")
     return out
 
 
@@ -346,7 +356,8 @@ def _read_datasets(source: str, split: str, limit: int | None) -> list[RawRecord
     try:
         ds = datasets.load_dataset(source, split=split)
     except Exception as err:  # network, missing split, unknown format: all name the source
-        raise DataError(f"{source}: cannot load with datasets.load_dataset(split={split!r}): {type(err).__name__}: {err}") from err
+        raise DataError(f"{source}: cannot load with datasets.load_dataset(split={split!r}): "
+                        f"{type(err).__name__}: {err}") from err
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     return [RawRecord(f"{source}[{split}]:row {i}", _drop_nulls(row)) for i, row in enumerate(ds)]
@@ -361,7 +372,8 @@ def embedded_names() -> list[str]:
 def _read_embedded(name: str, limit: int | None) -> list[RawRecord]:
     resource = resources.files(EMBEDDED_PACKAGE) / f"{name}.jsonl"
     if not resource.is_file():
-        raise DataError(f"{EMBEDDED_PREFIX}{name}: no such embedded data set; available: {', '.join(embedded_names()) or '(none)'}")
+        raise DataError(f"{EMBEDDED_PREFIX}{name}: no such embedded data set; "
+                        f"available: {', '.join(embedded_names()) or '(none)'}")
     return _read_jsonl(resource.read_text(encoding="utf-8"), str(resource), limit)
 
 
@@ -370,7 +382,8 @@ def _read_local_file(path: Path, source: str, limit: int | None) -> list[RawReco
     if suffix == ".parquet":
         return _read_parquet(path, source, limit)
     if suffix not in (".jsonl", ".json"):
-        raise DataError(f"{source}: unsupported file type {suffix or '(none)'!r}; expected one of {', '.join(FILE_SUFFIXES)}, a directory, a hub dataset id or embedded:<name>")
+        raise DataError(f"{source}: unsupported file type {suffix or '(none)'!r}; expected one of "
+                        f"{', '.join(FILE_SUFFIXES)}, a directory, a hub dataset id or embedded:<name>")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -413,7 +426,8 @@ def _validate(raw: list[RawRecord], source: str, parse: Callable[[Any, str], T])
             errors.append((item.origin, err.field_name, err.describe()))
     if errors:
         origin, field_name, message = errors[0]
-        tail = f" ({len(errors)} of {len(raw)} records of {source} are bad; this is the first)" if len(errors) > 1 else ""
+        tail = (f" ({len(errors)} of {len(raw)} records of {source} are bad; this is the first)"
+                if len(errors) > 1 else "")
         raise DataError(f"{origin}: {message}{tail}", origin=origin, field=field_name, bad_records=len(errors))
     return records
 

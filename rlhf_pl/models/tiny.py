@@ -68,7 +68,8 @@ def build_tiny_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedToke
     """
     minimum = len(pre_tokenizers.ByteLevel.alphabet()) + len(SPECIAL_TOKENS)
     if vocab_size < minimum:
-        raise ValueError(f"model.tiny.vocab_size: expected at least {minimum} (256 bytes + special tokens), got {vocab_size}")
+        raise ValueError(f"model.tiny.vocab_size: expected at least {minimum} (256 bytes + special tokens), "
+                         f"got {vocab_size}")
     backend = Tokenizer.from_str(_trained_tokenizer_json(vocab_size))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -87,7 +88,8 @@ def build_tiny_tokenizer(vocab_size: int = 512, seed: int = 0) -> PreTrainedToke
 def tiny_llama_config(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:
     """The Llama architecture of ``cfg`` with the vocabulary and special ids of ``tokenizer``."""
     if cfg.hidden_size % cfg.num_heads:
-        raise ValueError(f"model.tiny.hidden_size: expected a multiple of num_heads={cfg.num_heads}, got {cfg.hidden_size}")
+        raise ValueError(f"model.tiny.hidden_size: expected a multiple of num_heads={cfg.num_heads}, "
+                         f"got {cfg.hidden_size}")
     return LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=cfg.hidden_size,
@@ -123,4 +125,5 @@ def describe(model: LlamaForCausalLM) -> str:
     """One line: parameter count and shape of the tiny model (for logs)."""
     c = model.config
     n = sum(p.numel() for p in model.parameters())
-    return json.dumps({"params": n, "vocab": c.vocab_size, "hidden": c.hidden_size, "layers": c.num_hidden_layers, "heads": c.num_attention_heads})
+    return json.dumps({"params": n, "vocab": c.vocab_size, "hidden": c.hidden_size, "layers": c.num_hidden_layers,
+                       "heads": c.num_attention_heads})

@@ -83,7 +83,8 @@ class PIKLConfig:
             _positive(key, getattr(self, key))
         _non_negative("kp", self.kp)
         _require(_finite(self.smoothing) and 0 <= self.smoothing < 1, "smoothing", self.smoothing, "in [0, 1)")
-        _require(self.beta_min < self.beta_max, "beta_min", self.beta_min, f"< kl_controller.beta_max ({self.beta_max})")
+        _require(self.beta_min < self.beta_max, "beta_min", self.beta_min,
+                 f"< kl_controller.beta_max ({self.beta_max})")
         _require(
             self.beta_min <= self.init_beta <= self.beta_max, "init_beta", self.init_beta,
             f"within [beta_min, beta_max] = [{self.beta_min}, {self.beta_max}]",

@@ -159,7 +159,8 @@ class PIKLController:
         self.value = math.exp(self._clamp(self.integral + self.kp * self.smoothed_error))
 
     def state_dict(self) -> dict:
-        return {"controller": "pi", "beta": self.value, "integral": self.integral, "smoothed_error": self.smoothed_error}
+        return {"controller": "pi", "beta": self.value, "integral": self.integral,
+                "smoothed_error": self.smoothed_error}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         keys = ("beta", "integral", "smoothed_error")

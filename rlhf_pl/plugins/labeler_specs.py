@@ -59,7 +59,8 @@ class RuleLabelerConfig:
     short_words: int = setting(6, ge=1)  # answers up to this many words need no closing punctuation ("FRESH BREAD")
     garbage: float = setting(3.0, ge=0)  # penalty × fraction of characters that are not plain English text
     decimals: int = setting(2, ge=0, le=6)  # scores are rounded to this many decimals; equal rounded scores tie
-    case_sensitive_tasks: List[str] = field(default_factory=lambda: ["uppercase", "lowercase"])  # tasks whose text answers must match in case
+    # tasks whose text answers must match in case
+    case_sensitive_tasks: List[str] = field(default_factory=lambda: ["uppercase", "lowercase"])
     noise: float = setting(0.0, ge=0, le=1)  # chance a prompt's ranking is replaced by a uniformly random permutation
     seed: int = 0  # seeds the noise; the draw for a prompt depends only on (seed, prompt, completions)
 

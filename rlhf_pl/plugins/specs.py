@@ -16,7 +16,7 @@ from rlhf_pl.registry import PluginSpec
 
 @dataclass
 class TemperatureSamplerConfig:
-    temperature: float = setting(0.7, gt=0)  # logits are divided by it before sampling (and before computing RL logprobs)
+    temperature: float = setting(0.7, gt=0)  # logits are divided by it before sampling and before computing RL logprobs
 
 
 @dataclass
@@ -36,7 +36,8 @@ TEMPERATURE_SAMPLER = PluginSpec(
     "multinomial sampling from softmax(logits / T)",
 )
 TOP_K_SAMPLER = PluginSpec("top_k", TopKSamplerConfig, "rlhf_pl.plugins.samplers:TopKSampler", "top-k sampling")
-TOP_P_SAMPLER = PluginSpec("top_p", TopPSamplerConfig, "rlhf_pl.plugins.samplers:TopPSampler", "nucleus (top-p) sampling")
+TOP_P_SAMPLER = PluginSpec("top_p", TopPSamplerConfig, "rlhf_pl.plugins.samplers:TopPSampler",
+                           "nucleus (top-p) sampling")
 
 # --- precision (rlhf_pl.precision) -----------------------------------------------------------
 
@@ -96,8 +97,10 @@ class Int8FrozenConfig:
     """Frozen models (PPO's reference and reward model) held in 8 bits (LLM.int8, bitsandbytes);
     trained models stay float32. Needs a stage with frozen models (not sft/rm)."""
 
-    compute: str = setting("fp32", choices=COMPUTE_CHOICES)  # fp32 | bf16-mixed | fp16-mixed (CUDA only): compute of the trained models
-    threshold: float = setting(6.0, ge=0)  # LLM.int8 outlier threshold: activation columns above it run in 16 bits; 0 = all int8
+    # fp32 | bf16-mixed | fp16-mixed (CUDA only): compute of the trained models
+    compute: str = setting("fp32", choices=COMPUTE_CHOICES)
+    # LLM.int8 outlier threshold: activation columns above it run in 16 bits; 0 = all int8
+    threshold: float = setting(6.0, ge=0)
 
 
 @dataclass
@@ -105,7 +108,8 @@ class NF4FrozenConfig:
     """Frozen models (PPO's reference and reward model) held in 4-bit NF4 (bitsandbytes); trained
     models stay float32. Needs a stage with frozen models (not sft/rm)."""
 
-    compute: str = setting("fp32", choices=COMPUTE_CHOICES)  # fp32 | bf16-mixed | fp16-mixed (CUDA only); also the dtype NF4 weights are dequantized to
+    # fp32 | bf16-mixed | fp16-mixed (CUDA only); also the dtype NF4 weights are dequantized to
+    compute: str = setting("fp32", choices=COMPUTE_CHOICES)
     double_quant: bool = True  # quantize the per-block scales too (QLoRA's double quantization)
 
 
@@ -119,8 +123,11 @@ class LoRAPrecisionConfig:
     r: int = setting(8, ge=1)  # adapter rank: each adapted W (out×in) gets B (out×r)·A (r×in); r·(in+out) parameters
     alpha: float = setting(16.0, gt=0)  # the update is scaled by alpha / r
     dropout: float = setting(0.0, ge=0, lt=1)  # dropout on the adapter's input (0: deterministic, as RLHF wants)
-    target_modules: List[str] = setting(default_factory=_all_linear, min_length=1)  # "all-linear" (see above) or module names
-    merge_on_export: bool = True  # true: exports are plain models with W + (alpha/r)·B·A; false: adapter-only exports (later stages cannot start from them)
+    # "all-linear" (see above) or module names
+    target_modules: List[str] = setting(default_factory=_all_linear, min_length=1)
+    # true: exports are plain models with W + (alpha/r)·B·A; false: adapter-only exports (later stages cannot start
+    # from them)
+    merge_on_export: bool = True
 
 
 @dataclass
@@ -128,7 +135,8 @@ class QLoRAPrecisionConfig:
     """LoRA adapters (as ``lora``) on a 4-bit NF4 base; frozen models are NF4 as well. The merged
     export dequantizes the base to float32 and adds the adapters."""
 
-    compute: str = setting("fp32", choices=COMPUTE_CHOICES)  # fp32 | bf16-mixed | fp16-mixed (CUDA only); also the dtype NF4 weights are dequantized to
+    # fp32 | bf16-mixed | fp16-mixed (CUDA only); also the dtype NF4 weights are dequantized to
+    compute: str = setting("fp32", choices=COMPUTE_CHOICES)
     r: int = setting(8, ge=1)
     alpha: float = setting(16.0, gt=0)
     dropout: float = setting(0.0, ge=0, lt=1)

@@ -32,10 +32,10 @@ from torchmetrics.functional import kendall_rank_corrcoef
 
 from rlhf_pl import registry
 from rlhf_pl.config import OVERLONG_RULES, OptimConfig
-from rlhf_pl.errors import ConfigError
 from rlhf_pl.data.chat import LengthReport, tokenize_completion, tokenize_prompt
 from rlhf_pl.data.collate import batched_loader, pad_right
 from rlhf_pl.data.formats import Conversation, Ranking, load_conversations, load_prompts, load_rankings, train_val_split
+from rlhf_pl.errors import ConfigError
 from rlhf_pl.models.loading import load_model_and_tokenizer
 from rlhf_pl.models.reward import RewardModel, RewardOutput
 from rlhf_pl.optim import build_optimizer
@@ -43,8 +43,8 @@ from rlhf_pl.outputs import InputSpec, model_config_at
 from rlhf_pl.plugins.reward_heads import HeadChoice, resolve_head
 from rlhf_pl.precision import build_for_stage
 from rlhf_pl.report import plot_curves
-from rlhf_pl.sampling import model_device, sample_texts
 from rlhf_pl.rl.ranking import RankingLossOutput, all_pairs, group_positions, kwise_ranking_loss
+from rlhf_pl.sampling import model_device, sample_texts
 from rlhf_pl.stages import StageResult
 from rlhf_pl.training import check_finite_loss, make_trainer
 
@@ -241,7 +241,8 @@ class RewardModelModule(L.LightningModule):
             self.history["train/loss"][0].append(self.global_step)
             self.history["train/loss"][1].append(float(outputs["loss"]))
             self.history["train/accuracy"][0].append(self.global_step)
-            self.history["train/accuracy"][1].append(float(self.trainer.callback_metrics.get("train/accuracy", math.nan)))
+            accuracy = self.trainer.callback_metrics.get("train/accuracy", math.nan)
+            self.history["train/accuracy"][1].append(float(accuracy))
 
     def validation_step(self, batch: RankingBatch, batch_idx: int) -> None:
         out = self(batch.input_ids, batch.attention_mask)
@@ -308,13 +309,15 @@ def head_from_config(head_cfg: Any) -> HeadChoice:
 # --- the normalisation reference set --------------------------------------------------------------
 
 
-def demonstration_references(conversations: Sequence[Conversation], tokenizer: Any, max_length: int) -> list[tuple[int, ...]]:
+def demonstration_references(conversations: Sequence[Conversation], tokenizer: Any,
+                             max_length: int) -> list[tuple[int, ...]]:
     """(prompt, answer) sequences: each conversation's last assistant turn that follows a user turn,
     with everything before it as the prompt."""
     sequences = []
     for conv in conversations:
         turns = conv.messages
-        k = next((i for i in range(len(turns) - 1, 0, -1) if turns[i].role == "assistant" and turns[i - 1].role == "user"), None)
+        k = next((i for i in range(len(turns) - 1, 0, -1)
+                  if turns[i].role == "assistant" and turns[i - 1].role == "user"), None)
         if k is None:
             continue
         prompt = tokenize_prompt(tokenizer, turns[:k])
@@ -322,7 +325,8 @@ def demonstration_references(conversations: Sequence[Conversation], tokenizer: A
     return sequences
 
 
-def policy_samples(causal_lm: Any, tokenizer: Any, prompts: Sequence[Any], sampler: Any, cfg: DictConfig) -> list[tuple[int, ...]]:
+def policy_samples(causal_lm: Any, tokenizer: Any, prompts: Sequence[Any], sampler: Any,
+                   cfg: DictConfig) -> list[tuple[int, ...]]:
     """prompt + sampled answer sequences from the initial (SFT) policy."""
     prompt_ids = [tokenize_prompt(tokenizer, p.messages)[-cfg.data.max_prompt_length:] for p in prompts]
     generator = torch.Generator(device=model_device(causal_lm)).manual_seed(cfg.seed)
@@ -379,24 +383,32 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     head = head_from_config(cfg.reward_head)
     reward_model = RewardModel.from_causal_lm(causal_lm, head, tokenizer)
     del causal_lm  # the LM head is not part of the reward model
-    reward_model = precision.prepare_trainable(reward_model)  # lora/qlora: trunk adapters (qlora: NF4 trunk); the head trains fully
-    log.info("reward model: %s trunk from %s + reward head %r %s", type(reward_model.trunk).__name__, init_from, head.name, head.config)
+    # lora/qlora: trunk adapters (qlora: NF4 trunk); the head trains fully
+    reward_model = precision.prepare_trainable(reward_model)
+    log.info("reward model: %s trunk from %s + reward head %r %s", type(reward_model.trunk).__name__, init_from,
+             head.name, head.config)
 
     train_items, train_report = tokenize_rankings(train_rankings, tokenizer, cfg.data.max_length, cfg.data.overlong)
     val_items, val_report = tokenize_rankings(val_rankings, tokenizer, cfg.data.max_length, cfg.data.overlong)
     if train_report.truncated + val_report.truncated + train_report.dropped + val_report.dropped:
         log.warning("data.max_length=%d: %d rankings truncated, %d dropped (data.overlong=%s)", cfg.data.max_length,
-                    train_report.truncated + val_report.truncated, train_report.dropped + val_report.dropped, cfg.data.overlong)
+                    train_report.truncated + val_report.truncated, train_report.dropped + val_report.dropped,
+                    cfg.data.overlong)
     if not train_items:
         raise ConfigError(f"no training rankings left after data.overlong={cfg.data.overlong} at data.max_length="
-                          f"{cfg.data.max_length} ({cfg.data.comparisons}); raise data.max_length or use data.overlong=truncate")
+                          f"{cfg.data.max_length} ({cfg.data.comparisons}); raise data.max_length "
+                          "or use data.overlong=truncate")
     pad_id = reward_model.pad_token_id
     module = RewardModelModule(reward_model.train(), rm.optim)  # dropout is model.dropout (0 by default)
     if cfg.trainer.max_epochs != rm.epochs:
-        log.info("rm.epochs=%d overrides trainer.max_epochs=%d for the reward model", rm.epochs, cfg.trainer.max_epochs)
-    trainer = make_trainer(cfg, run_dir, precision, max_epochs=rm.epochs, use_distributed_sampler=False)  # the loaders shard themselves
-    train_loader = make_loader(train_items, pad_id, rm.batch_size, cfg.seed, trainer, train=True, group_by_length=rm.group_by_length)
-    val_loader = make_loader(val_items, pad_id, rm.eval_batch_size, cfg.seed, trainer, train=False) if val_items else None
+        log.info("rm.epochs=%d overrides trainer.max_epochs=%d for the reward model", rm.epochs,
+                 cfg.trainer.max_epochs)
+    # the loaders shard themselves
+    trainer = make_trainer(cfg, run_dir, precision, max_epochs=rm.epochs, use_distributed_sampler=False)
+    train_loader = make_loader(train_items, pad_id, rm.batch_size, cfg.seed, trainer, train=True,
+                               group_by_length=rm.group_by_length)
+    val_loader = (make_loader(val_items, pad_id, rm.eval_batch_size, cfg.seed, trainer, train=False)
+                  if val_items else None)
     trainer.fit(module, train_loader, val_loader)
 
     reward_model = precision.export(reward_model)  # lora/qlora: adapters merged; normalise what is saved

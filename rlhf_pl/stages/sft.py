@@ -24,11 +24,11 @@ from torchmetrics import MeanMetric
 
 from rlhf_pl import registry
 from rlhf_pl.config import OptimConfig
-from rlhf_pl.errors import ConfigError
 from rlhf_pl.data.batches import tokenize_split
 from rlhf_pl.data.chat import LengthReport, tokenize_prompt
 from rlhf_pl.data.collate import SFTCollator, batched_loader
 from rlhf_pl.data.formats import Conversation, load_conversations, train_val_split
+from rlhf_pl.errors import ConfigError
 from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_atomic
 from rlhf_pl.optim import build_optimizer
 from rlhf_pl.precision import build_for_stage
@@ -120,11 +120,13 @@ class SFTModule(L.LightningModule):
 # --- data -----------------------------------------------------------------------------------------
 
 
-def make_loader(examples, pad_id: int, batch_size: int, seed: int, trainer: Any, *, train: bool, group_by_length: bool) -> DataLoader:
+def make_loader(examples, pad_id: int, batch_size: int, seed: int, trainer: Any, *, train: bool,
+                group_by_length: bool) -> DataLoader:
     """This rank's batches: training shuffled (length-grouped with ``group_by_length``), validation
     in order, sorted by length inside mega-batches (less padding; the order does not matter)."""
     return batched_loader(examples, [len(e.input_ids) for e in examples], SFTCollator(pad_id), batch_size, seed,
-                          shuffle=train, group=group_by_length or not train, world_size=trainer.world_size, rank=trainer.global_rank)
+                          shuffle=train, group=group_by_length or not train, world_size=trainer.world_size,
+                          rank=trainer.global_rank)
 
 
 # --- samples --------------------------------------------------------------------------------------
@@ -134,8 +136,8 @@ def sample_answers(model, tokenizer, conversations: list[Conversation], sampler,
     """Answer the first user turn(s) of each held-out conversation; rows for a sample table."""
     prompts = [c.messages[: next(i for i, m in enumerate(c.messages) if m.role == "assistant")] for c in conversations]
     generator = torch.Generator(device=model_device(model)).manual_seed(0)
-    answers = sample_texts(model, tokenizer, [tokenize_prompt(tokenizer, p) for p in prompts], 1, sampler, max_new_tokens,
-                           batch_size=max(1, len(prompts)), generator=generator)
+    answers = sample_texts(model, tokenizer, [tokenize_prompt(tokenizer, p) for p in prompts], 1, sampler,
+                           max_new_tokens, batch_size=max(1, len(prompts)), generator=generator)
     return [{"prompt": prompt[-1].content, "model": answer[0].text,
              "reference": next(m.content for m in conv.messages if m.role == "assistant")}
             for conv, prompt, answer in zip(conversations, prompts, answers)]
@@ -162,16 +164,20 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any = None) -> StageResult:
     _report_lengths(cfg, train_report, val_report)
     if not train_examples:
         raise ConfigError(f"no training examples left after data.overlong={cfg.data.overlong} at data.max_length="
-                          f"{cfg.data.max_length} ({cfg.data.demonstrations}); raise data.max_length or use data.overlong=truncate")
+                          f"{cfg.data.max_length} ({cfg.data.demonstrations}); raise data.max_length "
+                          "or use data.overlong=truncate")
 
     module = SFTModule(model, stage.optim)
     trainer = make_trainer(cfg, run_dir, precision, use_distributed_sampler=False)  # the loaders shard themselves
-    train_loader = make_loader(train_examples, tokenizer.pad_token_id, stage.batch_size, cfg.seed, trainer, train=True, group_by_length=stage.group_by_length)
-    val_loader = make_loader(val_examples, tokenizer.pad_token_id, stage.eval_batch_size, cfg.seed, trainer, train=False, group_by_length=False)
+    train_loader = make_loader(train_examples, tokenizer.pad_token_id, stage.batch_size, cfg.seed, trainer, train=True,
+                               group_by_length=stage.group_by_length)
+    val_loader = make_loader(val_examples, tokenizer.pad_token_id, stage.eval_batch_size, cfg.seed, trainer,
+                             train=False, group_by_length=False)
     trainer.fit(module, train_loader, val_loader if val_examples else None)
 
     sampler = registry.build("samplers", cfg.sampler)
-    rows = sample_answers(module.model, tokenizer, val_convs[: stage.num_samples], sampler, stage.max_new_tokens) if stage.num_samples and val_convs else []
+    rows = (sample_answers(module.model, tokenizer, val_convs[: stage.num_samples], sampler, stage.max_new_tokens)
+            if stage.num_samples and val_convs else [])
     _write_samples(run_dir, trainer, rows)
     plot_curves(module.history, run_dir / "loss.png", title=f"SFT {cfg.model.name}")
 
@@ -205,4 +211,5 @@ def _report_lengths(cfg: DictConfig, *reports: LengthReport) -> None:
 
 
 def _write_samples(run_dir: Path, trainer: L.Trainer, rows: list[dict]) -> None:
-    SampleLog(run_dir / "samples.md", "SFT samples", "samples").add(rows, "held-out prompts", trainer.global_step, trainer)
+    samples = SampleLog(run_dir / "samples.md", "SFT samples", "samples")
+    samples.add(rows, "held-out prompts", trainer.global_step, trainer)
