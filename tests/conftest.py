@@ -47,5 +47,6 @@ def ppo_inputs(tmp_path_factory, tiny_tokenizer):
     root = tmp_path_factory.mktemp("ppo_inputs")
     save_pretrained_atomic(build_tiny_model(TinyModelConfig(), tiny_tokenizer), tiny_tokenizer, root / "sft")
     torch.manual_seed(1)
-    RewardModel.from_causal_lm(build_tiny_model(TinyModelConfig(seed=1), tiny_tokenizer), "linear", tiny_tokenizer).save_pretrained(root / "rm")
+    reward_lm = build_tiny_model(TinyModelConfig(seed=1), tiny_tokenizer)
+    RewardModel.from_causal_lm(reward_lm, "linear", tiny_tokenizer).save_pretrained(root / "rm")
     return root

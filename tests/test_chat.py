@@ -70,7 +70,8 @@ def test_prompt_plus_completion_equals_conversation(tiny_tokenizer):
     assert tiny_tokenizer.decode(completion) == "5 + 10 = 15.<|im_end|>"
     assert completion[-1] == tiny_tokenizer.eos_token_id
     # the prompt is what generation sees: the template with the generation prompt
-    as_generated = tiny_tokenizer.apply_chat_template(as_dicts(CONVERSATION[:-1]), add_generation_prompt=True, return_dict=False)
+    as_generated = tiny_tokenizer.apply_chat_template(as_dicts(CONVERSATION[:-1]), add_generation_prompt=True,
+                                                      return_dict=False)
     assert prompt == as_generated
     assert tiny_tokenizer.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n")
 
@@ -87,7 +88,8 @@ def test_consistency_over_the_embedded_demonstrations(tiny_tokenizer):
 
 
 def test_tokenize_prompt_requires_a_final_user_turn(tiny_tokenizer):
-    with pytest.raises(ValueError, match=r"expected messages ending with a user turn, got roles \['user', 'assistant'\]"):
+    with pytest.raises(ValueError,
+                       match=r"expected messages ending with a user turn, got roles \['user', 'assistant'\]"):
         tokenize_prompt(tiny_tokenizer, CONVERSATION[1:3])
 
 
@@ -106,7 +108,8 @@ def test_template_that_trims_content(tiny_tokenizer):
 def test_non_prefix_stable_template_is_refused(tiny_tokenizer):
     tok = copy.deepcopy(tiny_tokenizer)
     tok.chat_template = "{{ messages | length }}\n" + CHATML_TEMPLATE  # every turn rewrites the header
-    with pytest.raises(ChatTemplateError, match=r"not prefix-stable at assistant message 1: .* at character 0 \('1\\n<\|im_start\|>user.*' became '2\\n"):
+    with pytest.raises(ChatTemplateError, match=r"not prefix-stable at assistant message 1: .* at character 0 "
+                                                r"\('1\\n<\|im_start\|>user.*' became '2\\n"):
         tokenize_conversation(tok, CONVERSATION[1:3] + (Message("user", "again"),))
 
 

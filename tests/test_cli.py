@@ -17,7 +17,8 @@ def run_cli(
     *args: str, cwd: Path, module: str = "rlhf_pl", full_error: bool = False
 ) -> subprocess.CompletedProcess:
     env = {**os.environ, "HYDRA_FULL_ERROR": "1" if full_error else "0"}
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
 
 
 def compose_cfg(*overrides: str):

@@ -7,8 +7,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from tool_loader import load_tool
+
 from rlhf_pl.data.formats import (
     Conversation,
     DataError,
@@ -22,7 +22,8 @@ from rlhf_pl.data.formats import (
 )
 
 REPO = Path(__file__).resolve().parent.parent
-CONV = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4."}]}
+CONV = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+                     {"role": "assistant", "content": "4."}]}
 KWISE = {"prompt": "Say hi.", "completions": ["hi", "hello", "hey", "yo"], "ranking": [2, [0, 3], 1]}
 PAIRWISE = {"prompt": [{"role": "user", "content": "Say hi."}], "chosen": "hi", "rejected": "go away"}
 
@@ -54,7 +55,8 @@ def test_jsonl_conversation_with_meta_and_origin(tmp_path):
 def test_jsonl_prompts_both_forms_and_meta(tmp_path):
     records = [
         {"prompt": "What is 2 + 2?", "task": "add", "answer": "4"},
-        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Add 1 and 2."}]},
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                      {"role": "user", "content": "Add 1 and 2."}]},
         {"prompt": [{"role": "system", "content": "S"}, {"role": "user", "content": "Q"}]},
     ]
     prompts = load_prompts(str(write_jsonl(tmp_path / "p.jsonl", records)))
@@ -94,7 +96,8 @@ def test_json_that_is_not_one_array_is_refused(tmp_path):
     path.write_text('{"prompt": "one"}', encoding="utf-8")
     assert str(error_of(load_prompts, str(path))).startswith(f"{path}:1: expected a JSON array of objects (use .jsonl")
     path.write_text('[{"prompt": "one"}]\n[{"prompt": "two"}]\n', encoding="utf-8")
-    assert str(error_of(load_prompts, str(path))).startswith(f"{path}:2: invalid JSON: expected nothing after the closing ']', got '[")
+    assert str(error_of(load_prompts, str(path))).startswith(
+        f"{path}:2: invalid JSON: expected nothing after the closing ']', got '[")
 
 
 def test_parquet_rankings_and_null_columns(tmp_path):
@@ -110,7 +113,8 @@ def test_parquet_rankings_and_null_columns(tmp_path):
     assert rankings[0].ranking == ((1,), (0, 2)) and rankings[0].pairs() == [(1, 0), (1, 2)]
     assert rankings[1].origin == f"{path}:row 1" and rankings[1].pairs() == [(2, 1), (2, 0), (1, 0)]
     mixed = tmp_path / "p.parquet"  # rows lacking a column get null there; null counts as missing
-    pq.write_table(pa.Table.from_pylist([{"prompt": "Q1", "messages": None}, {"prompt": None, "messages": [{"role": "user", "content": "Q2"}]}]), mixed)
+    pq.write_table(pa.Table.from_pylist([{"prompt": "Q1", "messages": None},
+                                         {"prompt": None, "messages": [{"role": "user", "content": "Q2"}]}]), mixed)
     assert [p.messages[-1].content for p in load_prompts(str(mixed))] == ["Q1", "Q2"]
 
 
@@ -138,7 +142,8 @@ def test_embedded_default_data():
 
 
 def test_unknown_embedded_name_lists_available():
-    assert str(error_of(load_prompts, "embedded:nope")) == "embedded:nope: no such embedded data set; available: comparisons, demonstrations, prompts"
+    assert str(error_of(load_prompts, "embedded:nope")) == ("embedded:nope: no such embedded data set; "
+                                                           "available: comparisons, demonstrations, prompts")
 
 
 # --- errors: each names file:line and field -----------------------------------------------------
@@ -147,25 +152,46 @@ def test_unknown_embedded_name_lists_available():
 @pytest.mark.parametrize(
     "loader, bad, expected",
     [
-        (load_conversations, {"messages": [{"role": "user", "content": "hi"}]}, "field 'messages': expected at least one assistant turn, got ['user']"),
-        (load_conversations, {"turns": []}, "field 'messages': expected a non-empty list of {role, content} objects, got <missing>"),
-        (load_conversations, {"messages": [{"role": "bot", "content": "hi"}]}, "field 'messages[0].role': expected one of system, user, assistant, got 'bot'"),
-        (load_conversations, {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "field 'messages[0].content': expected a non-empty string, got <missing>"),
-        (load_conversations, {"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}]}, "field 'messages[1].role': expected 'system' only as the first message, got 'system'"),
+        (load_conversations, {"messages": [{"role": "user", "content": "hi"}]},
+         "field 'messages': expected at least one assistant turn, got ['user']"),
+        (load_conversations, {"turns": []},
+         "field 'messages': expected a non-empty list of {role, content} objects, got <missing>"),
+        (load_conversations, {"messages": [{"role": "bot", "content": "hi"}]},
+         "field 'messages[0].role': expected one of system, user, assistant, got 'bot'"),
+        (load_conversations, {"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]},
+         "field 'messages[0].content': expected a non-empty string, got <missing>"),
+        (load_conversations,
+         {"messages": [{"role": "user", "content": "q"}, {"role": "system", "content": "s"},
+                       {"role": "assistant", "content": "a"}]},
+         "field 'messages[1].role': expected 'system' only as the first message, got 'system'"),
         (load_conversations, ["not", "an", "object"], "expected a JSON object, got ['not', 'an', 'object']"),
         (load_prompts, {"task": "add"}, "field 'prompt': expected a non-empty string, got <missing>"),
-        (load_prompts, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}, "field 'messages[1].role': expected the last message to be a user turn, got 'assistant'"),
-        (load_rankings, {**KWISE, "ranking": [0, 0, 1, 2]}, "field 'ranking': expected a permutation of 0..3, got [0, 0, 1, 2]"),
-        (load_rankings, {**KWISE, "ranking": [2, [0, 3]]}, "field 'ranking': expected a permutation of 0..3, got [2, [0, 3]]"),
-        (load_rankings, {**KWISE, "ranking": [[0, 1, 2, 3]]}, "field 'ranking': expected at least two groups (a ranking where all completions tie compares nothing), got [[0, 1, 2, 3]]"),
-        (load_rankings, {**KWISE, "ranking": [0, True, 2, 3]}, "field 'ranking[1]': expected a completion index or a non-empty list of indices (a tie), got True"),
-        (load_rankings, {"prompt": "p", "completions": ["only one"], "ranking": [0]}, "field 'completions': expected a list of K >= 2 completions, got ['only one']"),
-        (load_rankings, {"prompt": "p", "completions": ["a", "b", "a"], "ranking": [0, 1, 2]}, "field 'completions[2]': expected distinct completions (duplicate of completions[0]), got 'a'"),
-        (load_rankings, {"prompt": "p", "completions": ["a", "  ", "c"], "ranking": [0, 1, 2]}, "field 'completions[1]': expected a non-empty string, got '  '"),
-        (load_rankings, {"prompt": "p", "chosen": "", "rejected": "b"}, "field 'chosen': expected a non-empty string, got ''"),
-        (load_rankings, {"prompt": "p", "chosen": "same", "rejected": "same"}, "field 'rejected': expected a completion different from 'chosen', got 'same'"),
-        (load_rankings, {"prompt": "p"}, "field 'completions': expected 'completions' + 'ranking' (K-wise) or 'chosen' + 'rejected' (pairwise), got <missing>"),
-        (load_rankings, {**KWISE, "chosen": "hi"}, "field 'chosen': expected either 'completions' + 'ranking' or 'chosen' + 'rejected', not both, got 'hi'"),
+        (load_prompts, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+         "field 'messages[1].role': expected the last message to be a user turn, got 'assistant'"),
+        (load_rankings, {**KWISE, "ranking": [0, 0, 1, 2]},
+         "field 'ranking': expected a permutation of 0..3, got [0, 0, 1, 2]"),
+        (load_rankings, {**KWISE, "ranking": [2, [0, 3]]},
+         "field 'ranking': expected a permutation of 0..3, got [2, [0, 3]]"),
+        (load_rankings, {**KWISE, "ranking": [[0, 1, 2, 3]]},
+         "field 'ranking': expected at least two groups (a ranking where all completions tie compares nothing), "
+         "got [[0, 1, 2, 3]]"),
+        (load_rankings, {**KWISE, "ranking": [0, True, 2, 3]},
+         "field 'ranking[1]': expected a completion index or a non-empty list of indices (a tie), got True"),
+        (load_rankings, {"prompt": "p", "completions": ["only one"], "ranking": [0]},
+         "field 'completions': expected a list of K >= 2 completions, got ['only one']"),
+        (load_rankings, {"prompt": "p", "completions": ["a", "b", "a"], "ranking": [0, 1, 2]},
+         "field 'completions[2]': expected distinct completions (duplicate of completions[0]), got 'a'"),
+        (load_rankings, {"prompt": "p", "completions": ["a", "  ", "c"], "ranking": [0, 1, 2]},
+         "field 'completions[1]': expected a non-empty string, got '  '"),
+        (load_rankings, {"prompt": "p", "chosen": "", "rejected": "b"},
+         "field 'chosen': expected a non-empty string, got ''"),
+        (load_rankings, {"prompt": "p", "chosen": "same", "rejected": "same"},
+         "field 'rejected': expected a completion different from 'chosen', got 'same'"),
+        (load_rankings, {"prompt": "p"},
+         "field 'completions': expected 'completions' + 'ranking' (K-wise) or 'chosen' + 'rejected' (pairwise), "
+         "got <missing>"),
+        (load_rankings, {**KWISE, "chosen": "hi"},
+         "field 'chosen': expected either 'completions' + 'ranking' or 'chosen' + 'rejected', not both, got 'hi'"),
     ],
 )
 def test_bad_record_names_file_line_and_field(tmp_path, loader, bad, expected):
@@ -178,9 +204,11 @@ def test_bad_record_names_file_line_and_field(tmp_path, loader, bad, expected):
 
 
 def test_bad_json_names_line_and_all_bad_records_are_counted(tmp_path):
-    path = write_jsonl(tmp_path / "d.jsonl", [CONV, '{"messages": [}', "", {"messages": [{"role": "bot", "content": "x"}]}, CONV])
+    path = write_jsonl(tmp_path / "d.jsonl",
+                       [CONV, '{"messages": [}', "", {"messages": [{"role": "bot", "content": "x"}]}, CONV])
     err = error_of(load_conversations, str(path))
-    assert str(err) == f"{path}:2: invalid JSON: Expecting value (column 15) (2 of 4 records of {path} are bad; this is the first)"
+    assert str(err) == (f"{path}:2: invalid JSON: Expecting value (column 15) "
+                        f"(2 of 4 records of {path} are bad; this is the first)")
     assert err.bad_records == 2
 
 
@@ -196,7 +224,8 @@ def test_missing_file_and_unsupported_type(tmp_path):
     assert str(error_of(load_prompts, str(missing))) == f"{missing}: file not found (resolved to {missing})"
     csv = tmp_path / "p.csv"
     csv.write_text("prompt\nhi\n", encoding="utf-8")
-    assert "unsupported file type '.csv'; expected one of .jsonl, .json, .parquet" in str(error_of(load_prompts, str(csv)))
+    assert "unsupported file type '.csv'; expected one of .jsonl, .json, .parquet" in str(
+        error_of(load_prompts, str(csv)))
 
 
 def test_bad_limit_is_refused():
@@ -241,7 +270,8 @@ def load_generator():
 def test_shipped_default_data_is_what_the_generator_writes():
     files = load_generator().generate(seed=0)
     for name, text in files.items():
-        assert (REPO / "rlhf_pl" / "data" / "default" / name).read_text(encoding="utf-8") == text, f"{name} is stale: run tools/make_default_data.py"
+        shipped = (REPO / "rlhf_pl" / "data" / "default" / name).read_text(encoding="utf-8")
+        assert shipped == text, f"{name} is stale: run tools/make_default_data.py"
 
 
 def test_default_prompts_are_disjoint_from_demonstrations_and_mixed():

@@ -8,8 +8,14 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlhf_pl.models.generate import (
-    Generation, entropy_from_logits, generate, logprobs_from_logits, position_ids_from_mask,
-    response_logits, response_logprobs, response_mask_from_tokens,
+    Generation,
+    entropy_from_logits,
+    generate,
+    logprobs_from_logits,
+    position_ids_from_mask,
+    response_logits,
+    response_logprobs,
+    response_mask_from_tokens,
 )
 from rlhf_pl.plugins.samplers import TemperatureSampler
 from rlhf_pl.plugins.specs import TemperatureSamplerConfig
@@ -168,7 +174,8 @@ def test_logprobs_at_temperature_match_manual_unpadded_computation(model):
 def test_seeded_sampling_is_reproducible(model):
     ids, mask = left_pad([PROMPT_A, PROMPT_B])
     sampler = TemperatureSampler(TemperatureSamplerConfig(temperature=1.0))
-    runs = [generate(model, ids, mask, sampler, 6, EOS, PAD, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    runs = [generate(model, ids, mask, sampler, 6, EOS, PAD, generator=torch.Generator().manual_seed(7))
+            for _ in range(2)]
     assert torch.equal(runs[0].sequences, runs[1].sequences)
 
 

@@ -3,8 +3,8 @@ import math
 
 import pytest
 from omegaconf import OmegaConf
-
 from tool_loader import load_tool
+
 from rlhf_pl.plugins.kl_controller_specs import (
     ADAPTIVE,
     FIXED,
@@ -19,7 +19,6 @@ from rlhf_pl.plugins.kl_controllers import (
     KLController,
     PIKLController,
 )
-
 
 # --- fixed ---------------------------------------------------------------------------------------
 

@@ -1,14 +1,13 @@
 """The rule-based simulated labeler, its noise option and config checks, and the shipped comparisons."""
 from __future__ import annotations
 
-
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
-
 from tool_loader import load_tool
+
 from rlhf_pl import registry
 from rlhf_pl.config import register_configs
 from rlhf_pl.data.formats import Message, Prompt, load_rankings
@@ -131,7 +130,8 @@ def _prompts(n: int) -> list[Prompt]:
     return [prompt(f"What is {i} + 1?", "add", str(i + 1), f"p.jsonl:{i}") for i in range(n)]
 
 
-COMPLETIONS = ["It is {}.", "It is {} or maybe not, who knows, since numbers are hard for me to add up", "no", "¿¿ ÄÖ {} ??"]
+COMPLETIONS = ["It is {}.", "It is {} or maybe not, who knows, since numbers are hard for me to add up", "no",
+               "¿¿ ÄÖ {} ??"]
 EXPECTED = ((0,), (1,), (3,), (2,))  # correct+direct 4.5 > rambling 3.4 > garbage ~2.8-3.0 > wrong 0
 
 

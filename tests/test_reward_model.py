@@ -94,7 +94,8 @@ def test_save_then_from_pretrained_gives_identical_rewards(tiny_model, tiny_toke
     out = tmp_path / "rm"
     model.save_pretrained(out)
     model.save_pretrained(out)  # replacing an existing directory works too
-    assert {"config.json", "model.safetensors", "tokenizer.json", HEAD_WEIGHTS, REWARD_CONFIG} <= {p.name for p in out.iterdir()}
+    expected = {"config.json", "model.safetensors", "tokenizer.json", HEAD_WEIGHTS, REWARD_CONFIG}
+    assert expected <= {p.name for p in out.iterdir()}
     assert [p.name for p in tmp_path.iterdir()] == ["rm"]  # no temp or old directories left behind
     saved = json.loads((out / REWARD_CONFIG).read_text())
     assert saved["head"]["name"] == "ensemble" and saved["head"]["config"] == {"n_heads": 3, "init_std": None}
@@ -115,7 +116,8 @@ def test_from_pretrained_names_the_missing_plugin_package(reward_model, tmp_path
     config = json.loads((out / REWARD_CONFIG).read_text())
     config["head"].update(name="gated", distribution="acme-heads")
     (out / REWARD_CONFIG).write_text(json.dumps(config))
-    with pytest.raises(registry.PluginError, match=r"reward_config.json: key head.name='gated'.*pip install acme-heads"):
+    with pytest.raises(registry.PluginError,
+                       match=r"reward_config.json: key head.name='gated'.*pip install acme-heads"):
         RewardModel.from_pretrained(out)
     with pytest.raises(FileNotFoundError, match="not a reward model saved by rlhf_pl"):
         RewardModel.from_pretrained(tmp_path)
@@ -123,7 +125,8 @@ def test_from_pretrained_names_the_missing_plugin_package(reward_model, tmp_path
 
 @torch.no_grad()
 def test_score_uses_chat_template_and_is_batch_invariant(reward_model, tiny_tokenizer):
-    prompts = ["What is 2 plus 3?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}], "Reverse 'cat'."]
+    prompts = ["What is 2 plus 3?", [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}],
+               "Reverse 'cat'."]
     completions = ["5.", "Hello there, how can I help you today?", "tac"]
     scores = reward_model.score(prompts, completions, batch_size=8)
     one_by_one = reward_model.score(prompts, completions, batch_size=1)

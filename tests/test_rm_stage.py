@@ -46,7 +46,8 @@ def test_tokenize_rankings_chat_templates_once_and_applies_the_length_rule(tiny_
     ranking = Ranking(prompt, ("Blue.", "Green, I think."), ((0,), (1,)), "c.jsonl:1")
     items, report = tokenize_rankings([ranking], tiny_tokenizer, 512, "truncate")
     prompt_ids = tokenize_prompt(tiny_tokenizer, prompt)
-    assert items[0].sequences == tuple(tuple(prompt_ids + tokenize_completion(tiny_tokenizer, c)) for c in ranking.completions)
+    assert items[0].sequences == tuple(tuple(prompt_ids + tokenize_completion(tiny_tokenizer, c))
+                                       for c in ranking.completions)
     assert items[0].groups == ((0,), (1,)) and tuple(report) == (1, 0, 0)
     short = len(items[0].sequences[0])  # the longer completion does not fit
     assert tuple(tokenize_rankings([ranking], tiny_tokenizer, short, "truncate")[1]) == (1, 1, 0)
@@ -134,7 +135,8 @@ def test_tiny_llama_learns_marker_preference(tiny_model, tiny_tokenizer, one_thr
         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
     )
     pad = tiny_tokenizer.pad_token_id
-    trainer.fit(module, make_loader(train, pad, 8, 0, trainer, train=True), make_loader(val, pad, 8, 0, trainer, train=False))
+    trainer.fit(module, make_loader(train, pad, 8, 0, trainer, train=True),
+                make_loader(val, pad, 8, 0, trainer, train=False))
     results = module.val_results
     assert results["val/accuracy"] > 0.9, results
     assert results["val/margin"] > 0 and results["val/kendall_tau"] > 0.5
@@ -188,7 +190,8 @@ def _write_comparisons(path: Path, n: int) -> None:
             wrong = rng.sample([c for c in colours if c != right], 3)
             prompt = f"Name the colour {right}, please."
             if i % 4 == 3:
-                f.write(json.dumps({"prompt": prompt, "chosen": f"It is {right}.", "rejected": f"It is {wrong[0]}."}) + "\n")
+                f.write(json.dumps({"prompt": prompt, "chosen": f"It is {right}.",
+                                    "rejected": f"It is {wrong[0]}."}) + "\n")
                 continue
             completions = [f"It is {right}."] + [f"It is {w}." for w in wrong]
             order = list(range(4))
@@ -199,8 +202,8 @@ def _write_comparisons(path: Path, n: int) -> None:
 
 
 def test_stage_end_to_end_from_the_command_line_config(tmp_path, tiny_model, tiny_tokenizer, one_thread):
-    from rlhf_pl.models.loading import save_pretrained_atomic
     from rlhf_pl import outputs
+    from rlhf_pl.models.loading import save_pretrained_atomic
     from rlhf_pl.run import run_stage
 
     comparisons = tmp_path / "comparisons.jsonl"
@@ -219,7 +222,8 @@ def test_stage_end_to_end_from_the_command_line_config(tmp_path, tiny_model, tin
     run_dir = Path(summary["reward_model_dir"]).parent
     on_disk = json.loads((run_dir / "summary.json").read_text())
     assert on_disk["stage"] == "rm" and on_disk["init_from"] == str(sft_dir)
-    assert on_disk["train_prompts"] == 30 and on_disk["val_prompts"] == 10 and on_disk["steps"] == 8  # 30 / 4 -> 8 steps
+    # 30 / 4 -> 8 steps
+    assert on_disk["train_prompts"] == 30 and on_disk["val_prompts"] == 10 and on_disk["steps"] == 8
     for key in ("val_accuracy", "val_margin", "val_kendall_tau", "val_loss"):
         assert math.isfinite(on_disk[key]), key
     assert on_disk["normalisation"]["n"] == 6 and on_disk["reward_head"] == "ensemble"

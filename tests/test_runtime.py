@@ -15,7 +15,12 @@ from torch.profiler import ProfilerActivity, profile
 
 from rlhf_pl.models.generate import position_ids_from_mask
 from rlhf_pl.runtime import (
-    PLAIN_ATTENTION_MAX_LENGTH, _glibc, attention_kernel, matmul_peak, uses_plain_attention, weights_cast_once,
+    PLAIN_ATTENTION_MAX_LENGTH,
+    _glibc,
+    attention_kernel,
+    matmul_peak,
+    uses_plain_attention,
+    weights_cast_once,
 )
 
 FAULTS_PER_STEP = """

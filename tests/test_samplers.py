@@ -86,8 +86,10 @@ def test_seeded_generator_makes_sampling_reproducible():
 
 
 @pytest.mark.parametrize("build, message", [
-    (lambda: TemperatureSampler(TemperatureSamplerConfig(temperature=0.0)), "sampler.temperature must be a finite number > 0, got 0.0"),
-    (lambda: TopKSampler(TopKSamplerConfig(temperature=-1.0)), "sampler.temperature must be a finite number > 0, got -1.0"),
+    (lambda: TemperatureSampler(TemperatureSamplerConfig(temperature=0.0)),
+     "sampler.temperature must be a finite number > 0, got 0.0"),
+    (lambda: TopKSampler(TopKSamplerConfig(temperature=-1.0)),
+     "sampler.temperature must be a finite number > 0, got -1.0"),
     (lambda: TopKSampler(TopKSamplerConfig(k=0)), "sampler.k must be an integer >= 1, got 0"),
     (lambda: TopPSampler(TopPSamplerConfig(p=1.5)), "sampler.p must be in (0, 1], got 1.5"),
     (lambda: TopPSampler(TopPSamplerConfig(p=0.0)), "sampler.p must be in (0, 1], got 0.0"),

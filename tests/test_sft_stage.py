@@ -99,7 +99,8 @@ def test_gradient_checkpointing_and_dropout_switches(tmp_path):
 
     cfg = _compose("+stage=sft", "experiment=quick", "model.gradient_checkpointing=true", "model.dropout=0.2")
     model = load_model_and_tokenizer(cfg.model).model
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    name = ("is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing")
+            else "is_gradient_checkpointing")
     assert getattr(model, name)
     assert model.config.attention_dropout == pytest.approx(0.2)
 
@@ -115,7 +116,8 @@ def test_the_model_trains_in_training_mode_so_dropout_and_checkpointing_act(tiny
     loaded = load_model_and_tokenizer(cfg.model)
     module = SFTModule(loaded.model.eval(), cfg.sft.optim)  # arrives in eval mode, as from_pretrained returns it
     assert module.model.training
-    examples = [tokenize_conversation(loaded.tokenizer, c.messages) for c in load_conversations("embedded:demonstrations", limit=2)]
+    examples = [tokenize_conversation(loaded.tokenizer, c.messages)
+                for c in load_conversations("embedded:demonstrations", limit=2)]
     batch = SFTCollator(loaded.tokenizer.pad_token_id)(examples)
     first, second = module.token_loss(batch)[0], module.token_loss(batch)[0]
     assert not torch.equal(first, second)  # dropout is active: two passes differ

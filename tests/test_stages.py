@@ -32,7 +32,8 @@ def test_every_stage_declares_its_inputs_and_one_entry_point():
 
 
 def test_stages_chain_by_explicit_outputs_without_the_index(tmp_path, one_thread):
-    sft = run_stage(_compose("+stage=sft", *QUICK, f"paths.output_root={tmp_path / 'a'}"), tmp_path / "sft", record=False)
+    sft_cfg = _compose("+stage=sft", *QUICK, f"paths.output_root={tmp_path / 'a'}")
+    sft = run_stage(sft_cfg, tmp_path / "sft", record=False)
     assert isinstance(sft, StageResult) and (sft.outputs["model"] / "config.json").is_file()
     assert not (tmp_path / "a" / outputs.INDEX_FILE).exists()  # nothing recorded
 
@@ -41,7 +42,8 @@ def test_stages_chain_by_explicit_outputs_without_the_index(tmp_path, one_thread
     rm = run_stage(rm_cfg, tmp_path / "rm", inputs={"init": sft.outputs["model"]}, record=False)
     assert rm.metrics["init_from"] == str(sft.outputs["model"])
     assert (rm.outputs["reward_model"] / "reward_config.json").is_file()
-    assert json.loads((tmp_path / "rm" / "summary.json").read_text())["reward_model_dir"] == str(rm.outputs["reward_model"])
+    summary = json.loads((tmp_path / "rm" / "summary.json").read_text())
+    assert summary["reward_model_dir"] == str(rm.outputs["reward_model"])
     assert not (tmp_path / "b").exists()
 
     with pytest.raises(InputError, match=r"input 'init': .* has no config.json"):

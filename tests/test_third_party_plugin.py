@@ -26,11 +26,13 @@ class Installed:
 
     def __init__(self, site: Path) -> None:
         self.site = site
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+        self.env = {**os.environ,
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
                     "HYDRA_FULL_ERROR": "0"}
 
     def run(self, *args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], cwd=cwd, env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run([sys.executable, *args], cwd=cwd, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,8 @@ def installed(tmp_path_factory) -> Installed:
 
 def test_not_visible_without_the_install(tmp_path):
     """The main environment does not have it: the checks below see the temp install only."""
-    proc = subprocess.run([sys.executable, "-m", "rlhf_pl.plugins"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "rlhf_pl.plugins"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 0 and "gated" not in proc.stdout
 
 

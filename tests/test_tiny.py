@@ -53,7 +53,8 @@ def test_tokenizer_rejects_too_small_vocab():
 
 def test_model_config_and_parameter_count(tiny_model, tiny_tokenizer):
     c = tiny_model.config
-    assert (c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads) == (512, 64, 128, 2, 4)
+    assert ((c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads)
+            == (512, 64, 128, 2, 4))
     assert c.tie_word_embeddings and c.attention_dropout == 0.0
     assert c.eos_token_id == c.pad_token_id == tiny_tokenizer.eos_token_id and c.bos_token_id is None
     g = tiny_model.generation_config

@@ -15,7 +15,6 @@ import argparse
 from pathlib import Path
 
 import torch
-
 from bench_sft import MODELS, StepTimer  # tools/ is on sys.path when run as a script
 
 

@@ -66,8 +66,8 @@ def bench_precision(model_cfg, precision: str, steps: int, warmup: int, batch: i
     trainer.fit(module, DataLoader(data, batch_size=None))
     step_s = sorted(timer.times[warmup:])[len(timer.times[warmup:]) // 2]  # median of measured steps
     tokens_per_s = batch * seq / step_s
-    return {"precision": precision, "params": n_params, "step_s": round(step_s, 3), "tokens_per_s": round(tokens_per_s, 1),
-            "model_flops_per_s": 6 * n_params * tokens_per_s}
+    return {"precision": precision, "params": n_params, "step_s": round(step_s, 3),
+            "tokens_per_s": round(tokens_per_s, 1), "model_flops_per_s": 6 * n_params * tokens_per_s}
 
 
 def main() -> None:
@@ -104,8 +104,9 @@ def main() -> None:
     for col in ("precision", "step s", "tokens/s", "model GFLOP/s", "MFU (own-dtype peak)", "MFU (fp32 peak)"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["precision"], f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}", f"{r['model_flops_per_s'] / 1e9:.1f}",
-                      f"{r['mfu_vs_own_dtype_peak']:.0%}", f"{r['mfu_vs_fp32_peak']:.0%}")
+        table.add_row(r["precision"], f"{r['step_s']:.2f}", f"{r['tokens_per_s']:.0f}",
+                      f"{r['model_flops_per_s'] / 1e9:.1f}", f"{r['mfu_vs_own_dtype_peak']:.0%}",
+                      f"{r['mfu_vs_fp32_peak']:.0%}")
     console.print(table)
     write_json(args.out, {"model": args.model, "batch": args.batch, "seq": args.seq, "threads": torch.get_num_threads(),
                                  "peaks_flops_per_s": peaks, "results": rows})

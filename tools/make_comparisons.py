@@ -52,8 +52,8 @@ from rlhf_pl.config import ModelConfig
 from rlhf_pl.data.chat import tokenize_prompt
 from rlhf_pl.data.formats import Prompt, as_dicts, load_prompts, load_rankings
 from rlhf_pl.io import write_jsonl
-from rlhf_pl.outputs import model_config_at
 from rlhf_pl.models.loading import load_model_and_tokenizer
+from rlhf_pl.outputs import model_config_at
 from rlhf_pl.plugins.labelers import Labeling
 from rlhf_pl.sampling import Sample, sample_texts
 
@@ -94,7 +94,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seeds the sampling")
     parser.add_argument("--noise", type=float, default=0.0, help="labeler.noise: fraction of rankings made random")
     parser.add_argument("--labeler-seed", type=int, default=0, help="labeler.seed (for the noise)")
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default = all cores; on a machine busy with other jobs 1 is often several times faster)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (0: torch's default = all cores; on a machine busy with other jobs "
+                             "1 is often several times faster)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output .jsonl file")
     args = parser.parse_args(argv)
     for key in ("num_prompts", "k", "max_new_tokens", "batch_size"):

@@ -118,20 +118,23 @@ def arithmetic_follow(rng: random.Random, state: dict) -> tuple[Turn, dict]:
 
 def add_first(rng: random.Random) -> tuple[Turn, dict]:
     a, b = rng.randint(2, 99), rng.randint(2, 99)
-    q = rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}.", f"What is the sum of {a} and {b}?"])
+    q = rng.choice([f"What is {a} + {b}?", f"Add {a} and {b}.", f"Compute {a} plus {b}.",
+                    f"What is the sum of {a} and {b}?"])
     return _add_turn(a, b, q), {"value": a + b}
 
 
 def subtract_first(rng: random.Random) -> tuple[Turn, dict]:
     a = rng.randint(10, 99)
     b = rng.randint(1, a - 1)
-    q = rng.choice([f"What is {a} - {b}?", f"Subtract {b} from {a}.", f"Compute {a} minus {b}.", f"What is {a} take away {b}?"])
+    q = rng.choice([f"What is {a} - {b}?", f"Subtract {b} from {a}.", f"Compute {a} minus {b}.",
+                    f"What is {a} take away {b}?"])
     return _sub_turn(a, b, q), {"value": a - b}
 
 
 def multiply_first(rng: random.Random) -> tuple[Turn, dict]:
     a, b = rng.randint(2, 12), rng.randint(2, 12)
-    q = rng.choice([f"What is {a} times {b}?", f"Multiply {a} by {b}.", f"What is {a} * {b}?", f"Compute the product of {a} and {b}."])
+    q = rng.choice([f"What is {a} times {b}?", f"Multiply {a} by {b}.", f"What is {a} * {b}?",
+                    f"Compute the product of {a} and {b}."])
     return _mul_turn(a, b, q), {"value": a * b}
 
 
@@ -143,7 +146,8 @@ def _other_word(rng: random.Random, state: dict) -> str:
 
 
 def _reverse_turn(rng: random.Random, word: str) -> Turn:
-    q = rng.choice([f"Reverse the word '{word}'.", f"Write '{word}' backwards.", f"What is '{word}' spelled backwards?"])
+    q = rng.choice([f"Reverse the word '{word}'.", f"Write '{word}' backwards.",
+                    f"What is '{word}' spelled backwards?"])
     return Turn(q, f"'{word}' reversed is '{word[::-1]}'.", "reverse", word[::-1])
 
 
@@ -160,14 +164,17 @@ def _length_turn(rng: random.Random, word: str) -> Turn:
 
 def _count_letter_turn(rng: random.Random, word: str) -> Turn:
     present = sorted(set(word))
-    letter = rng.choice(present) if rng.random() < 0.85 else rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c not in word])
+    letter = (rng.choice(present) if rng.random() < 0.85
+              else rng.choice([c for c in "abcdefghijklmnopqrstuvwxyz" if c not in word]))
     n = word.count(letter)
-    q = rng.choice([f"How many times does the letter '{letter}' appear in '{word}'?", f"Count the letter '{letter}' in the word '{word}'."])
+    q = rng.choice([f"How many times does the letter '{letter}' appear in '{word}'?",
+                    f"Count the letter '{letter}' in the word '{word}'."])
     times = "time" if n == 1 else "times"
     return Turn(q, f"The letter '{letter}' appears {n} {times} in '{word}'.", "count_letter", str(n))
 
 
-WORD_TURNS = {"reverse": _reverse_turn, "spell": _spell_turn, "word_length": _length_turn, "count_letter": _count_letter_turn}
+WORD_TURNS = {"reverse": _reverse_turn, "spell": _spell_turn, "word_length": _length_turn,
+              "count_letter": _count_letter_turn}
 
 
 def word_family(task: str) -> Family:
@@ -199,11 +206,16 @@ def _fmt(numbers: list[int]) -> str:
 def sort_first(rng: random.Random) -> tuple[Turn, dict]:
     numbers = rng.sample(range(1, 100), rng.randint(3, 6))
     if rng.random() < 0.7:
-        q = rng.choice([f"Sort these numbers from smallest to largest: {_fmt(numbers)}.", f"Put {_fmt(numbers)} in ascending order."])
-        return Turn(q, f"From smallest to largest: {_fmt(sorted(numbers))}.", "sort_ascending", _fmt(sorted(numbers))), {"numbers": numbers, "order": "asc"}
-    q = rng.choice([f"Sort these numbers from largest to smallest: {_fmt(numbers)}.", f"Put {_fmt(numbers)} in descending order."])
+        q = rng.choice([f"Sort these numbers from smallest to largest: {_fmt(numbers)}.",
+                        f"Put {_fmt(numbers)} in ascending order."])
+        asc = sorted(numbers)
+        return (Turn(q, f"From smallest to largest: {_fmt(asc)}.", "sort_ascending", _fmt(asc)),
+                {"numbers": numbers, "order": "asc"})
+    q = rng.choice([f"Sort these numbers from largest to smallest: {_fmt(numbers)}.",
+                    f"Put {_fmt(numbers)} in descending order."])
     desc = sorted(numbers, reverse=True)
-    return Turn(q, f"From largest to smallest: {_fmt(desc)}.", "sort_descending", _fmt(desc)), {"numbers": numbers, "order": "desc"}
+    return (Turn(q, f"From largest to smallest: {_fmt(desc)}.", "sort_descending", _fmt(desc)),
+            {"numbers": numbers, "order": "desc"})
 
 
 def sort_follow(rng: random.Random, state: dict) -> tuple[Turn, dict]:
@@ -211,15 +223,18 @@ def sort_follow(rng: random.Random, state: dict) -> tuple[Turn, dict]:
     numbers = state["numbers"]
     if state["order"] == "asc":
         desc = sorted(numbers, reverse=True)
-        turn = Turn("Now sort them from largest to smallest.", f"From largest to smallest: {_fmt(desc)}.", "sort_descending", _fmt(desc))
+        turn = Turn("Now sort them from largest to smallest.", f"From largest to smallest: {_fmt(desc)}.",
+                    "sort_descending", _fmt(desc))
         return turn, {"numbers": numbers, "order": "desc"}
     asc = sorted(numbers)
-    turn = Turn("Now sort them from smallest to largest.", f"From smallest to largest: {_fmt(asc)}.", "sort_ascending", _fmt(asc))
+    turn = Turn("Now sort them from smallest to largest.", f"From smallest to largest: {_fmt(asc)}.",
+                "sort_ascending", _fmt(asc))
     return turn, {"numbers": numbers, "order": "asc"}
 
 
 def _capital_turn(rng: random.Random, country: str) -> Turn:
-    q = rng.choice([f"What is the capital of {country}?", f"Name the capital city of {country}.", f"Which city is the capital of {country}?"])
+    q = rng.choice([f"What is the capital of {country}?", f"Name the capital city of {country}.",
+                    f"Which city is the capital of {country}?"])
     return Turn(q, f"The capital of {country} is {CAPITALS[country]}.", "capital", CAPITALS[country])
 
 
@@ -362,7 +377,7 @@ def make_demonstrations(rng: random.Random, n: int) -> tuple[list[dict], set[str
     for num_turns in turn_schedule(rng, n):
         system = rng.choice(SYSTEM_PROMPTS) if rng.random() < SYSTEM_FRACTION else None
 
-        def accept(turns: list[Turn]) -> bool:
+        def accept(turns: list[Turn], system: str | None = system) -> bool:
             return json.dumps(to_messages(turns, system, answer_last=True)) not in seen
 
         turns = sample_unique(rng, num_turns, accept, "demonstration")
@@ -381,7 +396,7 @@ def make_prompts(rng: random.Random, n: int, avoid: set[str]) -> list[dict]:
     for num_turns in turn_schedule(rng, n):
         system = rng.choice(SYSTEM_PROMPTS) if rng.random() < SYSTEM_FRACTION else None
 
-        def accept(turns: list[Turn]) -> bool:
+        def accept(turns: list[Turn], system: str | None = system) -> bool:
             messages = to_messages(turns, system, answer_last=False)
             return user_prefixes(messages)[-1] not in seen and "first:" + first_question(messages) not in avoid
 
@@ -410,7 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     files = generate(args.seed)
     if args.check:
-        stale = [name for name, text in files.items() if not (args.out / name).is_file() or (args.out / name).read_text(encoding="utf-8") != text]
+        stale = [name for name, text in files.items()
+                 if not (args.out / name).is_file() or (args.out / name).read_text(encoding="utf-8") != text]
         for name in stale:
             print(f"{args.out / name}: out of date; run python tools/make_default_data.py", file=sys.stderr)
         return 1 if stale else 0

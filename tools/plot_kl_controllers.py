@@ -148,7 +148,8 @@ def plot(traces: dict[str, Trace], title: str, path: Path) -> None:
 
 def report(results: dict[str, list[Figures]]) -> None:
     width = max(len(name) for name in results)
-    print(f"{'controller':<{width}} {'mean|KL-target| last half':>27} {'overshoot (nats)':>18} {'std log β last half':>21}")
+    print(f"{'controller':<{width}} {'mean|KL-target| last half':>27} {'overshoot (nats)':>18} "
+          f"{'std log β last half':>21}")
     for name, runs in results.items():
         cells = [[getattr(f, field) for f in runs] for field in Figures._fields]
         text = [f"{statistics.fmean(c):.3f} ± {statistics.pstdev(c):.3f}" for c in cells]
@@ -167,7 +168,8 @@ def main(argv: list[str] | None = None) -> None:
     pi = PIKLController(init_beta=INIT_BETA, target=TARGET)
     controllers: dict[str, Callable[[], KLController]] = {
         "adaptive (Ziegler)": lambda: AdaptiveKLController(init_beta=INIT_BETA, target=TARGET),
-        f"pi (kp={pi.kp:g}, ki={pi.ki:g}, smoothing={pi.smoothing:g})": lambda: PIKLController(init_beta=INIT_BETA, target=TARGET),
+        f"pi (kp={pi.kp:g}, ki={pi.ki:g}, smoothing={pi.smoothing:g})":
+            lambda: PIKLController(init_beta=INIT_BETA, target=TARGET),
     }
     traces, results = compare(controllers, args.plant, args.updates, args.episodes, args.seeds)
     title = f"KL controllers, simulated policy '{args.plant}', n={args.episodes} episodes/update"

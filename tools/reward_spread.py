@@ -81,9 +81,12 @@ def within_correlation(x: Sequence[Sequence[float]], y: Sequence[Sequence[float]
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--policy", type=Path, default=None, help="policy directory (default: this model's latest SFT output)")
-    parser.add_argument("--reward", type=Path, default=None, help="reward_model directory (default: the latest RM output)")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="policy directory (default: this model's latest SFT output)")
+    parser.add_argument("--reward", type=Path, default=None,
+                        help="reward_model directory (default: the latest RM output)")
     parser.add_argument("--model-name", default="smollm2_135m", help="model.name whose latest outputs are used")
     parser.add_argument("--output-root", default="outputs", help="paths.output_root holding index.json")
     parser.add_argument("--prompts", default="embedded:prompts", help="prompt source")
@@ -110,11 +113,12 @@ def resolve(path: Path | None, stage: str, output: str, args: argparse.Namespace
 
     from rlhf_pl import outputs
 
-    found = outputs.latest(OmegaConf.create({"paths": {"output_root": args.output_root}, "model": {"name": args.model_name}}),
-                           stage, output)
+    found = outputs.latest(OmegaConf.create({"paths": {"output_root": args.output_root},
+                                             "model": {"name": args.model_name}}), stage, output)
     if found is None:
         raise SystemExit(f"no {stage} output of {args.model_name} under {args.output_root}/index.json: "
-                         f"run `python -m rlhf_pl +stage={stage}` first or pass --{'policy' if stage == 'sft' else 'reward'}")
+                         f"run `python -m rlhf_pl +stage={stage}` first "
+                         f"or pass --{'policy' if stage == 'sft' else 'reward'}")
     return found
 
 
@@ -134,8 +138,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rlhf_pl.outputs import model_config_at
     from rlhf_pl.sampling import sample
 
-    policy_dir, reward_dir = resolve(args.policy, "sft", "model", args), resolve(args.reward, "rm", "reward_model", args)
-    policy, tokenizer, _ = load_model_and_tokenizer(model_config_at(OmegaConf.structured(ModelConfig(name=policy_dir.name)), policy_dir))
+    policy_dir = resolve(args.policy, "sft", "model", args)
+    reward_dir = resolve(args.reward, "rm", "reward_model", args)
+    policy_cfg = model_config_at(OmegaConf.structured(ModelConfig(name=policy_dir.name)), policy_dir)
+    policy, tokenizer, _ = load_model_and_tokenizer(policy_cfg)
     policy.eval()
     reward_model = RewardModel.from_pretrained(reward_dir).eval()
     labeler = registry.build_by_name("labelers", "rule")
@@ -147,18 +153,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     with torch.no_grad(), autocast:
         for n, prompt in enumerate(prompts):
             ids, mask = pad_left([tokenize_prompt(tokenizer, prompt.messages)] * args.samples, tokenizer.pad_token_id)
-            out = sample(policy, ids, mask, sampler, args.max_new_tokens, tokenizer, generator=generator, scorer=reward_model)
+            out = sample(policy, ids, mask, sampler, args.max_new_tokens, tokenizer, generator=generator,
+                         scorer=reward_model)
             rm_scores.append(out.scores.rewards.float().tolist())
-            logits = response_logits(policy, out.sequences, out.attention_mask, out.prompt_length).float() / args.temperature
+            logits = (response_logits(policy, out.sequences, out.attention_mask, out.prompt_length).float()
+                      / args.temperature)
             entropies.append(float((entropy_from_logits(logits) * out.mask).sum() / out.mask.sum()))
             texts = out.texts(tokenizer)
-            gold.append([labeler.score(prompt, t) if prompt.meta.get("answer") is not None else math.nan for t in texts])
+            gold.append([labeler.score(prompt, t) if prompt.meta.get("answer") is not None else math.nan
+                         for t in texts])
             lengths.append([float(len(t.split())) for t in texts])
             print(f"\rsampled {n + 1}/{len(prompts)} prompts", end="", file=sys.stderr, flush=True)
         print(file=sys.stderr)
         with_answer = [p for p in prompts if p.meta.get("answer") is not None]
         forms = {name: reward_model.score([[m.to_dict() for m in p.messages] for p in with_answer],
-                                          [make(str(p.meta["answer"])) for p in with_answer], batch_size=16).float().tolist()
+                                          [make(str(p.meta["answer"])) for p in with_answer],
+                                          batch_size=16).float().tolist()
                  for name, make in FORMS.items()} if with_answer else {}
 
     s = spread(rm_scores)
@@ -172,7 +182,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "corr_score_gold": correlation(flat(rm_scores), flat(gold)) if has_gold else None,
         "corr_score_gold_within_prompt": within_correlation(rm_scores, gold) if has_gold else None,
         "corr_score_words": correlation(flat(rm_scores), flat(lengths)),
-        "form_margins_over_bare": {name: statistics.fmean(a - b for a, b in zip(v, forms["X."])) for name, v in forms.items()},
+        "form_margins_over_bare": {name: statistics.fmean(a - b for a, b in zip(v, forms["X."]))
+                                   for name, v in forms.items()},
         "seconds": time.perf_counter() - started,
     }
     for key, value in result.items():
