@@ -213,14 +213,9 @@ class PPOConfig:
     One update = one rollout of ``batch_size`` prompts (per rank), then ``ppo_epochs`` passes over
     it in ``num_minibatches`` minibatches. The defaults are sized for SmolLM2-135M on 2 CPU cores:
     24 updates of 16 prompts, each used once (InstructGPT's 1 epoch × several minibatches), short
-    responses; 20–35 s per update with precision=auto (bf16-mixed on an AVX512-BF16 CPU), a run
-    of 10–15 minutes. Against the embedded reward model that raises the score relative to the
-    reference's answers by about 0.2 (fitted over the run, t ≈ 2 in most runs; from the first to
-    the last quarter every measured run rose, some by little; see the README). Using each episode
-    once gives over twice the episodes per minute of Ziegler's 4 epochs × 1 minibatch, and the
-    prompts start to recur, which is what this reward model needs: it separates the SFT policy's
-    answers to one prompt by little (0.13 against 0.96 between prompts). Real runs want far more
-    updates.
+    responses. Using each episode once gives more episodes per minute than Ziegler's 4 epochs × 1
+    minibatch, and the prompts recur within the run. Real runs want far more updates. What the
+    default run does: docs/results.md.
     """
 
     # "auto": this model's latest SFT output (else an error: run +stage=sft first); or a model directory
@@ -287,8 +282,8 @@ class Config:
     stage: Optional[str] = None  # chosen with +stage=<name>; `python -m rlhf_pl` lists the stages
     resume: Optional[str] = None  # +resume=<run dir> (or its checkpoints/last.pt): continue that run (ppo stage)
     seed: int = setting(0, ge=0, le=2**32 - 1)  # lightning.seed_everything (Python, NumPy, torch); also the data split
-    # glibc: keep freed memory in the process instead of a fresh zero-filled mmap per large tensor (rlhf_pl.runtime;
-    # PPO optimisation phase 3–7% faster on the CPU)
+    # glibc: keep freed memory in the process instead of a fresh zero-filled mmap per large tensor
+    # (rlhf_pl.runtime; its effect: docs/benchmarks.md)
     retain_freed_memory: bool = True
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -124,7 +124,7 @@ def weights_cast_once(device: torch.device) -> Iterator[None]:
 def matmul_peak(dtype: torch.dtype, size: int = 1536, windows: int = 8, seconds: float = 0.5) -> float:
     """The machine's matmul peak in FLOP/s: the best of ``windows`` short windows of repeated
     (size × size) @ (size × size) products. The best, not the mean: on a shared virtual machine
-    one window can run 40% below another, and a peak measured low would inflate the MFU.
+    one window can run far below another, and a peak measured low would inflate the MFU.
     The denominator of the benchmarks' model-FLOP utilisation (tools/bench_sft.py, bench_ppo.py)."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     for _ in range(3):

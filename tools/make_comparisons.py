@@ -96,7 +96,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--labeler-seed", type=int, default=0, help="labeler.seed (for the noise)")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (0: torch's default = all cores; on a machine busy with other jobs "
-                             "1 is often several times faster)")
+                             "1 can be faster)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output .jsonl file")
     args = parser.parse_args(argv)
     for key in ("num_prompts", "k", "max_new_tokens", "batch_size"):

@@ -19,7 +19,7 @@ Usage::
     python tools/reward_spread.py --temperature 1.3 --num-prompts 48
     python tools/reward_spread.py --policy outputs/runs/<ppo run>/policy --json spread.json
 
-The sampling is seeded (``--seed``); the figures in the README come from the defaults.
+The sampling is seeded (``--seed``); the figures in docs/results.md come from the defaults.
 """
 from __future__ import annotations
 
