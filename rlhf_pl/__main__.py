@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Callable, Mapping, TypeVar
+from typing import Callable, TypeVar
 
 import hydra
 from omegaconf import DictConfig
@@ -42,20 +42,6 @@ def _log_to_files(err: UserError) -> None:
             handler.handle(record)
 
 
-def _objective(summary: Any) -> float | None:
-    """The run's headline metric, for Hydra sweepers: ``objective`` of the summary mapping (or of
-    the result's ``metrics``)."""
-    metrics = getattr(summary, "metrics", summary)
-    return metrics.get("objective") if isinstance(metrics, Mapping) else getattr(metrics, "objective", None)
-
-
-def _stage_entry() -> Callable[[DictConfig], Any]:
-    """The function of :mod:`rlhf_pl.run` that runs ``cfg.stage`` (``run_stage``; ``run_from_config`` before it)."""
-    from rlhf_pl import run
-
-    return getattr(run, "run_stage", None) or run.run_from_config
-
-
 @hydra.main(version_base="1.3", config_path="pkg://rlhf_pl.conf", config_name="config")
 def _run(cfg: DictConfig) -> float | None:
     _reporting_user_errors(lambda: validate_config(cfg))  # before any work: every bad value in one message
@@ -64,10 +50,11 @@ def _run(cfg: DictConfig) -> float | None:
     if cfg.stage is None:
         print(usage(), file=sys.stderr)
         sys.exit(2)
-    entry = _stage_entry()
-    summary = _reporting_user_errors(lambda: entry(cfg))
+    from rlhf_pl.run import run_stage
+
+    result = _reporting_user_errors(lambda: run_stage(cfg))
     # The returned value is what Hydra sweepers optimise; stages name their headline metric.
-    return _objective(summary)
+    return result.metrics.get("objective")
 
 
 def main() -> None:
