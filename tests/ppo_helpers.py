@@ -6,6 +6,7 @@ from pathlib import Path
 from hydra import compose, initialize_config_module
 
 from rlhf_pl.config import register_configs
+from rlhf_pl.run import run_stage
 
 
 def make_cfg(ppo_inputs: Path, out: Path, *overrides: str):
@@ -14,5 +15,13 @@ def make_cfg(ppo_inputs: Path, out: Path, *overrides: str):
     with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
         return compose("config", overrides=[
             "+stage=ppo", "experiment=quick", f"paths.output_root={out}", f"ppo.policy_from={ppo_inputs / 'sft'}",
-            f"ppo.reward_from={ppo_inputs / 'rm'}", "trainer.enable_progress_bar=false", "logger.tensorboard=false", *overrides,
+            f"ppo.reward_from={ppo_inputs / 'rm'}", "trainer.enable_progress_bar=false", "logger.tensorboard=false",
+            *overrides,
         ])
+
+
+def ppo_run(cfg, run_dir: Path, **stage_kwargs) -> dict:
+    """Run the stage as the command line does (``rlhf_pl.run.run_stage``: validated, seeded, outputs
+    recorded); ``stage_kwargs`` (``scorer``, ``callbacks``) go to ``rlhf_pl.stages.ppo.run``.
+    Returns the summary metrics."""
+    return run_stage(cfg, run_dir, **stage_kwargs).metrics

@@ -1,31 +1,24 @@
 """PPO's per-prompt score baseline (``ppo.score_baseline=reference``) and the zero value head."""
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
 import torch
 from omegaconf import OmegaConf
-
-from ppo_helpers import make_cfg
+from ppo_helpers import make_cfg, ppo_run
 from tool_loader import load_tool
-from rlhf_pl.config import PPOConfig
+
+from rlhf_pl import registry
+from rlhf_pl.config import validate_config
+from rlhf_pl.data.batches import PromptCollator, tokenize_prompts
 from rlhf_pl.data.formats import load_prompts
+from rlhf_pl.errors import ConfigError
+from rlhf_pl.models.critic import ValueHead
 from rlhf_pl.models.generate import GreedySampler, generate
-from rlhf_pl.models.reward import RewardOutput
-from rlhf_pl.stages.ppo import (
-    PromptCollator,
-    ReferenceBaseline,
-    RunningMoments,
-    ValueHead,
-    build_models,
-    check_stage_config,
-    process_scores,
-    run,
-    tokenize_prompts,
-    trim_left_padding,
-)
+from rlhf_pl.models.ppo_models import build_models
+from rlhf_pl.rl.scores import PromptBaselines
+from rlhf_pl.stages.ppo import PPOModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
@@ -36,39 +29,17 @@ def test_greedy_sampler_takes_the_argmax_lowest_id_on_ties():
     assert GreedySampler().temperature == 1.0
 
 
-def test_trim_left_padding_drops_only_all_padding_columns():
-    ids = torch.tensor([[0, 0, 0, 5, 6], [0, 0, 7, 8, 9]])
-    mask = torch.tensor([[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]])
-    trimmed, trimmed_mask = trim_left_padding(ids, mask)
-    assert trimmed.tolist() == [[0, 5, 6], [7, 8, 9]] and trimmed_mask.tolist() == [[0, 1, 1], [1, 1, 1]]
-
-
-def test_baseline_is_subtracted_after_the_uncertainty_penalty_and_before_norm_eos_penalty_and_clip():
-    rewards, unc = torch.tensor([1.0, 3.0, -2.0, 6.0]), torch.tensor([0.5, 1.0, 0.0, 2.0])
-    baselines = torch.tensor([0.5, 1.0, 4.0, -1.0])
-    ended = torch.tensor([True, True, False, True])
-    out = RewardOutput(rewards, rewards, unc)
-    base = dataclasses.replace(PPOConfig(), missing_eos_penalty=None)
-    assert process_scores(out, ended, base, RunningMoments(), lambda t: t, baselines).tolist() == [0.5, 2.0, -6.0, 7.0]
-    penalised = dataclasses.replace(base, uncertainty_coef=2.0)  # 1−1−0.5, 3−2−1, −2−0−4, 6−4+1
-    assert process_scores(out, ended, penalised, RunningMoments(), lambda t: t, baselines).tolist() == [-0.5, 0.0, -6.0, 3.0]
-    replace = dataclasses.replace(base, missing_eos_penalty=-1.0, score_clip=4.0)  # the penalty replaces the centred score
-    assert process_scores(out, ended, replace, RunningMoments(), lambda t: t, baselines).tolist() == [0.5, 2.0, -1.0, 4.0]
-    moments = RunningMoments()
-    scaled = process_scores(out, ended, dataclasses.replace(base, score_norm="scale"), moments, lambda t: t, baselines)
-    centred = torch.tensor([0.5, 2.0, -6.0, 7.0])
-    assert math.isclose(moments.mean, float(centred.mean()), rel_tol=1e-12)  # the statistics are of the centred scores
-    torch.testing.assert_close(scaled, centred / centred.std(correction=0))
-
-
-def test_reference_baseline_is_the_score_of_the_references_greedy_answer_cached_per_prompt(tmp_path, ppo_inputs, tiny_tokenizer):
+def test_reference_baseline_is_the_score_of_the_references_greedy_answer_cached_per_prompt(tmp_path, ppo_inputs,
+                                                                                            tiny_tokenizer):
     cfg = make_cfg(ppo_inputs, tmp_path, "ppo.max_new_tokens=6")
     ppo = OmegaConf.to_object(cfg.ppo)
     models = build_models(cfg, ppo_inputs / "sft", ppo_inputs / "rm", None)
     prompts = load_prompts("embedded:prompts", limit=5)
     items = tokenize_prompts(prompts, tiny_tokenizer, 256)
     collate = PromptCollator(tiny_tokenizer.pad_token_id)
-    baseline = ReferenceBaseline(models.reference, models.scorer, tiny_tokenizer, ppo)
+    module = PPOModule(models, ppo, registry.build_by_name("samplers", "temperature"),
+                       registry.build_by_name("kl_controllers", "fixed"), prompts, items, 0, tmp_path)
+    baseline = module.baseline  # ppo.score_baseline=reference is the default
     batch = collate([items[0], items[3], items[1], items[3]])  # prompt 3 twice: computed once
     with torch.no_grad():
         values, computed = baseline(batch["input_ids"], batch["attention_mask"], batch["index"])
@@ -79,9 +50,10 @@ def test_reference_baseline_is_the_score_of_the_references_greedy_answer_cached_
                            tiny_tokenizer.eos_token_id, tiny_tokenizer.pad_token_id)
             alone = models.scorer(gen.sequences, torch.cat([torch.ones_like(ids), gen.response_mask], 1)).rewards
             assert math.isclose(float(values[row]), float(alone[0]), abs_tol=1e-5)
-        again, computed = baseline(*(collate([items[1], items[4]])[k] for k in ("input_ids", "attention_mask", "index")))
+        later = collate([items[1], items[4]])
+        again, computed = baseline(later["input_ids"], later["attention_mask"], later["index"])
     assert computed == 1 and float(again[0]) == float(values[2])  # prompt 1 from the cache, prompt 4 new
-    restored = ReferenceBaseline(models.reference, models.scorer, tiny_tokenizer, ppo)
+    restored = PromptBaselines(module.reference_greedy_scores)
     restored.load_state_dict(baseline.state_dict())
     assert restored.scores == baseline.scores and len(restored.scores) == 4
 
@@ -89,11 +61,12 @@ def test_reference_baseline_is_the_score_of_the_references_greedy_answer_cached_
 def test_rollout_scores_are_centred_and_the_run_logs_the_score_against_the_reference(tmp_path, ppo_inputs):
     cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=2", "ppo.batch_size=4", "ppo.max_new_tokens=6",
                    "ppo.missing_eos_penalty=null", "ppo.sample_every=1")
-    summary = run(cfg, tmp_path / "run")
+    summary = ppo_run(cfg, tmp_path / "run")
     h = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["history"]
     for update in range(2):  # score − b(x) = what enters the reward here (no penalty, norm or clip)
         assert math.isclose(h["score_vs_reference"][update], h["score_final"][update], abs_tol=1e-6)
-        assert math.isclose(h["score"][update] - h["reference_score"][update], h["score_vs_reference"][update], abs_tol=1e-6)
+        assert math.isclose(h["score"][update] - h["reference_score"][update], h["score_vs_reference"][update],
+                            abs_tol=1e-6)
     cached = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["reference_baseline"]
     assert summary["rows_forwarded"]["reference_greedy"] == len(cached)  # one greedy answer per distinct prompt
     assert summary["score_vs_reference_gain"] == pytest.approx(h["score_vs_reference"][1] - h["score_vs_reference"][0])
@@ -103,11 +76,13 @@ def test_rollout_scores_are_centred_and_the_run_logs_the_score_against_the_refer
     assert summary["score_trend"]["rise"] == pytest.approx(h["score"][1] - h["score"][0], abs=1e-4)
     assert (tmp_path / "run" / "ppo_curves.png").stat().st_size > 0
 
-    off = make_cfg(ppo_inputs, tmp_path, "ppo.updates=1", "ppo.batch_size=2", "ppo.max_new_tokens=4", "ppo.score_baseline=none")
-    summary = run(off, tmp_path / "off")
+    off = make_cfg(ppo_inputs, tmp_path, "ppo.updates=1", "ppo.batch_size=2", "ppo.max_new_tokens=4",
+                   "ppo.score_baseline=none")
+    summary = ppo_run(off, tmp_path / "off")
     h = torch.load(tmp_path / "off" / "checkpoints" / "last.pt", weights_only=True)["history"]
     assert math.isnan(h["score_vs_reference"][0]) and summary["score_vs_reference_gain"] is None
-    assert summary["score_vs_reference_trend"] is None and summary["score_trend"] == {"start": pytest.approx(h["score"][0], abs=1e-4), "rise": 0.0, "t": None}
+    assert summary["score_vs_reference_trend"] is None
+    assert summary["score_trend"] == {"start": pytest.approx(h["score"][0], abs=1e-4), "rise": 0.0, "t": None}
     assert "reference_greedy" not in summary["rows_forwarded"]
 
 
@@ -117,10 +92,10 @@ def test_zero_value_head_starts_at_zero_and_settings_name_the_choices(tmp_path, 
     cfg = make_cfg(ppo_inputs, tmp_path, "ppo.value_head_init=zero")
     models = build_models(cfg, ppo_inputs / "sft", ppo_inputs / "rm", None)
     assert torch.count_nonzero(models.critic.head.proj.weight) == 0
-    with pytest.raises(ValueError, match=r"ppo.score_baseline='greedy'; choose one of: reference, none"):
-        check_stage_config(dataclasses.replace(PPOConfig(), score_baseline="greedy"))
-    with pytest.raises(ValueError, match=r"ppo.value_head_init='ones'; choose one of: zero, reward, fresh"):
-        check_stage_config(dataclasses.replace(PPOConfig(), value_head_init="ones"))
+    with pytest.raises(ConfigError, match=r"ppo\.score_baseline='greedy'\W+choose one of: reference, none"):
+        validate_config(make_cfg(ppo_inputs, tmp_path, "ppo.score_baseline=greedy"))
+    with pytest.raises(ConfigError, match=r"ppo\.value_head_init='ones'\W+choose one of: zero, reward, fresh"):
+        validate_config(make_cfg(ppo_inputs, tmp_path, "ppo.value_head_init=ones"))
 
 
 # --- tools/reward_spread.py: the signal PPO has to work with --------------------------------------

@@ -1,123 +1,15 @@
-"""PPO math against hand-computed numbers (RLHF_REFERENCE.md items 4, 15, 17–21, 25)."""
+"""PPO math against hand-computed numbers (RLHF_REFERENCE.md items 4, 15, 18, 20, 21): per-token
+rewards, the missing-EOS penalty, GAE, the clipped losses, minibatch rows; and the run's trend line."""
 import math
-import threading
 
 import pytest
 import torch
 
-from rlhf_pl.rl.ppo import (
-    explained_variance,
-    gae,
-    last_valid_index,
-    masked_mean,
-    masked_var,
-    masked_whiten,
-    missing_eos_penalty,
-    per_token_rewards,
-    policy_loss,
-    value_loss,
-)
+from rlhf_pl.report import linear_trend
+from rlhf_pl.rl.masked import last_valid_index
+from rlhf_pl.rl.ppo import gae, minibatch_rows, missing_eos_penalty, per_token_rewards, policy_loss, value_loss
 
 INF = float("inf")
-
-
-# --- masked statistics ---------------------------------------------------------------------------
-
-
-def test_masked_mean_ignores_padding_even_if_inf_or_nan():
-    x = torch.tensor([[1.0, 2.0, 3.0, INF], [4.0, float("nan"), 0.0, 0.0]])
-    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0]], dtype=torch.float32)
-    # all: (1 + 2 + 3 + 4) / 4 = 2.5; per row: 6/3 = 2, 4/1 = 4
-    torch.testing.assert_close(masked_mean(x, mask), torch.tensor(2.5))
-    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([2.0, 4.0]))
-
-
-def test_masked_mean_of_a_row_without_valid_entries_is_zero():
-    x = torch.tensor([[1.0, 2.0], [5.0, 6.0]])
-    mask = torch.tensor([[True, False], [False, False]])
-    torch.testing.assert_close(masked_mean(x, mask, dim=1), torch.tensor([1.0, 0.0]))
-
-
-def test_masked_var_biased_and_unbiased():
-    x = torch.tensor([[1.0, 2.0, 3.0, 50.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    # mean 2; squared deviations 1 + 0 + 1 = 2 → biased 2/3, unbiased 2/2 = 1
-    torch.testing.assert_close(masked_var(x, mask, unbiased=False), torch.tensor(2.0 / 3.0))
-    torch.testing.assert_close(masked_var(x, mask, unbiased=True), torch.tensor(1.0))
-
-
-def test_unbiased_masked_var_needs_two_entries():
-    with pytest.raises(ValueError, match="at least 2 valid entries, got 1"):
-        masked_var(torch.tensor([[1.0, 2.0]]), torch.tensor([[1.0, 0.0]]), unbiased=True)
-
-
-# valid entries 1, 2, 3 | 4, 5: mean 3, squared deviations 4 + 1 + 0 + 1 + 4 = 10 → biased var 2
-WHITEN_X = torch.tensor([[1.0, 2.0, 3.0, 99.0], [4.0, 5.0, -INF, 7.0]])
-WHITEN_MASK = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=torch.float32)
-SQRT2 = math.sqrt(2.0 + 1e-8)
-WHITENED = torch.tensor([[-2 / SQRT2, -1 / SQRT2, 0.0, 0.0], [1 / SQRT2, 2 / SQRT2, 0.0, 0.0]])
-
-
-def test_masked_whiten_gives_mean_zero_std_one_over_valid_tokens():
-    out = masked_whiten(WHITEN_X, WHITEN_MASK)
-    torch.testing.assert_close(out, WHITENED)  # (x − 3)/√2, padding 0
-    torch.testing.assert_close(masked_mean(out, WHITEN_MASK), torch.tensor(0.0))
-    torch.testing.assert_close(masked_var(out, WHITEN_MASK, unbiased=False), torch.tensor(1.0))
-
-
-def test_masked_whiten_unbiased_divides_by_n_minus_one():
-    out = masked_whiten(WHITEN_X, WHITEN_MASK, unbiased=True)
-    s = math.sqrt(10.0 / 4.0 + 1e-8)
-    torch.testing.assert_close(out[0, :3], torch.tensor([-2 / s, -1 / s, 0.0]))
-
-
-def test_masked_whiten_without_shift_keeps_the_mean():
-    out = masked_whiten(WHITEN_X, WHITEN_MASK, shift_mean=False)
-    # (x − 3)/√2 + 3 on valid tokens; padding stays 0
-    torch.testing.assert_close(out, torch.where(WHITEN_MASK.bool(), WHITENED + 3.0, torch.zeros(2, 4)))
-    torch.testing.assert_close(masked_mean(out, WHITEN_MASK), torch.tensor(3.0))
-
-
-def test_masked_whiten_gradient_is_finite_with_inf_padding():
-    x = WHITEN_X.clone().requires_grad_(True)
-    (masked_whiten(x, WHITEN_MASK) * torch.arange(8.0).view(2, 4)).sum().backward()
-    assert torch.isfinite(x.grad).all()
-    assert x.grad[0, 3] == 0 and x.grad[1, 2] == 0 and x.grad[1, 3] == 0
-
-
-class _ThreadAllReduce:
-    """A sum all-reduce across threads, standing in for torch.distributed on 2 ranks."""
-
-    def __init__(self, world_size: int):
-        self.slots = [None] * world_size
-        self.barrier = threading.Barrier(world_size)
-
-    def for_rank(self, rank: int):
-        def all_reduce(t: torch.Tensor) -> torch.Tensor:
-            self.slots[rank] = t.clone()
-            self.barrier.wait()
-            total = torch.stack(self.slots).sum(dim=0)
-            self.barrier.wait()  # nobody overwrites a slot before everyone has read it
-            return total
-
-        return all_reduce
-
-
-def test_masked_whiten_with_all_reduce_uses_global_statistics():
-    # rank 0 holds row 0 (3 valid tokens), rank 1 row 1 (2 valid tokens): the global statistics are
-    # those of 1, 2, 3, 4, 5 (mean 3, var 2), not the per-rank ones (rank 0 alone: mean 2).
-    reduce = _ThreadAllReduce(2)
-    results = [None, None]
-
-    def run(rank: int):
-        results[rank] = masked_whiten(WHITEN_X[rank : rank + 1], WHITEN_MASK[rank : rank + 1], all_reduce=reduce.for_rank(rank))
-
-    threads = [threading.Thread(target=run, args=(rank,)) for rank in (0, 1)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    torch.testing.assert_close(torch.cat(results), WHITENED)
 
 
 # --- rewards -------------------------------------------------------------------------------------
@@ -144,7 +36,7 @@ def test_rewards_after_eos_are_zero_when_pad_equals_eos():
 
 
 def test_per_token_rewards_refuse_an_empty_response():
-    with pytest.raises(ValueError, match=r"rows \[1\] have no valid response token"):
+    with pytest.raises(ValueError, match=r"rows \[1\] have no valid token"):
         per_token_rewards(torch.zeros(2), torch.zeros(2, 3), torch.tensor([[1, 0, 0], [0, 0, 0]]), beta=0.1)
 
 
@@ -262,25 +154,19 @@ def test_value_loss_without_clipping():
     assert out.clip_frac.item() == 0.0
 
 
-# --- diagnostics ---------------------------------------------------------------------------------
+# --- minibatches ---------------------------------------------------------------------------------
 
 
-def test_explained_variance():
-    returns = torch.tensor([[1.0, 2.0, 3.0, 10.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0, 0.0]])
-    # residual R − V = [0, 0, 1]: var = mean of (−1/3)², (−1/3)², (2/3)² = 2/9; Var R = 2/3
-    ev = explained_variance(torch.tensor([[1.0, 2.0, 2.0, -5.0]]), returns, mask)
-    torch.testing.assert_close(ev, torch.tensor(1.0 - (2.0 / 9.0) / (2.0 / 3.0)))
-    torch.testing.assert_close(explained_variance(returns, returns, mask), torch.tensor(1.0))
-    assert explained_variance(returns, torch.full((1, 4), 2.0), mask).isnan()  # constant returns
+def test_minibatches_first_epoch_in_rollout_order_later_shuffled():
+    assert [r.tolist() for r in minibatch_rows(6, 3, None)] == [[0, 1], [2, 3], [4, 5]]
+    shuffled = minibatch_rows(6, 2, torch.Generator().manual_seed(3))
+    assert sorted(torch.cat(shuffled).tolist()) == list(range(6)) and torch.cat(shuffled).tolist() != list(range(6))
 
 
-# --- trend of a run's metric ------------------------------------------------------------------------
+# --- trend of a run's metric (rlhf_pl.report.linear_trend, which the ppo summary reports) ------------
 
 
 def test_linear_trend_against_hand_computed_least_squares():
-    from rlhf_pl.stages.ppo import linear_trend
-
     # x = 0..3, x̄ = 1.5, ȳ = 2.5, Sxx = 5, Sxy = 4 -> slope 0.8, rise 0.8·3 = 2.4; fitted 1.3 2.1 2.9 3.7,
     # residuals −0.3 0.9 −0.9 0.3 -> SS 1.8, se = sqrt(1.8 / 2 / 5) = sqrt(0.18), t = 0.8 / 0.42426 = 1.8856
     trend = linear_trend([1.0, 3.0, 2.0, 4.0])

@@ -14,24 +14,15 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from ppo_helpers import make_cfg, ppo_run
 
-from ppo_helpers import make_cfg
-from rlhf_pl.stages.ppo import (
-    CHECKPOINT_FILE,
-    RolloutBatchSampler,
-    find_checkpoint,
-    load_checkpoint,
-    restore_rng_state,
-    rng_state,
-    run,
-)
+from rlhf_pl.checkpoint import CHECKPOINT_FILE, find_checkpoint, load_checkpoint, restore_rng_state, rng_state
+from rlhf_pl.data.batches import RolloutBatchSampler
+from rlhf_pl.errors import ConfigError, InputError
 
 TIMING = {"rollout_seconds", "train_seconds"}  # wall-clock fields: the only ones allowed to differ
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
 
 
 class Interrupted(Exception):
@@ -58,23 +49,22 @@ SETTINGS = ("ppo.updates=5", "ppo.batch_size=4", "ppo.num_minibatches=2", "ppo.p
 
 def test_interrupted_and_resumed_run_reaches_the_same_metrics_and_weights(tmp_path, ppo_inputs):
     full = make_cfg(ppo_inputs, tmp_path, *SETTINGS)
-    L.seed_everything(0, verbose=False)
-    run(full, tmp_path / "full")
+    ppo_run(full, tmp_path / "full")  # run_stage seeds everything with cfg.seed
 
-    L.seed_everything(0, verbose=False)
     with pytest.raises(Interrupted):
-        run(full, tmp_path / "first", callbacks=[StopAfter(2)])
+        ppo_run(full, tmp_path / "first", callbacks=[StopAfter(2)])
     assert load_checkpoint(tmp_path / "first" / "checkpoints" / CHECKPOINT_FILE)["rollouts_done"] == 2
 
-    L.seed_everything(0, verbose=False)
-    resumed_summary = run(make_cfg(ppo_inputs, tmp_path, *SETTINGS, f"+resume={tmp_path / 'first'}"), tmp_path / "second")
+    resumed = make_cfg(ppo_inputs, tmp_path, *SETTINGS, f"+resume={tmp_path / 'first'}")
+    resumed_summary = ppo_run(resumed, tmp_path / "second")
     assert resumed_summary["resumed_from"] == str(tmp_path / "first") and resumed_summary["updates"] == 5
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / CHECKPOINT_FILE)
     b = load_checkpoint(tmp_path / "second" / "checkpoints" / CHECKPOINT_FILE)
     assert a["history"]["update"] == b["history"]["update"] == [1.0, 2.0, 3.0, 4.0, 5.0]
     for name, values in a["history"].items():
         if name not in TIMING:
-            assert torch.allclose(torch.tensor(values), torch.tensor(b["history"][name]), rtol=0, atol=1e-6, equal_nan=True), name
+            assert torch.allclose(torch.tensor(values), torch.tensor(b["history"][name]), rtol=0, atol=1e-6,
+                                  equal_nan=True), name
     assert a["history"]["score"] == b["history"]["score"] and a["history"]["kl"] == b["history"]["kl"]  # bit for bit
     assert a["kl_controller"] == b["kl_controller"] and a["score_moments"] == b["score_moments"]
     for key, tensor in a["policy"].items():
@@ -84,12 +74,12 @@ def test_interrupted_and_resumed_run_reaches_the_same_metrics_and_weights(tmp_pa
 
 
 def test_resume_refuses_a_finished_run_and_names_a_missing_checkpoint(tmp_path, ppo_inputs):
-    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=1", "ppo.batch_size=2", "ppo.max_new_tokens=3", "ppo.ppo_epochs=1")
-    L.seed_everything(0, verbose=False)
-    run(cfg, tmp_path / "done")
-    with pytest.raises(ValueError, match=r"has done 1 updates and ppo.updates=1; raise ppo.updates"):
-        run(make_cfg(ppo_inputs, tmp_path, "ppo.updates=1", f"+resume={tmp_path / 'done'}"), tmp_path / "again")
-    with pytest.raises(FileNotFoundError, match=r"no checkpoint at .*checkpoints/last.pt"):
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=1", "ppo.batch_size=2", "ppo.max_new_tokens=3",
+                   "ppo.ppo_epochs=1")
+    ppo_run(cfg, tmp_path / "done")
+    with pytest.raises(ConfigError, match=r"has done 1 updates and ppo.updates=1; raise ppo.updates"):
+        ppo_run(make_cfg(ppo_inputs, tmp_path, "ppo.updates=1", f"+resume={tmp_path / 'done'}"), tmp_path / "again")
+    with pytest.raises(InputError, match=r"no checkpoint at .*checkpoints/last.pt"):
         find_checkpoint(str(tmp_path / "nowhere"))
 
 
@@ -132,13 +122,14 @@ def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> N
 def test_killed_with_sigkill_mid_run_then_resumed_from_the_command_line(tmp_path, ppo_inputs):
     out, env = tmp_path / "outputs", {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     common = [sys.executable, "-m", "rlhf_pl", "+stage=ppo", "experiment=quick", f"paths.output_root={out}",
-              f"ppo.policy_from={ppo_inputs / 'sft'}", f"ppo.reward_from={ppo_inputs / 'rm'}", "ppo.updates=6", "ppo.batch_size=4",
-              "ppo.max_new_tokens=6", "ppo.checkpoint_every=1", "trainer.enable_progress_bar=false"]
+              f"ppo.policy_from={ppo_inputs / 'sft'}", f"ppo.reward_from={ppo_inputs / 'rm'}", "ppo.updates=6",
+              "ppo.batch_size=4", "ppo.max_new_tokens=6", "ppo.checkpoint_every=1", "trainer.enable_progress_bar=false"]
     first_dir = out / "runs" / "first"
     proc = subprocess.Popen([*common, f"hydra.run.dir={first_dir}"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     pointer = first_dir / "checkpoints" / "latest.json"
-    _wait_for(lambda: pointer.is_file() and json.loads(pointer.read_text())["rollouts_done"] >= 2, 240, "update 2", proc)
+    _wait_for(lambda: pointer.is_file() and json.loads(pointer.read_text())["rollouts_done"] >= 2, 240, "update 2",
+              proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL

@@ -3,10 +3,10 @@ learning against a rule-based reward with the adaptive KL controller, options, a
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,76 +15,58 @@ import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf
+from ppo_helpers import make_cfg, ppo_run
 
-from rlhf_pl import registry
-from ppo_helpers import make_cfg
-from rlhf_pl.config import PPOConfig
+from rlhf_pl import outputs, registry
+from rlhf_pl.config import validate_config
+from rlhf_pl.data.batches import PromptCollator, tokenize_prompts
 from rlhf_pl.data.chat import tokenize_completion, tokenize_prompt
 from rlhf_pl.data.formats import Message, load_prompts
+from rlhf_pl.errors import ConfigError, NonFiniteLossError
+from rlhf_pl.models.critic import Critic, ValueHead
+from rlhf_pl.models.ppo_models import build_models, evaluate_policy
 from rlhf_pl.models.reward import RewardModel, RewardOutput
-from rlhf_pl.run import record_output
-from rlhf_pl.stages.ppo import (
-    Critic,
-    PPOModule,
-    RunningMoments,
-    ValueHead,
-    build_models,
-    check_stage_config,
-    compute_advantages,
-    cut_at_stop_strings,
-    evaluate_policy,
-    minibatch_rows,
-    process_scores,
-    resolve_input,
-    run,
-    tokenize_prompts,
-)
-
-
+from rlhf_pl.rl.advantages import compute_advantages
+from rlhf_pl.sampling import cut_at_stop_strings
+from rlhf_pl.stages.ppo import INPUTS, PPOModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
-
-
-
-
-def run_ppo(cfg, run_dir: Path, **kwargs) -> dict:
-    L.seed_everything(cfg.seed, verbose=False)
-    return run(cfg, run_dir, **kwargs)
 
 
 def history(run_dir: Path) -> dict[str, list[float]]:
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["history"]
 
 
-# --- settings and ppo_inputs --------------------------------------------------------------------------
+# --- settings and inputs --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("critic", "both", "ppo.critic='both'; choose one of: separate, shared"),
-    ("kl_estimator", "k4", "ppo.kl_estimator='k4'; choose one of: k1, k2, k3"),
-    ("num_minibatches", 3, "ppo.num_minibatches=3 must divide ppo.batch_size=16; valid: [1, 2, 4, 8, 16]"),
-    ("clip_eps", 0.0, "ppo.clip_eps=0.0; must be in (0.0, 1.0]"),
-    ("missing_eos_mode", "swap", "ppo.missing_eos_mode='swap'; choose one of: replace, add"),
-    ("value_clip", -0.1, "ppo.value_clip=-0.1; must be > 0, or null to turn it off"),
-    ("updates", 0, "ppo.updates=0; must be an integer >= 1"),
+@pytest.mark.parametrize("override, expected", [
+    ("ppo.critic=both", ("ppo.critic='both'", "choose one of: separate, shared")),
+    ("ppo.kl_estimator=k4", ("ppo.kl_estimator='k4'", "choose one of: k1, k2, k3")),
+    ("ppo.num_minibatches=3", ("ppo.num_minibatches=3 must divide ppo.batch_size=16", "valid: 1, 2, 4, 8, 16")),
+    ("ppo.clip_eps=0.0", ("ppo.clip_eps=0.0", "in (0, 1]")),
+    ("ppo.missing_eos_mode=swap", ("ppo.missing_eos_mode='swap'", "choose one of: replace, add")),
+    ("ppo.value_clip=-0.1", ("ppo.value_clip=-0.1", "> 0, or null")),
+    ("ppo.updates=0", ("ppo.updates=0", "an integer >= 1")),
 ])
-def test_settings_errors_name_key_value_and_choices(key, value, expected):
-    with pytest.raises(ValueError) as err:
-        check_stage_config(dataclasses.replace(PPOConfig(), **{key: value}))
-    assert str(err.value) == expected
+def test_settings_errors_name_key_value_and_choices(tmp_path, ppo_inputs, override, expected):
+    with pytest.raises(ConfigError) as err:
+        validate_config(make_cfg(ppo_inputs, tmp_path, "ppo.batch_size=16", override))
+    assert all(part in str(err.value) for part in expected), str(err.value)
 
 
 def test_auto_inputs_name_the_stage_to_run_first(tmp_path, ppo_inputs):
     cfg = make_cfg(ppo_inputs, tmp_path, "ppo.policy_from=auto", "ppo.reward_from=auto")
     with pytest.raises(FileNotFoundError, match=r"run `python -m rlhf_pl \+stage=sft` first"):
-        resolve_input(cfg, "policy_from", "sft", "config.json")
-    record_output(cfg, "sft", ppo_inputs / "sft")
-    assert resolve_input(cfg, "policy_from", "sft", "config.json") == (ppo_inputs / "sft").resolve()
-    with pytest.raises(FileNotFoundError, match=r"no \+stage=rm output recorded for model 'tiny'.*ppo.reward_from=<directory"):
-        resolve_input(cfg, "reward_from", "rm", "reward_config.json")
+        outputs.resolve(cfg, INPUTS["policy"])
+    outputs.record(cfg, "sft", {"model": ppo_inputs / "sft"})
+    assert outputs.resolve(cfg, INPUTS["policy"]) == (ppo_inputs / "sft").resolve()
+    with pytest.raises(FileNotFoundError,
+                       match=r"no \+stage=rm output recorded for model 'tiny'.*ppo.reward_from=<directory"):
+        outputs.resolve(cfg, INPUTS["reward_model"])
     bad = make_cfg(ppo_inputs, tmp_path, f"ppo.reward_from={ppo_inputs / 'sft'}")
     with pytest.raises(FileNotFoundError, match="has no reward_config.json"):
-        resolve_input(bad, "reward_from", "rm", "reward_config.json")
+        outputs.resolve(bad, INPUTS["reward_model"])
 
 
 # --- rollout mechanics ----------------------------------------------------------------------------
@@ -103,7 +85,8 @@ def test_same_prompt_alone_or_in_a_left_padded_batch_gives_the_same_logprobs_and
     batch = torch.tensor([long + answer_long + [pad] * (n - len(answer_long)),
                           [pad] * (p - len(short)) + short + answer_short + [pad] * (n - len(answer_short))])
     batch_mask = torch.tensor([[1] * (p + len(answer_long)) + [0] * (n - len(answer_long)),
-                               [0] * (p - len(short)) + [1] * (len(short) + len(answer_short)) + [0] * (n - len(answer_short))])
+                               [0] * (p - len(short)) + [1] * (len(short) + len(answer_short))
+                               + [0] * (n - len(answer_short))])
     torch.manual_seed(0)
     head = ValueHead(64)
     critic = Critic(tiny_model.model, head)
@@ -138,7 +121,8 @@ class ScriptedSampler:
         return self.script[self.step - 1]
 
 
-def test_tokens_after_eos_are_masked_in_logprobs_values_rewards_advantages_and_losses(tmp_path, ppo_inputs, tiny_tokenizer):
+def test_tokens_after_eos_are_masked_in_logprobs_values_rewards_advantages_and_losses(tmp_path, ppo_inputs,
+                                                                                       tiny_tokenizer):
     cfg = make_cfg(ppo_inputs, tmp_path, "ppo.batch_size=2", "ppo.max_new_tokens=5", "ppo.missing_eos_penalty=-1.0",
                    "ppo.value_head_init=fresh")  # non-zero values, so that masking them is visible
     ppo = OmegaConf.to_object(cfg.ppo)
@@ -149,17 +133,18 @@ def test_tokens_after_eos_are_masked_in_logprobs_values_rewards_advantages_and_l
     items = tokenize_prompts(prompts, tiny_tokenizer, 256)
     kl_controller = registry.build_by_name("kl_controllers", "fixed", beta=0.1)
     module = PPOModule(models, ppo, sampler, kl_controller, prompts, items, 0, tmp_path)
-    from rlhf_pl.stages.ppo import PromptCollator
-
     rollout = module.rollout(PromptCollator(tiny_tokenizer.pad_token_id)(items))
     assert rollout.mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]
     assert rollout.ended.tolist() == [True, False]
-    assert rollout.scores[1] == -1.0 and rollout.scores[0] == rollout.rm_scores[0] - rollout.baselines[0]  # missing-EOS penalty replaces
+    # the missing-EOS penalty replaces the score of the response without an end
+    assert rollout.scores[1] == -1.0 and rollout.scores[0] == rollout.rm_scores[0] - rollout.baselines[0]
     for name in ("logprobs", "ref_logprobs", "values", "entropy"):
         values = getattr(rollout, name)
         assert torch.all(values[0, 3:] == 0), name
         assert torch.all(values[0, :3] != 0) and torch.all(values[1] != 0), name
-    adv = compute_advantages(rollout, 0.1, ppo, lambda t: t)
+    adv = compute_advantages(rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.scores, rollout.mask,
+                             beta=0.1, kl_estimator=ppo.kl_estimator, gamma=ppo.gamma, lam=ppo.lam,
+                             all_reduce=lambda t: t)
     for name in ("rewards", "non_score", "advantages", "returns"):
         assert torch.all(getattr(adv, name)[0, 3:] == 0), name
     kl0 = rollout.logprobs[0, 2] - rollout.ref_logprobs[0, 2]
@@ -173,7 +158,8 @@ def test_tokens_after_eos_are_masked_in_logprobs_values_rewards_advantages_and_l
     dirty_adv = adv._replace(advantages=poison(adv.advantages), returns=poison(adv.returns))
     dirty = module.policy_objective(dirty_rollout, dirty_adv, rows, 0.1, 0)
     dirty_vf = module.critic_objective(dirty_rollout, dirty_adv, rows)
-    assert torch.isfinite(clean.loss) and float(dirty.loss) == float(clean.loss) and float(dirty.pg.loss) == float(clean.pg.loss)
+    assert torch.isfinite(clean.loss) and float(dirty.loss) == float(clean.loss)
+    assert float(dirty.pg.loss) == float(clean.pg.loss)
     assert torch.isfinite(clean_vf.loss) and float(dirty_vf.loss) == float(clean_vf.loss) > 0
     assert float(clean.max_abs_log_ratio) == 0.0 and float(clean.pg.approx_kl) == 0.0
 
@@ -192,46 +178,14 @@ def test_stop_strings_end_a_response_after_the_completing_token(tiny_tokenizer):
     assert torch.equal(same, mask) and not none.any()
 
 
-def test_score_processing_order_uncertainty_running_norm_eos_penalty_clip():
-    rewards, unc = torch.tensor([1.0, 3.0, -2.0, 6.0]), torch.tensor([0.5, 1.0, 0.0, 2.0])
-    ended = torch.tensor([True, True, False, True])
-    out = RewardOutput(rewards, rewards, unc)
-    base = dataclasses.replace(PPOConfig(), missing_eos_penalty=None)
-    assert process_scores(out, ended, base, RunningMoments(), lambda t: t).tolist() == [1.0, 3.0, -2.0, 6.0]
-    penalised = dataclasses.replace(base, uncertainty_coef=2.0)
-    assert process_scores(out, ended, penalised, RunningMoments(), lambda t: t).tolist() == [0.0, 1.0, -2.0, 2.0]
-    replace = dataclasses.replace(base, missing_eos_penalty=-1.0, score_clip=4.0)
-    assert process_scores(out, ended, replace, RunningMoments(), lambda t: t).tolist() == [1.0, 3.0, -1.0, 4.0]
-    add = dataclasses.replace(base, missing_eos_penalty=-1.0, missing_eos_mode="add")
-    assert process_scores(out, ended, add, RunningMoments(), lambda t: t).tolist() == [1.0, 3.0, -3.0, 6.0]
-    with pytest.raises(ValueError, match="ppo.uncertainty_coef=2.0 but the reward head returns no uncertainty"):
-        process_scores(RewardOutput(rewards, rewards), ended, penalised, RunningMoments(), lambda t: t)
-    # running statistics over two batches equal the statistics of their concatenation
-    moments, second = RunningMoments(), torch.tensor([0.0, 10.0])
-    process_scores(out, ended, dataclasses.replace(base, score_norm="standardise"), moments, lambda t: t)
-    standardised = process_scores(RewardOutput(second, second), ended[:2], dataclasses.replace(base, score_norm="standardise"),
-                                  moments, lambda t: t)
-    everything = torch.cat([rewards, second]).double()
-    assert moments.count == 6 and math.isclose(moments.mean, float(everything.mean()), rel_tol=1e-12)
-    assert math.isclose(moments.var, float(everything.var(correction=0)), rel_tol=1e-12)
-    expected = (second - everything.mean()) / everything.std(correction=0)
-    assert torch.allclose(standardised, expected.float())
-
-
-def test_minibatches_first_epoch_in_rollout_order_later_shuffled():
-    assert [r.tolist() for r in minibatch_rows(6, 3, None)] == [[0, 1], [2, 3], [4, 5]]
-    shuffled = minibatch_rows(6, 2, torch.Generator().manual_seed(3))
-    assert sorted(torch.cat(shuffled).tolist()) == list(range(6)) and torch.cat(shuffled).tolist() != list(range(6))
-
-
 # --- whole updates --------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("critic", ["separate", "shared"])
 def test_first_minibatch_has_ratio_exactly_one_and_each_model_runs_once_per_purpose(tmp_path, ppo_inputs, critic):
-    cfg = make_cfg(ppo_inputs, tmp_path, f"ppo.critic={critic}", "ppo.updates=2", "ppo.batch_size=4", "ppo.num_minibatches=2",
-                   "ppo.ppo_epochs=2", "ppo.max_new_tokens=6", "ppo.policy_optim.lr=1e-2")
-    summary = run_ppo(cfg, tmp_path / "run")
+    cfg = make_cfg(ppo_inputs, tmp_path, f"ppo.critic={critic}", "ppo.updates=2", "ppo.batch_size=4",
+                   "ppo.num_minibatches=2", "ppo.ppo_epochs=2", "ppo.max_new_tokens=6", "ppo.policy_optim.lr=1e-2")
+    summary = ppo_run(cfg, tmp_path / "run")
     h = history(tmp_path / "run")
     assert h["approx_kl_first"] == [0.0, 0.0] and h["max_abs_log_ratio_first"] == [0.0, 0.0]
     assert all(a > 0 for a in h["approx_kl"])  # later minibatches see a moved policy
@@ -260,15 +214,21 @@ class TokenCount:
         return RewardOutput(score, score)
 
 
+def unused_tokens(tokenizer, n: int = 64) -> torch.Tensor:
+    """``n`` token ids that appear in no embedded prompt and are not EOS: TokenCount's targets."""
+    used = {i for p in load_prompts("embedded:prompts") for i in tokenize_prompt(tokenizer, p.messages)}
+    return torch.tensor([i for i in range(len(tokenizer)) if i not in used and i != tokenizer.eos_token_id][:n])
+
+
 def test_learning_score_rises_and_kl_stays_near_target_with_adaptive_controller(tmp_path, ppo_inputs, tiny_tokenizer):
-    used = {i for p in load_prompts("embedded:prompts") for i in tokenize_prompt(tiny_tokenizer, p.messages)}
-    targets = torch.tensor([i for i in range(len(tiny_tokenizer)) if i not in used and i != tiny_tokenizer.eos_token_id][:64])
+    targets = unused_tokens(tiny_tokenizer)
     target_kl, beta0 = 4.0, 0.5
-    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=30", "ppo.batch_size=16", "ppo.max_new_tokens=10", "ppo.num_minibatches=2",
-                   "ppo.ppo_epochs=2", "ppo.missing_eos_penalty=null", "ppo.policy_optim.lr=1e-2", "ppo.critic_optim.lr=3e-3",
-                   "kl_controller=adaptive", f"kl_controller.target={target_kl}", f"kl_controller.init_beta={beta0}",
-                   "kl_controller.horizon=64", "ppo.checkpoint_every=30")
-    summary = run_ppo(cfg, tmp_path / "run", scorer=TokenCount(targets))
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=30", "ppo.batch_size=16", "ppo.max_new_tokens=10",
+                   "ppo.num_minibatches=2", "ppo.ppo_epochs=2", "ppo.missing_eos_penalty=null",
+                   "ppo.policy_optim.lr=1e-2", "ppo.critic_optim.lr=3e-3", "kl_controller=adaptive",
+                   f"kl_controller.target={target_kl}", f"kl_controller.init_beta={beta0}", "kl_controller.horizon=64",
+                   "ppo.checkpoint_every=30")
+    summary = ppo_run(cfg, tmp_path / "run", scorer=TokenCount(targets))
     h = history(tmp_path / "run")
     first, last = sum(h["score"][:3]) / 3, sum(h["score"][-10:]) / 10
     assert first < 2.0 and last > first + 0.5, (first, last)  # the policy emits more target tokens
@@ -279,12 +239,27 @@ def test_learning_score_rises_and_kl_stays_near_target_with_adaptive_controller(
     assert summary["final_score"] > first and all(a == 0.0 for a in h["approx_kl_first"])
 
 
+def test_a_diverging_run_stops_naming_step_loss_and_learning_rate_and_exports_nothing(tmp_path, ppo_inputs,
+                                                                                       tiny_tokenizer):
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=2", "ppo.batch_size=4", "ppo.max_new_tokens=6",
+                   "ppo.policy_optim.lr=1e12")
+    with pytest.raises(NonFiniteLossError) as err:
+        ppo_run(cfg, tmp_path / "run", scorer=TokenCount(unused_tokens(tiny_tokenizer)))
+    message = str(err.value)
+    expected = r"the loss is (nan|-?inf) at step 1 with learning rate 1e\+12 \(ppo\.policy_optim\.lr\)"
+    assert re.search(expected, message), message
+    assert "Lower ppo.policy_optim.lr" in message
+    assert not (tmp_path / "run" / "policy").exists()
+    assert not (tmp_path / outputs.INDEX_FILE).exists()  # nothing recorded
+
+
 def test_options_ptx_entropy_kl_loss_reward_whitening_score_norm_and_stop_strings(tmp_path, ppo_inputs):
-    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=2", "ppo.batch_size=4", "ppo.max_new_tokens=6", "ppo.critic=shared",
-                   "ppo.ptx_coef=0.5", "ppo.ptx_batch_size=2", "ppo.entropy_coef=0.01", "ppo.kl_penalty=loss",
-                   "ppo.kl_estimator=k3", "ppo.whiten_rewards=true", "ppo.score_norm=standardise", "ppo.score_clip=2.0",
-                   "ppo.value_clip=null", "ppo.stop_strings=['.']", "kl_controller=pi")
-    summary = run_ppo(cfg, tmp_path / "run")
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=2", "ppo.batch_size=4", "ppo.max_new_tokens=6",
+                   "ppo.critic=shared", "ppo.ptx_coef=0.5", "ppo.ptx_batch_size=2", "ppo.entropy_coef=0.01",
+                   "ppo.kl_penalty=loss", "ppo.kl_estimator=k3", "ppo.whiten_rewards=true",
+                   "ppo.score_norm=standardise", "ppo.score_clip=2.0", "ppo.value_clip=null", "ppo.stop_strings=['.']",
+                   "kl_controller=pi")
+    summary = ppo_run(cfg, tmp_path / "run")
     h = history(tmp_path / "run")
     assert all(math.isfinite(v) for name, values in h.items() if name != "uncertainty" for v in values)
     assert all(v > 1.0 for v in h["ptx_loss"])  # NLL of demonstrations under a random tiny model
@@ -298,8 +273,8 @@ def test_options_ptx_entropy_kl_loss_reward_whitening_score_norm_and_stop_string
 def test_command_line_run_writes_curves_samples_summary_and_policy(tmp_path, ppo_inputs):
     out = tmp_path / "outputs"
     index_cfg = OmegaConf.create({"paths": {"output_root": str(out)}, "model": {"name": "tiny"}})
-    record_output(index_cfg, "sft", ppo_inputs / "sft")  # so that ppo.policy_from=auto finds them
-    record_output(index_cfg, "rm", ppo_inputs / "rm")
+    outputs.record(index_cfg, "sft", {"model": ppo_inputs / "sft"})  # so that ppo.policy_from=auto finds them
+    outputs.record(index_cfg, "rm", {"reward_model": ppo_inputs / "rm"})
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     args = [sys.executable, "-m", "rlhf_pl", "+stage=ppo", "experiment=quick", f"paths.output_root={out}",
             "ppo.updates=3", "ppo.sample_every=2", "trainer.enable_progress_bar=false"]
@@ -315,13 +290,15 @@ def test_command_line_run_writes_curves_samples_summary_and_policy(tmp_path, ppo
     samples = (run_dir / "samples.md").read_text()
     assert "## update 1" in samples and "## update 2" in samples and "| prompt | response | score |" in samples
     index = json.loads((out / "index.json").read_text())
-    assert index["ppo"]["tiny"] == str((run_dir / "policy").resolve())
+    assert index["ppo"]["tiny"] == {"policy": str((run_dir / "policy").resolve())}
+    assert Path(summary["policy_dir"]).resolve() == (run_dir / "policy").resolve()
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0}).Reload()
     tags = events.Tags()
-    for name in ("score", "kl", "beta", "non_score_reward", "entropy", "approx_kl", "policy_clip_frac", "value_clip_frac",
-                 "explained_variance", "response_length", "eos_rate", "advantage_mean", "advantage_std", "kl_k3"):
+    for name in ("score", "kl", "beta", "non_score_reward", "entropy", "approx_kl", "policy_clip_frac",
+                 "value_clip_frac", "explained_variance", "response_length", "eos_rate", "advantage_mean",
+                 "advantage_std", "kl_k3"):
         assert [e.step for e in events.Scalars(f"ppo/{name}")] == [0, 1, 2], name
     assert any("ppo/samples" in tag for tag in tags["tensors"])
 
@@ -343,7 +320,7 @@ def test_precision_strategy_holds_the_ppo_models(tmp_path, ppo_inputs, strategy)
             captured["trainable"] = sum(p.numel() for p in module.policy.parameters() if p.requires_grad)
             captured["total"] = sum(p.numel() for p in module.policy.parameters())
 
-    summary = run_ppo(cfg, run_dir, callbacks=[Capture()])
+    summary = ppo_run(cfg, run_dir, callbacks=[Capture()])
     assert summary["updates"] == 2
     if strategy == "lora":
         assert isinstance(captured["reference"], PolicyReference)

@@ -17,24 +17,8 @@ from rlhf_pl.plugins.reward_heads import (
     RewardHeadOutput,
     build_head,
     last_token_hidden,
-    last_token_index,
     resolve_head,
 )
-
-
-def test_last_token_index_right_left_and_inner_gaps():
-    mask = torch.tensor([
-        [1, 1, 1, 0, 0],  # right-padded: last real token at 2
-        [0, 0, 1, 1, 1],  # left-padded: 4
-        [1, 1, 1, 1, 1],  # unpadded: 4
-        [1, 0, 0, 0, 0],  # one token: 0
-    ])
-    assert last_token_index(mask).tolist() == [2, 4, 4, 0]
-
-
-def test_last_token_index_refuses_empty_rows():
-    with pytest.raises(ValueError, match=r"rows \[1\] have no real token"):
-        last_token_index(torch.tensor([[1, 0], [0, 0]]))
 
 
 def test_last_token_hidden_picks_rows():
@@ -83,7 +67,8 @@ def test_mlp_head_hand_computed_and_activation_choices():
     # row 0: relu([4, -5]) = [4, 0] -> 8 + 1; row 1: relu([-1, 2]) = [0, 2] -> 6 + 1
     assert out.rewards.tolist() == [9.0, 7.0]
     assert head.out.bias.shape == (1,)
-    with pytest.raises(ValueError, match=r"reward_head.activation='swish' is not supported; choose one of: gelu, relu, tanh"):
+    with pytest.raises(ValueError,
+                       match=r"reward_head.activation='swish' is not supported; choose one of: gelu, relu, tanh"):
         MLPHead(MLPHeadConfig(activation="swish"), hidden_size=4)
     with pytest.raises(ValueError, match="reward_head.hidden must be >= 1"):
         MLPHead(MLPHeadConfig(hidden=0), hidden_size=4)
@@ -103,7 +88,8 @@ def test_ensemble_mean_std_and_distinct_heads():
     out = head(hidden, torch.tensor([[1, 1]]))
     assert out.members.tolist() == [[1.0, 2.0, 6.0]]
     assert out.rewards.tolist() == [3.0]
-    assert out.uncertainty.item() == pytest.approx(math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2))  # sqrt(7)
+    # sqrt(7)
+    assert out.uncertainty.item() == pytest.approx(math.sqrt(((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2))
     with pytest.raises(ValueError, match="reward_head.n_heads must be >= 2"):
         EnsembleHead(EnsembleHeadConfig(n_heads=1), hidden_size=8)
 
@@ -123,11 +109,13 @@ def test_resolve_head_config_from_mapping_and_errors():
     choice = resolve_head("mlp", {"hidden": 8}, activation="tanh")
     assert choice.config == MLPHeadConfig(hidden=8, activation="tanh")
     assert choice.distribution  # the package declaring the entry point
-    with pytest.raises(registry.PluginError, match=r"no setting\(s\) \['width'\]; valid: \['activation', 'dropout', 'hidden', 'init_std'\]"):
+    with pytest.raises(registry.PluginError,
+                       match=r"no setting\(s\) \['width'\]; valid: \['activation', 'dropout', 'hidden', 'init_std'\]"):
         resolve_head("mlp", {"width": 8})
     with pytest.raises(registry.PluginError, match="expects a LinearHeadConfig"):
         resolve_head("linear", MLPHeadConfig())
-    with pytest.raises(registry.PluginError, match="unknown reward_head plugin 'gated'; installed: .*ensemble.*linear.*mlp"):
+    with pytest.raises(registry.PluginError,
+                       match="unknown reward_head plugin 'gated'; installed: .*ensemble.*linear.*mlp"):
         resolve_head("gated")
 
 

@@ -19,10 +19,11 @@ For each strategy (default: fp32, bf16-mixed, int8-frozen, lora, qlora) a *fresh
    float weights are first copied out of the lazily mapped safetensors files, so that RSS counts
    what the models hold and not file pages of weights that were quantised away), the peak while
    loading (separately: it depends on the loading order, not on the strategy's steady state),
-   wall-clock and CPU seconds per update (CPU time is steadier on a shared machine), the RSS after the imports (baseline), the weight bytes each model holds, and the median
-   seconds per update after ``--warmup`` updates.
+   wall-clock and CPU seconds per update (CPU time is steadier on a shared machine), the RSS after
+   the imports (baseline), the weight bytes each model holds, and the median seconds per update
+   after ``--warmup`` updates.
 
-The PPO stage holds its models the same way (``rlhf_pl.stages.ppo.build_models``, from the SFT
+The PPO stage holds its models the same way (``rlhf_pl.models.ppo_models.build_models``, from the SFT
 and RM outputs); this tool starts policy, reward model and critic from the base model instead, so
 that no SFT/RM run is needed (memory and time do not depend on the weights' values), and reuses
 the stage's update loop unchanged. Responses may end before 32 tokens
@@ -58,8 +59,7 @@ DEFAULT_STRATEGIES = ["fp32", "bf16-mixed", "int8-frozen", "lora", "qlora"]
 RESULT = "BENCH_RESULT "
 # glibc's mmap threshold adapts upwards (up to 32 MiB) as large blocks are freed; blocks below it come
 # from the heap, whose freed pages stay resident. RSS then depends on the allocation history more than
-# on what is alive (first run: fp32 peaked 2.8 GiB above int8-frozen, whose weights are 0.6 GiB
-# smaller). A fixed threshold makes tensors >= 128 KiB their own mappings, returned on free.
+# on what is alive. A fixed threshold makes tensors >= 128 KiB their own mappings, returned on free.
 MMAP_THRESHOLD = 128 * 1024
 
 
@@ -130,9 +130,10 @@ def build_models(strategy_name: str, model_kwargs: dict, gradient_checkpointing:
     """The four PPO models held per the strategy; loads one float model at a time."""
     from rlhf_pl import registry
     from rlhf_pl.config import ModelConfig
+    from rlhf_pl.models.critic import Critic, ValueHead
     from rlhf_pl.models.loading import load_causal_lm, load_tokenizer
-    from rlhf_pl.models.reward import RewardModel, trunk_of
-    from rlhf_pl.stages.ppo import Critic, PPOModels, ValueHead, hidden_size_of
+    from rlhf_pl.models.ppo_models import PPOModels
+    from rlhf_pl.models.reward import RewardModel, hidden_size_of, trunk_of
 
     s = registry.build_by_name("precision", strategy_name)
     s.check("cpu", None, stage="ppo", frozen=("reference", "reward model"))
@@ -143,7 +144,8 @@ def build_models(strategy_name: str, model_kwargs: dict, gradient_checkpointing:
     reward = s.prepare_frozen(RewardModel.from_causal_lm(load_causal_lm(cfg), "linear", tokenizer))
     trunk = trunk_of(load_causal_lm(cfg))  # the critic: a trunk (PPO: the reward model's) + a fresh value head
     critic = s.prepare_trainable(Critic(trunk, ValueHead(hidden_size_of(trunk)))).train()
-    models = PPOModels(policy, reference, reward, critic, None, tokenizer, str(cfg.name_or_path), "base model + linear head")
+    models = PPOModels(policy, reference, reward, critic, None, tokenizer, str(cfg.name_or_path),
+                       "base model + linear head")
     return s, models
 
 
@@ -154,8 +156,9 @@ def worker(strategy_name: str, model_key: str, updates: int, warmup: int, batch:
 
     from rlhf_pl import registry
     from rlhf_pl.config import PPOConfig
+    from rlhf_pl.data.batches import tokenize_prompts
     from rlhf_pl.data.formats import load_prompts
-    from rlhf_pl.stages.ppo import PPOModule, tokenize_prompts
+    from rlhf_pl.stages.ppo import PPOModule
 
     baseline = rss_mb()
     L.seed_everything(0, verbose=False)
@@ -172,8 +175,9 @@ def worker(strategy_name: str, model_key: str, updates: int, warmup: int, batch:
     trainable = sum(p.numel() for m in (models.policy, models.critic) for p in m.parameters() if p.requires_grad)
 
     total = warmup + updates + 1  # stopped after the last measured update (before the stage's final checkpoint)
-    ppo = PPOConfig(updates=total, batch_size=batch, max_new_tokens=new_tokens, sample_every=10**6, checkpoint_every=10**6,
-                    ppo_epochs=4, num_minibatches=1,  # the whole batch in one minibatch: the peak this tool has always measured
+    # the whole batch in one minibatch: the peak this tool has always measured
+    ppo = PPOConfig(updates=total, batch_size=batch, max_new_tokens=new_tokens, sample_every=10**6,
+                    checkpoint_every=10**6, ppo_epochs=4, num_minibatches=1,
                     score_baseline="none")  # figures comparable across versions; the baseline adds no gradient memory
     prompts = load_prompts("embedded:prompts")
     items = tokenize_prompts(prompts, models.tokenizer, 256)
@@ -207,7 +211,8 @@ def worker(strategy_name: str, model_key: str, updates: int, warmup: int, batch:
         "strategy": strategy_name, "gradient_checkpointing": gradient_checkpointing,
         "trainer_precision": s.trainer_precision, "threads": torch.get_num_threads(),
         "peak_rss_mb": round(peak.get("mb", peak_rss_mb()), 1), "baseline_rss_mb": round(baseline, 1),
-        "rss_after_models_mb": round(after_load, 1), "load_peak_rss_mb": round(load_peak, 1), "weights_mb": {k: round(v, 1) for k, v in weights.items()},
+        "rss_after_models_mb": round(after_load, 1), "load_peak_rss_mb": round(load_peak, 1),
+        "weights_mb": {k: round(v, 1) for k, v in weights.items()},
         "trainable_params": trainable, "load_s": round(load_s, 1),
         "s_per_update": round(measured[len(measured) // 2], 2), "update_times_s": [round(t, 2) for t in times],
         "cpu_s_per_update": round(measured_cpu[len(measured_cpu) // 2], 1),
@@ -232,15 +237,17 @@ def run_strategy(name: str, gc: str, args: argparse.Namespace) -> dict:
 def markdown(rows: list[dict], reference: str = "fp32") -> str:
     """One row per (strategy, checkpointing); "vs fp32" compares with fp32 at the same checkpointing setting."""
     base = {r["gradient_checkpointing"]: r["peak_rss_mb"] for r in rows if r["strategy"] == reference}
-    head = ("| precision | grad. checkpointing | peak RSS, PPO update (MiB) | vs fp32 | weights: policy / ref / RM / critic "
-            "(MiB) | trainable params | wall s / update | CPU s / update | peak RSS while loading (MiB) |")
+    head = ("| precision | grad. checkpointing | peak RSS, PPO update (MiB) | vs fp32 "
+            "| weights: policy / ref / RM / critic (MiB) | trainable params | wall s / update | CPU s / update "
+            "| peak RSS while loading (MiB) |")
     lines = [head, "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         w, gc = r["weights_mb"], r["gradient_checkpointing"]
         ratio = f"{r['peak_rss_mb'] / base[gc]:.0%}" if gc in base else "–"
         ref = "shared" if w["reference"] == 0 else f"{w['reference']:.0f}"
-        lines.append(f"| {r['strategy']} | {'on' if gc else 'off'} | {r['peak_rss_mb']:.0f} | {ratio} | {w['policy']:.0f} / {ref} / "
-                     f"{w['reward']:.0f} / {w['critic']:.0f} | {r['trainable_params'] / 1e6:.2f} M | {r['s_per_update']:.1f} "
+        lines.append(f"| {r['strategy']} | {'on' if gc else 'off'} | {r['peak_rss_mb']:.0f} | {ratio} "
+                     f"| {w['policy']:.0f} / {ref} / {w['reward']:.0f} / {w['critic']:.0f} "
+                     f"| {r['trainable_params'] / 1e6:.2f} M | {r['s_per_update']:.1f} "
                      f"| {r.get('cpu_s_per_update', float('nan')):.0f} | {r['load_peak_rss_mb']:.0f} |")
     return "\n".join(lines)
 
@@ -275,11 +282,11 @@ def main() -> None:
         for name in args.strategies:
             started = time.perf_counter()
             rows.append(run_strategy(name, gc, args))
-            print(f"{name} (checkpointing {gc}): peak {rows[-1]['peak_rss_mb']:.0f} MiB, {rows[-1]['s_per_update']:.1f} "
-                  f"s/update ({time.perf_counter() - started:.0f} s)", flush=True)
+            print(f"{name} (checkpointing {gc}): peak {rows[-1]['peak_rss_mb']:.0f} MiB, "
+                  f"{rows[-1]['s_per_update']:.1f} s/update ({time.perf_counter() - started:.0f} s)", flush=True)
             table = markdown(rows)
             write_json(args.out, {"model": args.model, "batch": args.batch, "new_tokens": args.new_tokens,
-                                         "updates": args.updates, "warmup": args.warmup, "results": rows, "table_md": table})
+                                  "updates": args.updates, "warmup": args.warmup, "results": rows, "table_md": table})
     print(f"\nPPO update, {args.model}, {args.batch} prompts × {args.new_tokens} new tokens, "
           f"{rows[0]['threads']} threads\n\n{table}\n\nwritten {args.out}")
 

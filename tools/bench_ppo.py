@@ -37,9 +37,10 @@ import os
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import lightning as L
 import torch
@@ -48,14 +49,17 @@ from torch import nn
 
 from rlhf_pl import registry
 from rlhf_pl.config import PPOConfig, register_configs
+from rlhf_pl.data.batches import tokenize_prompts
 from rlhf_pl.data.formats import load_prompts
+from rlhf_pl.models.critic import Critic, ValueHead, freeze
 from rlhf_pl.models.loading import load_model_and_tokenizer
-from rlhf_pl.models.reward import RewardModel, trunk_of
+from rlhf_pl.models.ppo_models import PPOModels
+from rlhf_pl.models.reward import RewardModel, hidden_size_of, trunk_of
+from rlhf_pl.plugins.kl_controllers import AdaptiveKLController
 from rlhf_pl.plugins.samplers import TemperatureSampler
 from rlhf_pl.plugins.specs import TemperatureSamplerConfig
-from rlhf_pl.plugins.kl_controllers import AdaptiveKLController
 from rlhf_pl.runtime import matmul_peak, retain_freed_memory
-from rlhf_pl.stages.ppo import Critic, PPOModels, PPOModule, ValueHead, freeze, tokenize_prompts
+from rlhf_pl.stages.ppo import PPOModule
 
 PHASES = ("generation", "scoring", "reference", "policy_logprobs", "values", "optimisation")
 PRECISIONS = {"fp32": ("32-true", torch.float32), "bf16-mixed": ("bf16-mixed", torch.bfloat16)}
@@ -97,14 +101,15 @@ def build_models(model_cfg: Any) -> PPOModels:
     reference = freeze(copy.deepcopy(policy))
     reward = freeze(RewardModel.from_causal_lm(copy.deepcopy(policy), "linear", tokenizer))
     trunk = copy.deepcopy(trunk_of(policy)).requires_grad_(True).train()
-    critic = Critic(trunk, ValueHead(trunk.config.hidden_size))
+    critic = Critic(trunk, ValueHead(hidden_size_of(trunk)))
     return PPOModels(policy.train(), reference, reward, critic, None, tokenizer, "base model", "fresh linear head")
 
 
 def count_forwards(module: BenchModule) -> tuple[dict[tuple[str, str], list[int]], list[Any]]:
     """Forward hooks on the four models: (phase, model) -> [calls, rows, tokens]; and the hook handles."""
     counts: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0, 0, 0])
-    models = {"policy": module.policy, "reference": module.reference, "reward": module.scorer.trunk, "critic": module.critic.trunk}
+    models = {"policy": module.policy, "reference": module.reference, "reward": module.scorer.trunk,
+              "critic": module.critic.trunk}
     handles = []
     for name, model in models.items():
         def hook(_mod: nn.Module, args: tuple, kwargs: dict, _out: Any, name: str = name) -> None:
@@ -156,15 +161,17 @@ def run_precision(name: str, models: PPOModels, prompts: list, items: list, args
     """Warm-up + measured updates in one Trainer (fresh copies of policy and critic); the measured figures."""
     trainer_precision, dtype = PRECISIONS[name]
     # score_baseline=none: the per-prompt baseline adds one greedy answer per *new* prompt (a cost that
-    # falls as prompts repeat, about 4 s per update of 8 new prompts on SmolLM2), not a phase of the update
-    ppo = PPOConfig(updates=args.warmup + args.updates, batch_size=8, max_new_tokens=32, ppo_epochs=1, num_minibatches=1,
-                    checkpoint_every=10 ** 6, sample_every=10 ** 6, num_samples=0, score_baseline="none")
+    # falls as prompts repeat), not a phase of the update
+    ppo = PPOConfig(updates=args.warmup + args.updates, batch_size=8, max_new_tokens=32, ppo_epochs=1,
+                    num_minibatches=1, checkpoint_every=10 ** 6, sample_every=10 ** 6, num_samples=0,
+                    score_baseline="none")
     sampler = NoEOSSampler(0.7, models.tokenizer.eos_token_id)
     strategy = registry.build_by_name("precision", name)  # holds the frozen models as a run would
     fresh = models._replace(policy=copy.deepcopy(models.policy), critic=copy.deepcopy(models.critic),
                             reference=strategy.prepare_frozen(copy.deepcopy(models.reference)),
                             scorer=strategy.prepare_frozen(copy.deepcopy(models.scorer)))
-    module = BenchModule(fresh, ppo, sampler, AdaptiveKLController(), prompts, items, seed=0, run_dir=Path(tempfile.mkdtemp()))
+    module = BenchModule(fresh, ppo, sampler, AdaptiveKLController(), prompts, items, seed=0,
+                         run_dir=Path(tempfile.mkdtemp()))
     counts, handles = count_forwards(module)
     marker = Snapshot(module, counts, args.warmup)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=trainer_precision, max_epochs=1, logger=False,
@@ -175,19 +182,24 @@ def run_precision(name: str, models: PPOModels, prompts: list, items: list, args
     for handle in handles:
         handle.remove()
     seconds, forwards = marker.deltas()
-    return figures(name, module, seconds, forwards, marker.update_seconds, args.updates, max(peak_before, matmul_peak(dtype)))
+    peak = max(peak_before, matmul_peak(dtype))
+    return figures(name, module, seconds, forwards, marker.update_seconds, args.updates, peak)
 
 
-def figures(name: str, module: BenchModule, seconds: dict, forwards: dict, update_seconds: list, updates: int, peak: float) -> dict:
+def figures(name: str, module: BenchModule, seconds: dict, forwards: dict, update_seconds: list, updates: int,
+            peak: float) -> dict:
     """Per-phase tokens/s, the one-forward-per-purpose check and the optimisation phase's MFU."""
     b, n = 8, 32
     trunk, head = matmul_params(module)
     tokens = {phase: forwards.get(key, [0, 0, 0])[2] for phase, key in (
-        ("scoring", "scoring/reward"), ("reference", "reference/reference"), ("policy_logprobs", "policy_logprobs/policy"),
-        ("values", "values/critic"), ("optimisation", "optimisation/policy"))}
+        ("scoring", "scoring/reward"), ("reference", "reference/reference"),
+        ("policy_logprobs", "policy_logprobs/policy"), ("values", "values/critic"),
+        ("optimisation", "optimisation/policy"))}
     train_flops = 6 * (trunk * forwards["optimisation/policy"][2] + head * updates * b * (n + 1)
-                       + trunk * forwards["optimisation/critic"][2] + module.critic.head.proj.weight.numel() * updates * b * n)
-    per_phase = {"generation": {"seconds": seconds["generation"] / updates, "tokens_per_s": updates * b * n / seconds["generation"]}}
+                       + trunk * forwards["optimisation/critic"][2]
+                       + module.critic.head.proj.weight.numel() * updates * b * n)
+    per_phase = {"generation": {"seconds": seconds["generation"] / updates,
+                                "tokens_per_s": updates * b * n / seconds["generation"]}}
     for phase in ("scoring", "reference", "policy_logprobs", "values", "optimisation"):
         per_phase[phase] = {"seconds": seconds[phase] / updates, "tokens_per_s": tokens[phase] / seconds[phase]}
     per_phase["optimisation"].update(model_flops_per_s=train_flops / seconds["optimisation"],
@@ -219,7 +231,8 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
-    parser.add_argument("--model", default="smollm2_135m", help="model config group option (tiny: a smoke test of this tool)")
+    parser.add_argument("--model", default="smollm2_135m",
+                        help="model config group option (tiny: a smoke test of this tool)")
     parser.add_argument("--no-retain-freed-memory", dest="retain", action="store_false",
                         help="leave glibc's allocator as it is (runs retain freed memory by default)")
     args = parser.parse_args()
@@ -233,9 +246,10 @@ def main() -> None:
     items = tokenize_prompts(prompts, models.tokenizer, cfg.data.max_prompt_length)
     results = [run_precision(name, models, prompts, items, args) for name in args.precision]
     print_table(results)
-    report = {"model": args.model, "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-                          "torch": torch.__version__, "retain_freed_memory": retained}, "setting": {"prompts": 8, "new_tokens": 32, "ppo_epochs": 1,
-                                                                   "minibatches": 1, "critic": "separate"}, "results": results}
+    machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+               "torch": torch.__version__, "retain_freed_memory": retained}
+    setting = {"prompts": 8, "new_tokens": 32, "ppo_epochs": 1, "minibatches": 1, "critic": "separate"}
+    report = {"model": args.model, "machine": machine, "setting": setting, "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten {args.out}")

@@ -17,8 +17,9 @@ members            (b, m) | None optional per-member rewards; when given, the rm
 
 The reward of a sequence is read at its last real token (RLHF reference item 8):
 :func:`last_token_hidden` finds it from the mask's *positions* (the last position where
-``attention_mask == 1``), never from token ids, so it is right for right padding, left padding and
-a pad token equal to EOS. Heads should cast the hidden state to their own parameter dtype.
+``attention_mask == 1``: :func:`rlhf_pl.rl.masked.last_valid_index`), never from token ids, so it
+is right for right padding, left padding and a pad token equal to EOS. Heads should cast the
+hidden state to their own parameter dtype.
 
 Writing a third-party head (a package of its own, ~30 lines)::
 
@@ -76,6 +77,7 @@ from rlhf_pl.plugins.reward_head_specs import (
     LinearHeadConfig,
     MLPHeadConfig,
 )
+from rlhf_pl.rl.masked import last_valid_index
 
 KIND = "reward_heads"
 
@@ -102,22 +104,6 @@ class RewardHead(Protocol):
     def forward(self, hidden_states: Tensor, attention_mask: Tensor) -> RewardHeadOutput: ...
 
 
-def last_token_index(attention_mask: Tensor) -> Tensor:
-    """Position of the last real token of each row: the last position where the mask is 1.
-
-    Works for right padding, left padding and pad == EOS (positions, not token ids).
-    Shape: (b, t) -> (b,), int64.
-    """
-    if attention_mask.dim() != 2:
-        raise ValueError(f"attention_mask must have shape (b, t), got {tuple(attention_mask.shape)}")
-    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)  # (t,)
-    index = torch.where(attention_mask.bool(), positions, -1).max(dim=1).values  # (b,)
-    if (index < 0).any():
-        rows = (index < 0).nonzero().flatten().tolist()
-        raise ValueError(f"attention_mask rows {rows} have no real token (all zeros)")
-    return index
-
-
 def last_token_hidden(hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
     """Hidden state at each row's last real token. Shape: (b, t, d), (b, t) -> (b, d)."""
     if hidden_states.dim() != 3 or hidden_states.shape[:2] != attention_mask.shape:
@@ -125,7 +111,7 @@ def last_token_hidden(hidden_states: Tensor, attention_mask: Tensor) -> Tensor:
             f"hidden_states (b, t, d) {tuple(hidden_states.shape)} does not match "
             f"attention_mask (b, t) {tuple(attention_mask.shape)}"
         )
-    index = last_token_index(attention_mask)  # (b,)
+    index = last_valid_index(attention_mask)  # (b,)
     rows = torch.arange(hidden_states.shape[0], device=hidden_states.device)
     return hidden_states[rows, index]
 

@@ -1,145 +1,18 @@
-"""PPO math for RLHF: masked statistics, per-token rewards, GAE, clipped losses, diagnostics.
+"""PPO math for RLHF: per-token rewards, the missing-EOS penalty, GAE and the clipped losses.
 
-Pure tensor functions (no modules, no config); every item of RLHF_REFERENCE.md 15–21 and 25 that is
-a formula lives here. Conventions:
-
-- ``b`` is the batch (responses), ``n`` the number of response tokens (right-padded).
-- ``mask`` is a bool or 0/1 float tensor of shape (b, n): nonzero on response tokens up to and
-  including EOS, zero after it. Masked positions never influence a statistic, a reward or a loss:
-  values there are *selected away* (``torch.where``), not multiplied by zero, so inf/NaN in padding
-  (e.g. a ``-inf`` logprob) cannot leak in. Outputs are 0 at masked positions.
-- Results with several parts are NamedTuples; diagnostics in them are detached tensors (no
-  ``.item()``, so nothing forces a device sync, except the checks that raise on invalid input).
-- ``all_reduce``: an optional callable that returns the element-wise **sum** of a tensor over all
-  DDP ranks, e.g. ``lambda t: fabric.all_reduce(t, reduce_op="sum")`` or
-  ``lambda t: (torch.distributed.all_reduce(t), t)[1]``. When given, statistics are global: each
-  function reduces the sums and valid-token counts, never per-rank means, so ranks with different
-  numbers of valid tokens are weighted correctly.
+Pure tensor functions (no modules, no config); the formulas of RLHF_REFERENCE.md items 4, 15,
+18, 20 and 21. The masked statistics they use (and their conventions: ``b`` responses, ``n``
+response tokens, masks, ``all_reduce``) are in :mod:`rlhf_pl.rl.masked`. Results with several parts
+are NamedTuples; diagnostics in them are detached tensors.
 """
 from __future__ import annotations
 
-from typing import Callable, Literal, NamedTuple, Optional
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-AllReduce = Callable[[Tensor], Tensor]
-
-
-# --- masked statistics ---------------------------------------------------------------------------
-
-
-def valid_only(x: Tensor, mask: Tensor) -> Tensor:
-    """``x`` on valid entries, 0 elsewhere, selected (not multiplied) so inf/NaN padding is dropped.
-
-    Applied to the *inputs* of a nonlinear computation, it also keeps gradients finite: autograd
-    multiplies the zero gradient of a dropped entry by the local derivative, and 0·inf is NaN.
-
-    Shape:
-        x, mask: (b, n); returns (b, n).
-    """
-    return torch.where(mask.bool(), x, torch.zeros_like(x))
-
-
-def _masked_sum_count(x: Tensor, mask: Tensor, dim: Optional[int], all_reduce: Optional[AllReduce]):
-    """Sum of valid entries and number of valid entries (reduced over ranks when asked).
-
-    Shape:
-        x, mask: (b, n) (any shape, equal); returns two tensors reduced over ``dim`` (all if None).
-    """
-    valid = mask.bool()
-    values = valid_only(x, mask)
-    counts = valid.to(x.dtype)
-    dims = tuple(range(x.dim())) if dim is None else (dim,)
-    total, count = values.sum(dim=dims), counts.sum(dim=dims)
-    if all_reduce is not None:
-        reduced = all_reduce(torch.stack([total, count]))
-        total, count = reduced[0], reduced[1]
-    return total, count
-
-
-def masked_mean(
-    x: Tensor, mask: Tensor, dim: Optional[int] = None, all_reduce: Optional[AllReduce] = None
-) -> Tensor:
-    """Mean of ``x`` over valid entries; 0 where there is no valid entry.
-
-    Args:
-        x: values.
-        mask: nonzero where valid.
-        dim: reduce over this dimension only (e.g. ``dim=1`` for a per-response mean); all if None.
-        all_reduce: sums over DDP ranks (module docstring); global mean = Σ sums / Σ counts.
-
-    Shape:
-        x, mask: (b, n); returns a scalar, or (b,) with ``dim=1``, or (n,) with ``dim=0``.
-    """
-    total, count = _masked_sum_count(x, mask, dim, all_reduce)
-    return torch.where(count > 0, total / count.clamp_min(1.0), torch.zeros_like(total))
-
-
-def _masked_moments(x: Tensor, mask: Tensor, unbiased: bool, all_reduce: Optional[AllReduce]):
-    """Mean and variance over all valid entries, two-pass (mean, then squared deviations).
-
-    With ``all_reduce`` each pass reduces [sum, count] once: two collective calls in all.
-
-    Shape:
-        x, mask: (b, n); returns two scalars.
-    """
-    x = valid_only(x, mask)
-    mean = masked_mean(x, mask, all_reduce=all_reduce)
-    sq_dev, count = _masked_sum_count((x - mean).square(), mask, None, all_reduce)
-    if not unbiased:
-        return mean, torch.where(count > 0, sq_dev / count.clamp_min(1.0), torch.zeros_like(sq_dev))
-    if count.item() < 2:  # the one host sync in this module, and only on this path
-        raise ValueError(f"unbiased masked_var needs at least 2 valid entries, got {int(count.item())}")
-    return mean, sq_dev / (count - 1)
-
-
-def masked_var(
-    x: Tensor, mask: Tensor, unbiased: bool = True, all_reduce: Optional[AllReduce] = None
-) -> Tensor:
-    """Variance of ``x`` over all valid entries (0 if there is none).
-
-    Args:
-        unbiased: divide by N − 1 (Bessel) instead of N, N = number of valid entries.
-        all_reduce: sums over DDP ranks; both passes are reduced, so the result is the variance of
-            the valid entries of all ranks together.
-
-    Shape:
-        x, mask: (b, n); returns a scalar.
-
-    Raises:
-        ValueError: with ``unbiased=True`` and fewer than 2 valid entries.
-    """
-    return _masked_moments(x, mask, unbiased, all_reduce)[1]
-
-
-def masked_whiten(
-    x: Tensor,
-    mask: Tensor,
-    shift_mean: bool = True,
-    all_reduce: Optional[AllReduce] = None,
-    unbiased: bool = False,
-    eps: float = 1e-8,
-) -> Tensor:
-    """Whiten over valid entries: (x − μ)/√(σ² + eps), mean and variance over all valid entries.
-
-    Advantage whitening (item 19) uses ``shift_mean=True``: the valid entries get mean 0 and std 1.
-    Reward whitening (item 17) uses ``shift_mean=False``: only the scale changes, μ is added back,
-    giving (x − μ)/σ + μ. With ``all_reduce`` the statistics are those of every rank's valid
-    entries (sums and counts reduced), as item 19 asks under DDP. The default variance is the
-    biased one (divide by N), as in openai/lm-human-preferences' ``whiten``; ``unbiased=True``
-    divides by N − 1 (TRL's choice). Masked positions are 0 in the result.
-
-    Shape:
-        x, mask: (b, n); returns (b, n).
-    """
-    x = valid_only(x, mask)
-    mean, var = _masked_moments(x, mask, unbiased, all_reduce)
-    whitened = (x - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        whitened = whitened + mean
-    return valid_only(whitened, mask)
-
+from rlhf_pl.rl.masked import last_valid_index, masked_mean, valid_only
 
 # --- rewards -------------------------------------------------------------------------------------
 
@@ -154,24 +27,6 @@ class RewardsOutput(NamedTuple):
 
     rewards: Tensor
     non_score: Tensor
-
-
-def last_valid_index(mask: Tensor) -> Tensor:
-    """Position of the last valid token of each row, read from the mask (never from token ids).
-
-    Shape:
-        mask: (b, n); returns (b,) long.
-
-    Raises:
-        ValueError: if a row has no valid token (its score would have nowhere to go).
-    """
-    valid = mask.bool()
-    positions = torch.arange(valid.shape[-1], device=valid.device).expand_as(valid)
-    last = torch.where(valid, positions, torch.full_like(positions, -1)).amax(dim=-1)
-    if bool((last < 0).any()):
-        rows = torch.nonzero(last < 0).flatten().tolist()
-        raise ValueError(f"rows {rows} have no valid response token (mask all zero)")
-    return last
 
 
 def per_token_rewards(scores: Tensor, kl: Tensor, mask: Tensor, beta: float) -> RewardsOutput:
@@ -306,7 +161,7 @@ class ValueLossOutput(NamedTuple):
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: Optional[float] = 0.2
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float | None = 0.2
 ) -> ValueLossOutput:
     """Clipped value loss (item 21): ½·masked_mean(max((V − R)², (clip(V, V_old ± c) − R)²)).
 
@@ -328,19 +183,11 @@ def value_loss(
     return ValueLossOutput(loss=loss, clip_frac=clip_frac)
 
 
-# --- diagnostics ---------------------------------------------------------------------------------
+# --- minibatches ---------------------------------------------------------------------------------
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """1 − Var[R − V] / Var[R] over valid tokens (1: perfect critic, ≤ 0: no better than a constant).
-
-    Both variances are the biased ones over the same tokens (the N vs N−1 factor cancels). NaN
-    when the returns have zero variance (explained variance is undefined there).
-
-    Shape:
-        values, returns, mask: (b, n); returns a scalar.
-    """
-    var_returns = masked_var(returns, mask, unbiased=False)
-    var_residual = masked_var(returns - values, mask, unbiased=False)
-    nan = torch.full_like(var_returns, float("nan"))
-    return torch.where(var_returns > 0, 1.0 - var_residual / var_returns, nan).detach()
+def minibatch_rows(batch: int, num_minibatches: int, generator: torch.Generator | None) -> list[Tensor]:
+    """Row indices of each minibatch: in order without a generator (first epoch: the rollout's
+    forward chunks), else a random permutation. Shape: num_minibatches × (batch / num_minibatches,)."""
+    order = torch.randperm(batch, generator=generator) if generator is not None else torch.arange(batch)
+    return list(order.chunk(num_minibatches))
