@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from process_helpers import wait_for
 
 from rlhf_pl import io
 
@@ -25,21 +26,11 @@ WRITER = textwrap.dedent("""
 """)
 
 
-def _wait_for(condition, seconds: float, what: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if proc.poll() is not None:
-            raise AssertionError(f"the writer exited before {what}: {proc.stderr.read()[-2000:]}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {seconds} s")
-        time.sleep(0.05)
-
-
 def test_sigkill_during_saves_leaves_a_loadable_latest_file(tmp_path):
     path = tmp_path / "checkpoints" / "last.pt"
     for attempt in range(3):
         proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stderr=subprocess.PIPE, text=True)
-        _wait_for(path.is_file, 120, "the first save", proc)
+        wait_for(path.is_file, 120, "the first save", proc)
         time.sleep(0.2 + 0.15 * attempt)  # lands in the middle of a later save
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)

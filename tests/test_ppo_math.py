@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-from rlhf_pl.report import linear_trend
 from rlhf_pl.rl.masked import last_valid_index
 from rlhf_pl.rl.ppo import gae, minibatch_rows, missing_eos_penalty, per_token_rewards, policy_loss, value_loss
 
@@ -161,21 +160,3 @@ def test_minibatches_first_epoch_in_rollout_order_later_shuffled():
     assert [r.tolist() for r in minibatch_rows(6, 3, None)] == [[0, 1], [2, 3], [4, 5]]
     shuffled = minibatch_rows(6, 2, torch.Generator().manual_seed(3))
     assert sorted(torch.cat(shuffled).tolist()) == list(range(6)) and torch.cat(shuffled).tolist() != list(range(6))
-
-
-# --- trend of a run's metric (rlhf_pl.report.linear_trend, which the ppo summary reports) ------------
-
-
-def test_linear_trend_against_hand_computed_least_squares():
-    # x = 0..3, x̄ = 1.5, ȳ = 2.5, Sxx = 5, Sxy = 4 -> slope 0.8, rise 0.8·3 = 2.4; fitted 1.3 2.1 2.9 3.7,
-    # residuals −0.3 0.9 −0.9 0.3 -> SS 1.8, se = sqrt(1.8 / 2 / 5) = sqrt(0.18), t = 0.8 / 0.42426 = 1.8856
-    trend = linear_trend([1.0, 3.0, 2.0, 4.0])
-    assert trend.rise == pytest.approx(2.4)
-    assert trend.t == pytest.approx(0.8 / math.sqrt(0.18))
-    assert trend.start == pytest.approx(1.3) and trend.line(4) == pytest.approx([1.3, 2.1, 2.9, 3.7])
-    assert linear_trend([4.0, 2.0, 3.0, 1.0]).t == pytest.approx(-0.8 / math.sqrt(0.18))  # mirrored: falls
-    assert linear_trend([1.0, 2.0, 3.0]).t == math.inf  # exactly on a rising line: no noise at all
-    two = linear_trend([0.5, 0.2])
-    assert two.rise == pytest.approx(-0.3) and two.start == pytest.approx(0.5) and math.isnan(two.t)
-    one = linear_trend([0.7])
-    assert one.rise == 0.0 and one.start == 0.7 and math.isnan(one.t) and one.line(1) == [0.7]

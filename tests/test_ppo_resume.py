@@ -8,13 +8,13 @@ import random
 import signal
 import subprocess
 import sys
-import time
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
 from ppo_helpers import make_cfg, ppo_run
+from process_helpers import wait_for
 
 from rlhf_pl.checkpoint import CHECKPOINT_FILE, find_checkpoint, load_checkpoint, restore_rng_state, rng_state
 from rlhf_pl.data.batches import RolloutBatchSampler
@@ -108,17 +108,6 @@ def test_rng_states_round_trip_through_a_checkpoint_file(tmp_path):
     assert torch.equal(expected[3], again[3])
 
 
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"process ended (code {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
-
 def test_killed_with_sigkill_mid_run_then_resumed_from_the_command_line(tmp_path, ppo_inputs):
     out, env = tmp_path / "outputs", {**os.environ, "OMP_NUM_THREADS": "1", "HYDRA_FULL_ERROR": "1"}
     common = [sys.executable, "-m", "rlhf_pl", "+stage=ppo", "experiment=quick", f"paths.output_root={out}",
@@ -128,7 +117,7 @@ def test_killed_with_sigkill_mid_run_then_resumed_from_the_command_line(tmp_path
     proc = subprocess.Popen([*common, f"hydra.run.dir={first_dir}"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     pointer = first_dir / "checkpoints" / "latest.json"
-    _wait_for(lambda: pointer.is_file() and json.loads(pointer.read_text())["rollouts_done"] >= 2, 240, "update 2",
+    wait_for(lambda: pointer.is_file() and json.loads(pointer.read_text())["rollouts_done"] >= 2, 240, "update 2",
               proc)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)

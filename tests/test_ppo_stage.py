@@ -27,7 +27,6 @@ from rlhf_pl.models.critic import Critic, ValueHead
 from rlhf_pl.models.ppo_models import build_models, evaluate_policy
 from rlhf_pl.models.reward import RewardModel, RewardOutput
 from rlhf_pl.rl.advantages import compute_advantages
-from rlhf_pl.sampling import cut_at_stop_strings
 from rlhf_pl.stages.ppo import INPUTS, PPOModule
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -162,20 +161,6 @@ def test_tokens_after_eos_are_masked_in_logprobs_values_rewards_advantages_and_l
     assert float(dirty.pg.loss) == float(clean.pg.loss)
     assert torch.isfinite(clean_vf.loss) and float(dirty_vf.loss) == float(clean_vf.loss) > 0
     assert float(clean.max_abs_log_ratio) == 0.0 and float(clean.pg.approx_kl) == 0.0
-
-
-def test_stop_strings_end_a_response_after_the_completing_token(tiny_tokenizer):
-    tok = tiny_tokenizer
-    ids = tok("42. Then more", add_special_tokens=False)["input_ids"]
-    response = torch.tensor([ids, ids])
-    mask = torch.ones_like(response)
-    mask[1, 2:] = 0
-    cut, stopped = cut_at_stop_strings(response, mask, tok, [". "])
-    k = next(i for i in range(1, len(ids) + 1) if ". " in tok.decode(ids[:i]))
-    assert cut[0].tolist() == [1] * k + [0] * (len(ids) - k)
-    assert stopped.tolist() == [True, ". " in tok.decode(ids[:2])]
-    same, none = cut_at_stop_strings(response, mask, tok, [])
-    assert torch.equal(same, mask) and not none.any()
 
 
 # --- whole updates --------------------------------------------------------------------------------

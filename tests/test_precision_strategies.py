@@ -419,10 +419,13 @@ def test_the_ppo_stage_update_loop_runs_with_models_held_per_strategy(tmp_path, 
     """rlhf_pl.stages.ppo.PPOModule (the stage's own update) with the four models built the way the
     stage is to build them (see rlhf_pl.precision): completes, frozen tensors untouched,
     only trainable tensors change, the first minibatch's ratio is exactly 1, the checkpoint reloads."""
-    ppo_stage = pytest.importorskip("rlhf_pl.stages.ppo")
     from rlhf_pl.config import PPOConfig
+    from rlhf_pl.data.batches import tokenize_prompts
     from rlhf_pl.data.formats import load_prompts
+    from rlhf_pl.models.critic import Critic, ValueHead
+    from rlhf_pl.models.ppo_models import PPOModels
     from rlhf_pl.models.reward import trunk_of
+    from rlhf_pl.stages.ppo import PPOModule
 
     s = strategy(name)
     s.check("cpu", None, stage="ppo", frozen=("reference", "reward model"))
@@ -432,18 +435,18 @@ def test_the_ppo_stage_update_loop_runs_with_models_held_per_strategy(tmp_path, 
     reference = s.reference_from_policy(policy) if s.shares_reference else s.prepare_frozen(tiny()[0])
     reward = s.prepare_frozen(RewardModel.from_causal_lm(tiny()[0], "linear", tok))
     trunk = trunk_of(tiny()[0])
-    critic = s.prepare_trainable(ppo_stage.Critic(trunk, ppo_stage.ValueHead(trunk.config.hidden_size)))
+    critic = s.prepare_trainable(Critic(trunk, ValueHead(trunk.config.hidden_size)))
     frozen = {"reward": reward} if s.shares_reference else {"reward": reward, "reference": reference}
     frozen_before = {k: copy.deepcopy(m.state_dict()) for k, m in frozen.items()}
     policy_before = frozen_state(policy)
     trainable_before = adapters.trainable_state_dict(policy)
 
-    models = ppo_stage.PPOModels(policy, reference, reward, critic, None, tok, "tiny", "tiny + linear head")
+    models = PPOModels(policy, reference, reward, critic, None, tok, "tiny", "tiny + linear head")
     ppo = PPOConfig(updates=2, batch_size=4, max_new_tokens=6, ppo_epochs=2, sample_every=100, checkpoint_every=2)
     prompts = load_prompts("embedded:prompts", limit=16)
-    module = ppo_stage.PPOModule(models, ppo, registry.build_by_name("samplers", "temperature"),
-                                 registry.build_by_name("kl_controllers", "fixed"), prompts,
-                                 ppo_stage.tokenize_prompts(prompts, tok, 64), 0, tmp_path)
+    module = PPOModule(models, ppo, registry.build_by_name("samplers", "temperature"),
+                       registry.build_by_name("kl_controllers", "fixed"), prompts,
+                          tokenize_prompts(prompts, tok, 64), 0, tmp_path)
     trainer = L.Trainer(accelerator="cpu", devices=1, precision=s.trainer_precision, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         use_distributed_sampler=False)

@@ -8,7 +8,7 @@ from rlhf_pl.data.collate import pad_left
 from rlhf_pl.data.formats import Message
 from rlhf_pl.models.generate import GreedySampler
 from rlhf_pl.models.reward import RewardOutput
-from rlhf_pl.sampling import Completions, sample, sample_texts
+from rlhf_pl.sampling import Completions, cut_at_stop_strings, sample, sample_texts
 
 QUESTIONS = ["Hi.", "What is 2 + 3? Answer with the number only, please.", "Spell 'cat'."]
 
@@ -54,3 +54,17 @@ def test_sample_cuts_at_stop_strings_and_decodes_without_special_tokens(tiny_mod
     assert torch.equal(cut.sequences, free.sequences)  # the cut changes the mask, not what was sampled
     for text in free.texts(tiny_tokenizer):
         assert tiny_tokenizer.eos_token not in text and text == text.strip()
+
+
+def test_stop_strings_end_a_response_after_the_completing_token(tiny_tokenizer):
+    tok = tiny_tokenizer
+    ids = tok("42. Then more", add_special_tokens=False)["input_ids"]
+    response = torch.tensor([ids, ids])
+    mask = torch.ones_like(response)
+    mask[1, 2:] = 0
+    cut, stopped = cut_at_stop_strings(response, mask, tok, [". "])
+    k = next(i for i in range(1, len(ids) + 1) if ". " in tok.decode(ids[:i]))
+    assert cut[0].tolist() == [1] * k + [0] * (len(ids) - k)
+    assert stopped.tolist() == [True, ". " in tok.decode(ids[:2])]
+    same, none = cut_at_stop_strings(response, mask, tok, [])
+    assert torch.equal(same, mask) and not none.any()

@@ -33,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from rlhf_pl import registry
+from rlhf_pl.errors import InputError
 from rlhf_pl.io import atomic_dir
 from rlhf_pl.models.generate import position_ids_from_mask
 from rlhf_pl.plugins.reward_heads import HeadChoice, RewardHeadOutput, build_head, resolve_head
@@ -91,7 +92,8 @@ def fit_affine(raw_rewards: Tensor, target_std: Optional[float]) -> Normalisatio
         if target_std <= 0:
             raise ValueError(f"target_std must be > 0, got {target_std!r}")
         if std <= 1e-12:
-            raise ValueError(f"reference rewards are constant ({float(mean):.6g}); cannot scale them to std {target_std}")
+            raise ValueError(f"reference rewards are constant ({float(mean):.6g}); "
+                             f"cannot scale them to std {target_std}")
         gain = target_std / std
     else:
         gain = torch.ones((), dtype=torch.float64)
@@ -148,7 +150,7 @@ class RewardModel(nn.Module):
     @classmethod
     def from_causal_lm(
         cls, causal_lm: nn.Module, head: str | HeadChoice = "linear", tokenizer: Any = None, **head_overrides: Any
-    ) -> "RewardModel":
+    ) -> RewardModel:
         """Take the trunk of ``causal_lm`` (its LM head is dropped) and put a new head on it.
 
         ``head`` is a registered head name (its config defaults plus ``head_overrides``) or a
@@ -195,11 +197,13 @@ class RewardModel(nn.Module):
         if not isinstance(out, RewardHeadOutput):
             raise TypeError(f"reward_head {name!r} returned {type(out).__name__}, expected RewardHeadOutput")
         if out.rewards.shape != (batch,):
-            raise ValueError(f"reward_head {name!r} returned rewards of shape {tuple(out.rewards.shape)}, expected ({batch},)")
+            raise ValueError(f"reward_head {name!r} returned rewards of shape {tuple(out.rewards.shape)}, "
+                             f"expected ({batch},)")
         uncertainty = out.uncertainty.float() if out.uncertainty is not None else None
         members = getattr(out, "members", None)
         if members is not None and (members.dim() != 2 or members.shape[0] != batch):
-            raise ValueError(f"reward_head {name!r} returned members of shape {tuple(members.shape)}, expected ({batch}, m)")
+            raise ValueError(f"reward_head {name!r} returned members of shape {tuple(members.shape)}, "
+                             f"expected ({batch}, m)")
         return out.rewards.float(), uncertainty, members.float() if members is not None else None
 
     @torch.no_grad()
@@ -213,7 +217,8 @@ class RewardModel(nn.Module):
         if len(prompts) != len(completions):
             raise ValueError(f"score: {len(prompts)} prompts but {len(completions)} completions")
         if self.tokenizer is None:
-            raise ValueError("score() needs a tokenizer: build the RewardModel with one or load it with from_pretrained")
+            raise ValueError("score() needs a tokenizer: build the RewardModel with one or load it with "
+                             "from_pretrained")
         from rlhf_pl.data.collate import pad_right
 
         sequences = [self.tokenize(p, c) for p, c in zip(prompts, completions)]
@@ -302,7 +307,7 @@ class RewardModel(nn.Module):
     @classmethod
     def from_pretrained(
         cls, path: Path | str, *, dtype: Optional[torch.dtype] = None, device: str | torch.device = "cpu"
-    ) -> "RewardModel":
+    ) -> RewardModel:
         """Load a directory written by :meth:`save_pretrained`: trunk, tokenizer, head plugin (via
         the registry), normalisation. Returned in eval mode."""
         from transformers import AutoModel, AutoTokenizer
@@ -310,10 +315,11 @@ class RewardModel(nn.Module):
         path = Path(path)
         config_file = path / REWARD_CONFIG
         if not config_file.is_file():
-            raise FileNotFoundError(f"{config_file} not found: {path} is not a reward model saved by rlhf_pl")
+            raise InputError(f"{config_file} not found: {path} is not a reward model saved by rlhf_pl (+stage=rm "
+                             "writes one as <run dir>/reward_model)")
         saved = json.loads(config_file.read_text())
         if saved.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{config_file}: format_version={saved.get('format_version')!r}; this rlhf_pl reads {FORMAT_VERSION}"
             )
         choice = _saved_head_choice(saved["head"], config_file)

@@ -70,7 +70,6 @@ from rlhf_pl.data.batches import (
 )
 from rlhf_pl.data.collate import trim_left_padding
 from rlhf_pl.data.formats import Prompt
-from rlhf_pl.models.critic import Critic, ValueHead  # noqa: F401  (tests build the stage's models from here)
 from rlhf_pl.models.generate import GreedySampler
 from rlhf_pl.models.loading import save_pretrained_atomic
 from rlhf_pl.models.ppo_models import PPOModels, build_models, evaluate_policy
