@@ -70,6 +70,7 @@ from rlhf_pl.data.batches import (
 )
 from rlhf_pl.data.collate import trim_left_padding
 from rlhf_pl.data.formats import Prompt
+from rlhf_pl.errors import ConfigError
 from rlhf_pl.models.generate import GreedySampler
 from rlhf_pl.models.loading import save_pretrained_atomic
 from rlhf_pl.models.ppo_models import PPOModels, build_models, evaluate_policy
@@ -425,7 +426,7 @@ def build_kl_controller(cfg: DictConfig) -> tuple[Any, str]:
     """The ``kl_controller`` plugin and its name."""
     if cfg.kl_controller is None:
         names = ", ".join(p.name for p in registry.installed("kl_controllers"))
-        raise ValueError(f"kl_controller is unset; choose one with kl_controller=<name>: {names}")
+        raise ConfigError(f"kl_controller is unset; choose one with kl_controller=<name>: {names}")
     name = registry.spec_for_config("kl_controllers", cfg.kl_controller).name
     return registry.build("kl_controllers", cfg.kl_controller), name
 
