@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
+from rlhf_pl.data.collate import pad_left
 from rlhf_pl.models.generate import (
     Generation,
     entropy_from_logits,
@@ -78,10 +79,7 @@ class Scripted(Greedy):
 
 
 def left_pad(prompts: list[list[int]], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return ids, mask
+    return pad_left(prompts, pad)
 
 
 PROMPT_A = [5, 9, 13, 7, 30]

@@ -63,3 +63,17 @@ def test_recorded_outputs_are_the_next_stage_s_auto_inputs(tmp_path):
     assert outputs.Inputs(cfg, stage_module("ppo").INPUTS)["policy"] == model.resolve()
     other = _compose("+stage=ppo", "model=smollm2_135m", f"paths.output_root={tmp_path}")
     assert outputs.latest(other, "sft", "model") is None  # recorded per model name
+
+
+@pytest.mark.parametrize("stage, output, lr_key",
+                         [("sft", "model", "sft.optim.lr"), ("rm", "reward_model", "rm.optim.lr")])
+def test_a_non_finite_loss_stops_the_stage_and_nothing_is_exported_or_recorded(tmp_path, one_thread, stage, output,
+                                                                               lr_key):
+    from rlhf_pl.errors import NonFiniteLossError
+
+    cfg = _compose(f"+stage={stage}", *QUICK, f"{lr_key}=1e12", f"{stage}.optim.warmup_ratio=0",
+                   f"paths.output_root={tmp_path / 'out'}")
+    with pytest.raises(NonFiniteLossError, match=rf"{stage}: the loss is nan at step \d+ with learning rate 1e\+12 "
+                                                 rf"\({lr_key}\); training stopped and no model was exported"):
+        run_stage(cfg, tmp_path / "run")
+    assert not (tmp_path / "run" / output).exists() and not (tmp_path / "out" / outputs.INDEX_FILE).exists()

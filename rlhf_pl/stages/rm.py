@@ -39,7 +39,7 @@ from rlhf_pl.errors import ConfigError
 from rlhf_pl.models.loading import load_model_and_tokenizer
 from rlhf_pl.models.reward import RewardModel, RewardOutput
 from rlhf_pl.optim import build_optimizer
-from rlhf_pl.outputs import InputSpec, model_config_at
+from rlhf_pl.outputs import InputSpec, index_path, model_config_at
 from rlhf_pl.plugins.reward_heads import HeadChoice, resolve_head
 from rlhf_pl.precision import build_for_stage
 from rlhf_pl.report import plot_curves
@@ -287,9 +287,9 @@ def init_model_config(cfg: DictConfig, init_dir: Optional[Path]) -> tuple[DictCo
     """The model config to start from (the SFT output ``init_dir``, else the base model) and a description of it."""
     if init_dir is None:
         log.warning(
-            "rm.init_from=auto: no SFT output recorded for model %r in %s/index.json; initialising the "
+            "rm.init_from=auto: no SFT output recorded for model %r in %s; initialising the "
             "reward model from the base model %s (run +stage=sft first to start from the SFT policy)",
-            cfg.model.name, cfg.paths.output_root, cfg.model.name_or_path,
+            cfg.model.name, index_path(cfg), cfg.model.name_or_path,
         )
         return cfg.model, f"base model {cfg.model.name_or_path}"
     log.info("reward model initialised from %s", init_dir)
