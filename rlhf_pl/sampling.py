@@ -9,7 +9,8 @@ Two levels:
   scorer is given). The sampler plugin draws the tokens (:func:`rlhf_pl.models.generate.generate`).
 - :func:`sample_texts`: ``n`` completions of each of a list of tokenized prompts, batched by
   prompt length, with progress → one list of :class:`Sample` (decoded text, tokens, ended,
-  reward) per prompt.
+  reward) per prompt. The ``n`` completions of a prompt share one prefill of it
+  (``generate(..., num_samples=n)``).
 
 Shapes: ``b`` sequences, ``p`` prompt columns (left-padded), ``n`` response columns.
 """
@@ -79,16 +80,19 @@ def cut_at_stop_strings(response: Tensor, mask: Tensor, tokenizer: Any,
 @torch.no_grad()
 def sample(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Any, max_new_tokens: int, tokenizer: Any, *,
            stop_strings: Sequence[str] = (), generator: Optional[torch.Generator] = None,
-           scorer: Optional[Scorer] = None) -> Completions:
-    """Sample one completion per prompt row, cut it at EOS or the first stop string, and score it
-    with ``scorer`` if given. Under autocast each weight is cast once for the whole generation
-    (the weights are fixed while sampling). Shapes: prompt_ids, prompt_mask (b, p) on the model's
-    device -> :class:`Completions`."""
+           scorer: Optional[Scorer] = None, num_samples: int = 1) -> Completions:
+    """Sample ``num_samples`` (K) completions per prompt row, cut each at EOS or the first stop
+    string, and score them with ``scorer`` if given. The K completions of a prompt share its prefill
+    (:func:`rlhf_pl.models.generate.generate`); row ``i·K + j`` is sample ``j`` of prompt ``i``.
+    Under autocast each weight is cast once for the whole generation (the weights are fixed while
+    sampling). Shapes: prompt_ids, prompt_mask (b, p) on the model's device -> :class:`Completions`
+    with b·K rows (the prompt repeated; the scorer scores all b·K)."""
     with weights_cast_once(prompt_ids.device):
         gen = generate(model, prompt_ids, prompt_mask, sampler, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, generator=generator)
+                       pad_token_id=tokenizer.pad_token_id, generator=generator, num_samples=num_samples)
     mask, stopped = cut_at_stop_strings(gen.response, gen.response_mask, tokenizer, stop_strings)
-    completions = Completions(gen.sequences, torch.cat([prompt_mask.long(), mask], dim=1), gen.prompt_length, mask,
+    prompt_mask = prompt_mask.long().repeat_interleave(num_samples, dim=0)  # (b·K, p)
+    completions = Completions(gen.sequences, torch.cat([prompt_mask, mask], dim=1), gen.prompt_length, mask,
                               gen.ended | stopped)
     return completions if scorer is None else score(completions, scorer)
 
@@ -118,26 +122,30 @@ def sample_texts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], n
                  generator: Optional[torch.Generator] = None, scorer: Optional[Scorer] = None,
                  progress: Optional[str] = None) -> list[list[Sample]]:
     """``n`` completions of each tokenized prompt (chat-templated ids ending with the generation
-    prompt), ``batch_size`` sequences at a time. Jobs are sorted by prompt length (stable: a
-    prompt's copies stay together) so that a batch pads little. ``progress``: a label to show a
-    progress bar (a log line per batch when stderr is not a terminal). Returns one list of ``n``
-    samples per prompt, in prompt order."""
+    prompt), about ``batch_size`` sequences at a time: a batch holds ``max(1, batch_size // n)``
+    distinct prompts, each prefilled once and then sampled ``n`` times (``sample(..., num_samples=n)``).
+    Prompts are sorted by length (stable) so that a batch pads little. ``progress``: a label to show
+    a progress bar over the sequences (a log line per batch when stderr is not a terminal). Returns
+    one list of ``n`` samples per prompt, in prompt order."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n={n} and batch_size={batch_size} must be >= 1")
-    jobs = sorted(((i, tuple(ids)) for i, ids in enumerate(prompts) for _ in range(n)), key=lambda job: len(job[1]))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    per_batch = max(1, batch_size // n)
     results: list[list[Sample]] = [[] for _ in prompts]
     device = model_device(model)
-    with _Progress(progress, len(jobs)) as bar:
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start:start + batch_size]
-            ids, mask = pad_left([list(ids) for _, ids in batch], tokenizer.pad_token_id)
+    with _Progress(progress, len(prompts) * n) as bar:
+        for start in range(0, len(order), per_batch):
+            batch = order[start:start + per_batch]
+            ids, mask = pad_left([list(prompts[i]) for i in batch], tokenizer.pad_token_id)
             out = sample(model, ids.to(device), mask.to(device), sampler, max_new_tokens, tokenizer,
-                         stop_strings=stop_strings, generator=generator, scorer=scorer)
-            rewards = out.scores.rewards.float().tolist() if out.scores is not None else [None] * len(batch)
-            for row, ((index, _), text) in enumerate(zip(batch, out.texts(tokenizer))):
+                         stop_strings=stop_strings, generator=generator, scorer=scorer, num_samples=n)
+            rows = len(batch) * n  # row r is sample r % n of prompt batch[r // n]
+            rewards = out.scores.rewards.float().tolist() if out.scores is not None else [None] * rows
+            for row, text in enumerate(out.texts(tokenizer)):
+                index = batch[row // n]
                 tokens = tuple(out.response[row, out.mask[row].bool()].tolist())
                 results[index].append(Sample(index, text, tokens, bool(out.ended[row]), rewards[row]))
-            bar.advance(len(batch))
+            bar.advance(rows)
     return results
 
 

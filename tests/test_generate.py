@@ -1,10 +1,12 @@
-"""Sampling loop and logprob helpers on a tiny random Llama: padding invariance, KV cache, EOS masking."""
+"""Sampling loop and logprob helpers on a tiny random Llama: padding invariance, KV cache, EOS masking,
+K samples per prompt sharing one prefill."""
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlhf_pl.data.collate import pad_left
@@ -76,6 +78,33 @@ class Scripted(Greedy):
     def sample(self, logits, generator=None):
         self.step += 1
         return self.script[self.step - 1]
+
+
+class NoEOS(Greedy):
+    """Greedy with EOS banned: every response runs to max_new_tokens."""
+
+    def sample(self, logits, generator=None):
+        return logits.float().index_fill(-1, torch.tensor([EOS]), float("-inf")).argmax(-1)
+
+
+class RecordingTemperature(TemperatureSampler):
+    """Temperature sampling, remembering every logits row it was given."""
+
+    def __init__(self, temperature):
+        super().__init__(TemperatureSamplerConfig(temperature=temperature))
+        self.seen: list[torch.Tensor] = []
+
+    def sample(self, logits, generator=None):
+        self.seen.append(logits.clone())
+        return super().sample(logits, generator)
+
+
+def forward_shapes(model):
+    """Records the input_ids shape of every forward call of ``model``; returns (shapes, hook handle)."""
+    shapes: list[tuple[int, ...]] = []
+    handle = model.register_forward_pre_hook(lambda _, args, kwargs: shapes.append(tuple(kwargs["input_ids"].shape)),
+                                             with_kwargs=True)
+    return shapes, handle
 
 
 def left_pad(prompts: list[list[int]], pad: int = PAD) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,3 +231,64 @@ def test_right_padded_prompts_are_refused(model):
     ids = torch.tensor([[5, 6, PAD]])
     with pytest.raises(ValueError, match="LEFT-padded"):
         generate(model, ids, torch.tensor([[1, 1, 0]]), Greedy(), 3, EOS, PAD)
+
+
+def test_k_samples_share_one_prefill_of_b_rows_then_decode_b_times_k_rows(model):
+    ids, mask = left_pad([PROMPT_A, PROMPT_B])
+    shapes, handle = forward_shapes(model)
+    try:
+        out = generate(model, ids, mask, NoEOS(), max_new_tokens=4, eos_token_id=EOS, pad_token_id=PAD, num_samples=3)
+    finally:
+        handle.remove()
+    assert shapes == [(2, 8)] + [(6, 1)] * 3  # one prefill of the 2 distinct prompts, then 3 steps on 2·3 rows
+    assert out.sequences.shape == (6, 12) and out.response.shape == out.response_mask.shape == (6, 4)
+    assert out.ended.shape == (6,) and out.attention_mask.shape == (6, 12) and out.prompt_length == 8
+    assert torch.equal(out.sequences[:, :8], ids.repeat_interleave(3, dim=0))  # row i·K + j: prompt i
+    assert torch.equal(out.attention_mask, torch.cat([mask.repeat_interleave(3, dim=0), out.response_mask], dim=1))
+    assert torch.equal(out.response, out.response[::3].repeat_interleave(3, dim=0))  # greedy: K equal samples
+
+
+def test_shared_prefill_samples_what_repeated_prompts_sample_with_the_same_seed(model):
+    """Temperature sampling with one seed: K samples from one prefill equal the unshared path (each
+    prompt repeated K times with ``repeat_interleave``, num_samples=1), token for token. The logits
+    the sampler sees are compared within float tolerance only (the prefill runs over b rows instead
+    of b·K, and batched CPU kernels may round differently); the multinomial draws consume the
+    generator identically since the logits have the same (b·K, v) shape at every step."""
+    ids, mask = left_pad([PROMPT_A, PROMPT_B, [3, 3]])
+    shared_sampler, unshared_sampler = RecordingTemperature(1.3), RecordingTemperature(1.3)
+    shared = generate(model, ids, mask, shared_sampler, 6, EOS, PAD, generator=torch.Generator().manual_seed(5),
+                      num_samples=4)
+    unshared = generate(model, ids.repeat_interleave(4, dim=0), mask.repeat_interleave(4, dim=0), unshared_sampler,
+                        6, EOS, PAD, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(shared.sequences, unshared.sequences)
+    assert torch.equal(shared.response_mask, unshared.response_mask) and torch.equal(shared.ended, unshared.ended)
+    assert len(shared.response) == 12 and len({tuple(r) for r in shared.response.tolist()}) > 3  # K samples differ
+    for got, want in zip(shared_sampler.seen, unshared_sampler.seen, strict=True):
+        assert torch.allclose(got, want, atol=1e-5)
+
+
+def test_num_samples_must_be_a_positive_integer(model):
+    ids, mask = left_pad([PROMPT_A])
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="num_samples"):
+            generate(model, ids, mask, Greedy(), 2, EOS, PAD, num_samples=bad)
+
+
+class TupleCache(nn.Module):
+    """A model returning its KV cache as legacy tuples (no batch_repeat_interleave)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=past_key_values, use_cache=use_cache)
+        out.past_key_values = tuple(out.past_key_values)
+        return out
+
+
+def test_a_cache_that_cannot_be_repeated_is_refused_not_re_prefilled(model):
+    ids, mask = left_pad([PROMPT_A])
+    with pytest.raises(TypeError, match="DynamicCache.batch_repeat_interleave.*tuple"):
+        generate(TupleCache(model), ids, mask, Greedy(), 3, EOS, PAD, num_samples=2)

@@ -1,4 +1,5 @@
-"""rlhf_pl.sampling: n completions per prompt, batched by length, cut at stop strings, scored."""
+"""rlhf_pl.sampling: n completions per prompt (sharing the prompt's prefill), batched by length, cut at stop
+strings, scored."""
 from __future__ import annotations
 
 import torch
@@ -8,6 +9,8 @@ from rlhf_pl.data.collate import pad_left
 from rlhf_pl.data.formats import Message
 from rlhf_pl.models.generate import GreedySampler
 from rlhf_pl.models.reward import RewardOutput
+from rlhf_pl.plugins.samplers import TemperatureSampler
+from rlhf_pl.plugins.specs import TemperatureSamplerConfig
 from rlhf_pl.sampling import Completions, cut_at_stop_strings, sample, sample_texts
 
 QUESTIONS = ["Hi.", "What is 2 + 3? Answer with the number only, please.", "Spell 'cat'."]
@@ -20,6 +23,13 @@ def _prompts(tokenizer) -> list[list[int]]:
 def length_scorer(sequences: torch.Tensor, attention_mask: torch.Tensor) -> RewardOutput:
     """A rule 'reward model': the number of attended tokens. Shape: (b, t) -> (b,)."""
     rewards = attention_mask.sum(1).float()
+    return RewardOutput(rewards, rewards)
+
+
+def content_scorer(sequences: torch.Tensor, attention_mask: torch.Tensor) -> RewardOutput:
+    """A rule 'reward model' that tells sequences apart: the sum of the attended token ids (exact in
+    float32 at these sizes). Shape: (b, t) -> (b,)."""
+    rewards = (sequences * attention_mask).sum(1).float()
     return RewardOutput(rewards, rewards)
 
 
@@ -68,3 +78,41 @@ def test_stop_strings_end_a_response_after_the_completing_token(tiny_tokenizer):
     assert stopped.tolist() == [True, ". " in tok.decode(ids[:2])]
     same, none = cut_at_stop_strings(response, mask, tok, [])
     assert torch.equal(same, mask) and not none.any()
+
+
+def test_sample_texts_prefills_each_prompt_once_and_keeps_samples_with_their_prompt_and_reward(
+        tiny_model, tiny_tokenizer, one_thread):
+    """n=3, batch_size=6: 2 distinct prompts per batch (shortest first), each prefilled once, then 2·3 rows decode.
+    Every sample stays with its prompt (prompt order, prompt_index) and its reward is its own sequence's."""
+    prompts = _prompts(tiny_tokenizer)
+    rows: list[tuple[int, int]] = []  # (rows, columns) of every forward call
+    handle = tiny_model.register_forward_pre_hook(lambda _, args, kwargs: rows.append(tuple(kwargs["input_ids"].shape)),
+                                                  with_kwargs=True)
+    sampler = TemperatureSampler(TemperatureSamplerConfig(temperature=1.5))
+    try:
+        samples = sample_texts(tiny_model, tiny_tokenizer, prompts, 3, sampler, 5, batch_size=6,
+                               generator=torch.Generator().manual_seed(0), scorer=content_scorer)
+    finally:
+        handle.remove()
+    by_length = sorted(range(3), key=lambda i: len(prompts[i]))
+    prefills = [shape for shape in rows if shape[1] > 1]
+    assert prefills == [(2, max(len(prompts[i]) for i in by_length[:2])), (1, len(prompts[by_length[2]]))]
+    assert {shape[0] for shape in rows if shape[1] == 1} <= {6, 3}
+    assert [len(per_prompt) for per_prompt in samples] == [3, 3, 3]
+    for index, (ids, per_prompt) in enumerate(zip(prompts, samples)):
+        assert [s.prompt_index for s in per_prompt] == [index] * 3
+        for s in per_prompt:
+            assert s.reward == sum(ids) + sum(s.tokens)  # the reward of this very sequence
+            assert s.text == tiny_tokenizer.decode(list(s.tokens), skip_special_tokens=True).strip()
+    assert len({s.tokens for per_prompt in samples for s in per_prompt}) > 3  # temperature: samples differ
+
+
+def test_sample_with_num_samples_repeats_the_prompt_mask_and_scores_every_row(tiny_model, tiny_tokenizer, one_thread):
+    ids, mask = pad_left(_prompts(tiny_tokenizer), tiny_tokenizer.pad_token_id)
+    out = sample(tiny_model, ids, mask, GreedySampler(), 4, tiny_tokenizer, scorer=length_scorer, num_samples=2)
+    assert out.sequences.shape[0] == out.attention_mask.shape[0] == out.scores.rewards.shape[0] == 6
+    assert torch.equal(out.attention_mask[:, :out.prompt_length], mask.repeat_interleave(2, dim=0))
+    assert torch.equal(out.sequences[:, :out.prompt_length], ids.repeat_interleave(2, dim=0))
+    assert torch.equal(out.scores.rewards, out.attention_mask.sum(1).float())
+    single = sample(tiny_model, ids, mask, GreedySampler(), 4, tiny_tokenizer)
+    assert torch.equal(out.sequences[::2], single.sequences) and torch.equal(out.sequences[1::2], single.sequences)

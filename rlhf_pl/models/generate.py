@@ -8,8 +8,13 @@ A response ends at its first EOS. Tokens after it are padding (``pad_token_id``,
 EOS): ``response_mask`` — computed from positions, never by comparing tokens with the pad id — is 1
 up to and including the first EOS and 0 after.
 
+With ``num_samples = K > 1`` the K completions of a prompt share its prefill: the ``b`` distinct
+prompts run through the model once, then the last logits, the mask and the KV cache are repeated to
+``b·K`` rows (row ``i·K + j`` is sample ``j`` of prompt ``i``, as ``repeat_interleave``) and decoding
+goes on from there.
+
 Shapes: ``b`` batch, ``p`` prompt length (padded), ``n`` generated tokens, ``t = p + n``,
-``v`` vocabulary.
+``v`` vocabulary, ``K`` samples per prompt.
 """
 from __future__ import annotations
 
@@ -18,12 +23,14 @@ from typing import Any, NamedTuple, Optional
 
 import torch
 from torch import Tensor
+from transformers.cache_utils import DynamicCache
 
 from rlhf_pl.plugins.samplers import Sampler
 
 
 class Generation(NamedTuple):
-    """Result of :func:`generate`."""
+    """Result of :func:`generate`. With ``num_samples = K`` every ``b`` below is ``b·K`` (rows grouped
+    per prompt; the prompt columns repeat the prompt)."""
 
     sequences: Tensor  # (b, p + n) long: left-padded prompt, then response (pad after EOS)
     prompt_length: int  # p: responses start at this column
@@ -104,32 +111,57 @@ def generate(
     eos_token_id: int,
     pad_token_id: int,
     generator: Optional[torch.Generator] = None,
+    *,
+    num_samples: int = 1,
 ) -> Generation:
-    """Sample up to ``max_new_tokens`` tokens per prompt with the KV cache.
+    """Sample up to ``max_new_tokens`` tokens per prompt with the KV cache, ``num_samples`` (K) per prompt.
 
-    prompt_ids, prompt_mask: (b, p), LEFT-padded. The model is put in eval mode for the call and
-    its previous mode restored. Stops early once every sequence has produced EOS; tokens after a
-    sequence's EOS are ``pad_token_id``. Returns a :class:`Generation` with n <= max_new_tokens.
+    prompt_ids, prompt_mask: (b, p), LEFT-padded, one row per distinct prompt. The model is put in
+    eval mode for the call and its previous mode restored. Stops early once every sequence has
+    produced EOS; tokens after a sequence's EOS are ``pad_token_id``. Returns a :class:`Generation`
+    with n <= max_new_tokens and b·K rows: row ``i·K + j`` is sample ``j`` of prompt ``i``; its
+    ``sequences`` (b·K, p + n) repeat each prompt K times. The prompts are prefilled once (b rows);
+    the last logits (b, v), the mask (b, p) and the model's KV cache are then repeated to b·K rows
+    (the cache with transformers' ``DynamicCache.batch_repeat_interleave``; another cache type is a
+    TypeError) and each of the n steps runs on b·K rows. K = 1 is the plain loop.
     """
     _check_prompt(prompt_ids, prompt_mask)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
     was_training = model.training
     model.eval()
     try:
         return _sample_loop(model, prompt_ids, prompt_mask.long(), sampler, max_new_tokens,
-                            eos_token_id, pad_token_id, generator)
+                            eos_token_id, pad_token_id, generator, num_samples)
     finally:
         model.train(was_training)
 
 
+def _repeat_cache(cache: Any, repeats: int) -> Any:
+    """The model's KV cache with each row repeated ``repeats`` times (in place, as transformers does it).
+    Only a :class:`DynamicCache` is repeated: another type is a TypeError, never a silent re-prefill."""
+    if not isinstance(cache, DynamicCache):
+        raise TypeError(f"num_samples > 1 shares each prompt's prefill by repeating the KV cache with transformers' "
+                        f"DynamicCache.batch_repeat_interleave, but the model returned a {type(cache).__name__} "
+                        f"cache; use num_samples=1 with the prompts repeated instead")
+    cache.batch_repeat_interleave(repeats)
+    return cache
+
+
 def _sample_loop(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
-                 eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator]) -> Generation:
-    """Prefill the prompt, then one cached step per token. prompt_ids, prompt_mask (b, p) -> Generation."""
-    b, p = prompt_ids.shape
-    ended = torch.zeros(b, dtype=torch.bool, device=prompt_ids.device)
+                 eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator],
+                 num_samples: int = 1) -> Generation:
+    """Prefill the prompts, repeat the result K = ``num_samples`` times if K > 1, then one cached step
+    per token. prompt_ids, prompt_mask (b, p) -> Generation with b·K rows."""
+    p = prompt_ids.shape[1]
     mask, tokens = prompt_mask, []
     logits, cache = _step(model, prompt_ids, mask, None, keep_last=True)  # the model creates its cache
+    if num_samples > 1:  # (b, ·) -> (b·K, ·), sample j of prompt i in row i·K + j
+        logits, mask = logits.repeat_interleave(num_samples, dim=0), mask.repeat_interleave(num_samples, dim=0)
+        prompt_ids, cache = prompt_ids.repeat_interleave(num_samples, dim=0), _repeat_cache(cache, num_samples)
+    ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     for step in range(max_new_tokens):
         next_tokens = sampler.sample(logits, generator=generator)  # (b,)
         next_tokens = torch.where(ended, torch.full_like(next_tokens, pad_token_id), next_tokens)
