@@ -1,6 +1,8 @@
 """The rule-based simulated labeler, its noise option and config checks, and the shipped comparisons."""
 from __future__ import annotations
 
+import re
+
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
@@ -11,13 +13,18 @@ from tool_loader import load_tool
 from rlhf_pl import registry
 from rlhf_pl.config import register_configs
 from rlhf_pl.data.formats import Message, Prompt, load_rankings
-from rlhf_pl.plugins.labeler_specs import RuleLabelerConfig
+from rlhf_pl.plugins.labeler_specs import HumanLabelerConfig, RuleLabelerConfig
 from rlhf_pl.plugins.labelers import (
+    BatchLabeler,
+    HumanLabeler,
     Labeler,
     LabelerError,
+    LabelTask,
     RuleLabeler,
     find_numbers,
+    make_task,
     match_answer,
+    rank_all,
     ranking_from_scores,
 )
 
@@ -207,6 +214,105 @@ def test_rule_is_listed_with_its_package():
     assert plugin.distribution == "rlhf_pl" and plugin.spec().config is RuleLabelerConfig
     built = registry.build_by_name("labelers", "rule", noise=0.5)
     assert built.config.noise == 0.5
+
+
+# --- tasks and rank_all ----------------------------------------------------------------------
+
+
+def test_task_id_is_a_stable_hash_of_messages_and_completions():
+    task = make_task(KG, ["a", "b"])
+    assert isinstance(task, LabelTask) and task.completions == ("a", "b") and task.prompt is KG
+    same = make_task(Prompt(KG.messages, "elsewhere.jsonl:9", {"other": "meta"}), ("a", "b"))
+    assert same.id == task.id and len(task.id) == 16  # origin and meta do not count
+    assert make_task(KG, ["b", "a"]).id != task.id
+    assert make_task(prompt("Convert 24 kilograms to grams.", "kg_to_g", "24000"), ["a", "b"]).id != task.id
+    with pytest.raises(LabelerError, match="completion 1 is a int"):
+        make_task(KG, ["a", 3])
+
+
+def test_rank_all_calls_rank_per_task_and_checks_it():
+    tasks = [make_task(p, [c.format(p.meta["answer"]) for c in COMPLETIONS]) for p in _prompts(3)]
+    assert rank_all(rule(), tasks) == [EXPECTED] * 3
+
+
+class Batch:
+    """A third-party batch labeler returning whatever it is told to."""
+
+    def __init__(self, rankings):
+        self.rankings, self.calls = rankings, []
+
+    def rank(self, prompt, completions):
+        raise AssertionError("rank_all must use rank_batch")
+
+    def score(self, prompt, completion):
+        return 0.0
+
+    def rank_batch(self, tasks):
+        self.calls.append(list(tasks))
+        return self.rankings
+
+
+TASK = make_task(KG, ["a", "b", "c"])
+
+
+def test_rank_all_prefers_rank_batch_and_normalises():
+    labeler = Batch([[[2], [0, 1]], ((1,), (0,), (2,))])
+    assert isinstance(labeler, BatchLabeler) and not isinstance(rule(), BatchLabeler)
+    assert rank_all(labeler, [TASK, TASK]) == [((2,), (0, 1)), ((1,), (0,), (2,))]
+    assert labeler.calls == [[TASK, TASK]]
+
+
+@pytest.mark.parametrize(
+    "ranking, problem",
+    [
+        (((0,), (0, 1)), r"each index once, got 0 in group 0 and in group 1"),  # duplicate
+        (((0,), (1,)), r"every index 0\.\.2, missing 2"),  # wrong length / missing index
+        (((0, 1, 2, 3),), r"indices in 0\.\.2, got 3"),  # not a permutation of 0..K-1
+        (((0,), (1.0,), (2,)), r"int indices, got 1\.0 \(float\)"),
+        (((0,), ("1",), (2,)), r"int indices, got '1' \(str\)"),
+        (((0,), (True,), (2,)), r"int indices, got True \(bool\)"),
+        ((0, 1, 2), r"group 0 to be a tuple of indices, got 0"),  # not groups
+        ((), r"at least one group"),
+        (((0, 1), ()), r"group 1 to be non-empty"),
+        ("012", r"a sequence of groups, got a str"),
+    ],
+)
+def test_rank_all_rejects_a_bad_ranking_naming_labeler_task_value_and_expectation(ranking, problem):
+    with pytest.raises(LabelerError) as info:
+        rank_all(Batch([ranking]), [TASK])
+    message = str(info.value)
+    assert f"labeler Batch ({__name__}) ranked task {TASK.id}" in message
+    assert "expected best-first groups of the completion indices 0..2, each index exactly once" in message
+    assert re.search(problem, message), message
+    assert f"got {ranking!r}" in message
+
+
+def test_rank_all_rejects_a_wrong_number_of_rankings():
+    with pytest.raises(LabelerError, match=r"rank_batch of 2 tasks must return a list of 2 rankings, got 1 rankings"):
+        rank_all(Batch([((0,), (1,), (2,))]), [TASK, TASK])
+
+
+# --- the human labeler's plugin ----------------------------------------------------------------
+
+
+def test_human_labeler_composes_checks_and_builds(tmp_path):
+    from rlhf_pl.config import validate_config
+
+    cfg = _compose("+stage=rm", "labeler=human", f"labeler.queue_dir={tmp_path}/q", "labeler.timeout_s=0")
+    assert OmegaConf.get_type(cfg.labeler) is HumanLabelerConfig
+    validate_config(cfg)
+    labeler = registry.build("labelers", cfg.labeler)
+    assert isinstance(labeler, HumanLabeler) and isinstance(labeler, BatchLabeler)
+    assert labeler.queue_dir == tmp_path / "q" and labeler.config.timeout_s == 0
+    with pytest.raises(ValueError, match=r"labeler\.poll_s"):
+        validate_config(_compose("+stage=rm", "labeler=human", "labeler.poll_s=0"))
+    with pytest.raises(ValueError, match=r"labeler\.timeout_s must be a finite number >= 0, got -1"):
+        HumanLabelerConfig(timeout_s=-1)
+
+
+def test_human_labeler_cannot_score():
+    with pytest.raises(LabelerError, match=r"cannot score.*gold labeler such as labeler=rule"):
+        HumanLabeler(HumanLabelerConfig()).score(KG, "23000")
 
 
 # --- the generator tool and the shipped comparison set ---------------------------------------

@@ -1,4 +1,4 @@
-"""Specs of the built-in simulated labelers (entry-point group ``rlhf_pl.labelers``).
+"""Specs of the built-in labelers (entry-point group ``rlhf_pl.labelers``): ``rule`` (simulated) and ``human``.
 
 Light on purpose: the config dataclass and the :class:`~rlhf_pl.registry.PluginSpec` only (no
 torch). The labeler itself lives in :mod:`rlhf_pl.plugins.labelers` and is imported when one is
@@ -18,6 +18,10 @@ answer-matching rule)::
            - garbage    · (fraction of characters that are not plain English text)
 
 rounded to ``decimals`` places; equal rounded scores are ties.
+
+The ``human`` labeler (:class:`HumanLabelerConfig`) writes each task to ``<queue_dir>/pending/<id>.json``
+and waits for people to answer into ``<queue_dir>/done/<id>.json`` (the feedback app, or
+``python -m rlhf_pl.plugins.label_queue <queue_dir>``); see :class:`rlhf_pl.plugins.labelers.HumanLabeler`.
 """
 from __future__ import annotations
 
@@ -81,4 +85,31 @@ class RuleLabelerConfig:
 RULE = PluginSpec(
     "rule", RuleLabelerConfig, "rlhf_pl.plugins.labelers:RuleLabeler",
     "rule-based simulated labeler for the embedded task: correct answer, then brevity/directness; label noise",
+)
+
+
+@dataclass
+class HumanLabelerConfig:
+    """People rank the completions through a file queue: tasks wait in ``<queue_dir>/pending``, answers
+    land in ``<queue_dir>/done`` and stay there, so re-running the same command picks them up."""
+
+    # the queue directory; a relative path is relative to the current directory (Hydra does not chdir);
+    # the collect stage sets it to ${paths.output_root}/label_queue
+    queue_dir: str = "label_queue"
+    # seconds rank_batch waits for all answers before it fails naming what is still pending (answers are
+    # kept); 0 = do not wait: use the answers already given, fail for the rest
+    timeout_s: float = setting(3600.0, ge=0)
+    poll_s: float = setting(1.0, gt=0, le=60)  # seconds between two looks into <queue_dir>/done
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.queue_dir, str) and bool(self.queue_dir.strip()), "queue_dir", self.queue_dir,
+                 "a non-empty path")
+        _require(_is_number(self.timeout_s) and self.timeout_s >= 0, "timeout_s", self.timeout_s,
+                 "a finite number >= 0")
+        _require(_is_number(self.poll_s) and 0 < self.poll_s <= 60, "poll_s", self.poll_s, "in (0, 60]")
+
+
+HUMAN = PluginSpec(
+    "human", HumanLabelerConfig, "rlhf_pl.plugins.labelers:HumanLabeler",
+    "people rank through a file queue (<queue_dir>/pending -> done); answer: python -m rlhf_pl.plugins.label_queue",
 )

@@ -1,4 +1,4 @@
-"""Simulated labelers (plugin kind ``labelers``): the interface and the built-in ``rule`` labeler.
+"""Labelers (plugin kind ``labelers``): the interface, the simulated ``rule`` labeler and ``human``.
 
 A labeler ranks K completions of one prompt the way a person in the labelling app would, so that
 RLHF can be studied without people (Gao et al.: a fixed "gold" labeler ranks samples, a proxy
@@ -7,6 +7,27 @@ reward model learns from its rankings). Interface (:class:`Labeler`)::
     rank(prompt, completions)  -> ((2,), (0, 3), (1,))   # completion indices, best group first;
                                                           # a group of several indices is a tie
     score(prompt, completion)  -> float                   # higher is better
+    rank_batch(tasks)          -> [Ranking, ...]          # optional (BatchLabeler): many LabelTasks at once
+
+Callers rank through :func:`rank_all` (``rank_batch`` when the labeler has it, else ``rank`` per
+task), which checks every ranking it gets back: a plugin's mistake is a :class:`LabelerError`
+naming the labeler and the task, not a silently wrong data set. A :class:`LabelTask` (built by
+:func:`make_task`) carries a stable ``id``, a hash of the prompt's messages and the completions.
+
+``human`` (:class:`HumanLabeler`, config :class:`~rlhf_pl.plugins.labeler_specs.HumanLabelerConfig`)
+hands the tasks to people through a directory (written and read atomically)::
+
+    <queue_dir>/pending/<id>.json  {"id", "prompt": [{"role", "content"}, ...], "completions": [...],
+                                    "meta": {...}, "origin": "..."}       written by rank_batch
+    <queue_dir>/done/<id>.json     {"id", "ranking": [2, [0, 3], 1], "labeler": "<who>", ...}
+                                    written by whoever ranks (the feedback app, python -m rlhf_pl.plugins.label_queue)
+
+``ranking`` has the format of the data files' K-wise records (best first, an inner list is a tie),
+except that one group (all K tie) is a valid answer here, as :func:`rank_all` allows it; it compares
+nothing, so whoever writes a data set drops it. Writers must write answers atomically (a temp file
+renamed over ``done/<id>.json``, as :func:`rlhf_pl.io.write_json` does): a half-written file is
+reported as a bad answer. Nothing is ever moved or deleted: an answer in ``done/`` is used by every
+later run that meets the same task.
 
 Built-in ``rule`` (:class:`RuleLabeler`, config :class:`~rlhf_pl.plugins.labeler_specs.RuleLabelerConfig`)
 scores a completion of a prompt of the embedded default task, whose ``prompt.meta`` holds
@@ -44,25 +65,62 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import numbers
 import random
 import re
-from typing import NamedTuple, Optional, Protocol, Sequence, runtime_checkable
+import time
+from pathlib import Path
+from typing import Any, NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
-from rlhf_pl.data.formats import Prompt
+from rlhf_pl.data.formats import Message, Prompt, as_dicts
 from rlhf_pl.errors import UserError
-from rlhf_pl.plugins.labeler_specs import RuleLabelerConfig
+from rlhf_pl.io import write_json
+from rlhf_pl.plugins.labeler_specs import HumanLabelerConfig, RuleLabelerConfig
 
 KIND = "labelers"
 Ranking = tuple[tuple[int, ...], ...]
+log = logging.getLogger(__name__)
 
 
 class LabelerError(UserError, ValueError):
     """A labeler cannot label this prompt or these completions."""
 
 
+class LabelTask(NamedTuple):
+    """K completions of one prompt to rank. ``id`` is stable: a hash of the prompt's messages and the
+    completions (not of ``meta`` or ``origin``), so a re-run meets the same ids (see :func:`make_task`)."""
+
+    id: str
+    prompt: Prompt
+    completions: tuple[str, ...]
+
+
+def task_id(messages: Sequence[Message], completions: Sequence[str]) -> str:
+    """16 hex digits of the sha256 of ``[[role, content], ...]`` and the completions."""
+    key = json.dumps([[[m.role, m.content] for m in messages], list(completions)], ensure_ascii=False)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()[:16]
+
+
+def make_task(prompt: Prompt, completions: Sequence[str]) -> LabelTask:
+    """The :class:`LabelTask` of K >= 1 completions (str) of ``prompt``."""
+    if isinstance(completions, str) or len(completions) < 1:
+        raise LabelerError(f"{prompt.origin}: expected a list of K >= 1 completions, got {completions!r:.80}")
+    bad = [i for i, c in enumerate(completions) if not isinstance(c, str)]
+    if bad:
+        raise LabelerError(f"{prompt.origin}: completion {bad[0]} is a {type(completions[bad[0]]).__name__}, "
+                           "expected a str")
+    texts = tuple(completions)
+    return LabelTask(task_id(prompt.messages, texts), prompt, texts)
+
+
 @runtime_checkable
 class Labeler(Protocol):
-    """Interface of a simulated labeler. Built as ``factory(config)`` from its plugin spec."""
+    """Interface of a labeler. Built as ``factory(config)`` from its plugin spec.
+
+    A labeler may also have ``rank_batch(tasks)`` (:class:`BatchLabeler`), which :func:`rank_all`
+    then uses instead of calling ``rank`` once per task.
+    """
 
     def rank(self, prompt: Prompt, completions: list[str]) -> Ranking:
         """Groups of completion indices, best first; every index exactly once; a group of > 1 is a tie."""
@@ -71,6 +129,101 @@ class Labeler(Protocol):
     def score(self, prompt: Prompt, completion: str) -> float:
         """How good one completion is (higher is better); comparable across completions of a prompt."""
         ...
+
+
+@runtime_checkable
+class BatchLabeler(Labeler, Protocol):
+    """A labeler that ranks many tasks at once (people, a remote service)."""
+
+    def rank_batch(self, tasks: Sequence[LabelTask]) -> list[Ranking]:
+        """One ranking per task, in task order (each as :meth:`Labeler.rank` would return it)."""
+        ...
+
+
+# --- checking rankings -----------------------------------------------------------------------
+
+
+def _is_index(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def ranking_problem(ranking: Any, k: int) -> Optional[str]:
+    """What is wrong with ``ranking`` as best-first groups of the indices 0..k-1, or None when nothing is.
+
+    Groups are sequences (tuple or list) of ints; every index appears exactly once; at least one group.
+    """
+    if isinstance(ranking, (str, bytes)) or not isinstance(ranking, Sequence):
+        return f"a sequence of groups, got a {type(ranking).__name__}"
+    if len(ranking) == 0:
+        return "at least one group"
+    seen: dict[int, int] = {}
+    for g, group in enumerate(ranking):
+        if isinstance(group, (str, bytes)) or not isinstance(group, Sequence):
+            return f"group {g} to be a tuple of indices, got {group!r:.40}"
+        if len(group) == 0:
+            return f"group {g} to be non-empty"
+        for x in group:
+            if not _is_index(x):
+                return f"int indices, got {x!r:.40} ({type(x).__name__}) in group {g}"
+            if not 0 <= x < k:
+                return f"indices in 0..{k - 1}, got {x} in group {g}"
+            if x in seen:
+                return f"each index once, got {x} in group {seen[x]} and in group {g}"
+            seen[int(x)] = g
+    missing = [i for i in range(k) if i not in seen]
+    if missing:
+        return f"every index 0..{k - 1}, missing {', '.join(map(str, missing))}"
+    return None
+
+
+def check_ranking(ranking: Any, k: int, where: str, *, shown: Any = None) -> Ranking:
+    """``ranking`` as a tuple of int tuples, or a :class:`LabelerError` that starts with ``where``
+    (and shows ``shown``, default ``ranking``, as the bad value)."""
+    problem = ranking_problem(ranking, k)
+    if problem:
+        got = ranking if shown is None else shown
+        raise LabelerError(f"{where}: expected best-first groups of the completion indices 0..{k - 1}, each index "
+                           f"exactly once (a group of several is a tie): {problem}; got {got!r:.200}")
+    return tuple(tuple(int(x) for x in group) for group in ranking)
+
+
+def ranking_from_json(value: Any, k: int, where: str) -> Ranking:
+    """The data files' format (``[2, [0, 3], 1]``: an int is a group of one, a list a tie) as a :data:`Ranking`."""
+    if not isinstance(value, list):
+        raise LabelerError(f"{where}: expected a best-first list of the completion indices 0..{k - 1} "
+                           f"(inner lists are ties), got {value!r:.200}")
+    return check_ranking([item if isinstance(item, list) else [item] for item in value], k, where, shown=value)
+
+
+def ranking_to_json(ranking: Ranking) -> list:
+    """``((2,), (0, 3), (1,))`` -> ``[2, [0, 3], 1]`` (the data files' format)."""
+    return [group[0] if len(group) == 1 else list(group) for group in ranking]
+
+
+def _labeler_name(labeler: Any) -> str:
+    return f"{type(labeler).__qualname__} ({type(labeler).__module__})"
+
+
+def rank_all(labeler: Labeler, tasks: Sequence[LabelTask]) -> list[Ranking]:
+    """Rankings of ``tasks`` in order, through ``labeler.rank_batch`` when it has one, else ``rank``
+    per task; every ranking is checked (:func:`ranking_problem`), a bad one is a :class:`LabelerError`."""
+    tasks = list(tasks)
+    for task in tasks:
+        if not isinstance(task, LabelTask):
+            raise TypeError(f"rank_all takes LabelTasks (see make_task), got a {type(task).__name__}")
+    name = _labeler_name(labeler)
+    batch = getattr(labeler, "rank_batch", None)
+    if callable(batch):
+        rankings = batch(tasks)
+        if isinstance(rankings, (str, bytes)) or not isinstance(rankings, Sequence) or len(rankings) != len(tasks):
+            got = f"{len(rankings)} rankings" if isinstance(rankings, Sequence) else f"a {type(rankings).__name__}"
+            raise LabelerError(f"labeler {name}: rank_batch of {len(tasks)} tasks must return a list of "
+                               f"{len(tasks)} rankings, got {got}")
+    else:
+        rankings = [labeler.rank(task.prompt, list(task.completions)) for task in tasks]
+    return [check_ranking(r, len(t.completions), f"labeler {name} ranked task {t.id} ({t.prompt.origin}, "
+                          f"K = {len(t.completions)}) wrongly")
+            for t, r in zip(tasks, rankings)]
 
 
 # --- rankings --------------------------------------------------------------------------------
@@ -306,3 +459,144 @@ class RuleLabeler:
 
     def __repr__(self) -> str:
         return f"RuleLabeler(noise={self.config.noise}, seed={self.config.seed})"
+
+
+# --- the human labeler: a file queue ---------------------------------------------------------
+
+PENDING, DONE = "pending", "done"
+ANSWER_FORMAT = '{"id": "<id>", "ranking": [2, [0, 3], 1], "labeler": "<who>"} (best first; an inner list is a tie)'
+LABEL_TOOL = "python -m rlhf_pl.plugins.label_queue"
+
+
+def pending_path(queue_dir: Path | str, task_id: str) -> Path:
+    """``<queue_dir>/pending/<id>.json``: a task waiting for an answer."""
+    return Path(queue_dir) / PENDING / f"{task_id}.json"
+
+
+def done_path(queue_dir: Path | str, task_id: str) -> Path:
+    """``<queue_dir>/done/<id>.json``: the answer to a task."""
+    return Path(queue_dir) / DONE / f"{task_id}.json"
+
+
+def task_record(task: LabelTask) -> dict[str, Any]:
+    """What ``pending/<id>.json`` holds."""
+    return {"id": task.id, "prompt": as_dicts(task.prompt.messages), "completions": list(task.completions),
+            "meta": dict(task.prompt.meta), "origin": task.prompt.origin}
+
+
+def _bad_answer(path: Path, problem: str) -> LabelerError:
+    return LabelerError(f"answer file {path}: {problem}; expected {ANSWER_FORMAT}. Fix or remove the file, then re-run")
+
+
+def read_answer(path: Path | str, task_id: str, k: int) -> Optional[Ranking]:
+    """The ranking in the answer file ``path`` for task ``task_id`` of K = ``k`` completions; None when
+    there is no such file; a :class:`LabelerError` naming the file and the problem when it is bad."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as err:
+        raise _bad_answer(path, f"cannot be read ({type(err).__name__}: {err})") from err
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise _bad_answer(path, f"invalid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
+    if not isinstance(record, dict):
+        raise _bad_answer(path, f"expected a JSON object, got {record!r:.80}")
+    if record.get("id") != task_id:
+        raise _bad_answer(path, f"field 'id' is {record.get('id', '<missing>')!r}, not the task's id {task_id!r}")
+    who = record.get("labeler")
+    if who is not None and not (isinstance(who, str) and who.strip()):
+        raise _bad_answer(path, f"field 'labeler' must be a non-empty string (who ranked), got {who!r:.80}")
+    if "ranking" not in record:
+        raise _bad_answer(path, "field 'ranking' is missing")
+    try:
+        return ranking_from_json(record["ranking"], k, "field 'ranking'")
+    except LabelerError as err:
+        raise _bad_answer(path, str(err)) from None
+
+
+class LabelsPendingError(LabelerError):
+    """Some tasks were not answered in time. The answers given so far stay in ``done/``.
+
+    Attributes:
+        answered: task id -> ranking of the tasks answered so far.
+        pending: ids of the tasks still waiting, in task order.
+        queue_dir: the (absolute) queue directory.
+    """
+
+    def __init__(self, message: str, *, answered: dict[str, Ranking], pending: list[str], queue_dir: Path):
+        super().__init__(message)
+        self.answered, self.pending, self.queue_dir = answered, pending, queue_dir
+
+
+class HumanLabeler:
+    """People rank through a file queue (module docstring); config
+    :class:`~rlhf_pl.plugins.labeler_specs.HumanLabelerConfig`. ``queue_dir`` is resolved against the
+    current directory when the labeler is built."""
+
+    def __init__(self, config: HumanLabelerConfig) -> None:
+        if not isinstance(config, HumanLabelerConfig):
+            raise LabelerError(f"labeler 'human' expects a HumanLabelerConfig, got {type(config).__name__}")
+        config.__post_init__()
+        self.config = config
+        self.queue_dir = Path(config.queue_dir).expanduser().absolute()
+
+    def answer(self, task: LabelTask) -> Optional[Ranking]:
+        """The ranking already given for ``task`` (``done/<id>.json``), or None."""
+        return read_answer(done_path(self.queue_dir, task.id), task.id, len(task.completions))
+
+    def rank_batch(self, tasks: Sequence[LabelTask]) -> list[Ranking]:
+        """Queue the tasks not answered yet, wait up to ``timeout_s`` for every answer, return the
+        rankings in task order. Moves and deletes nothing. Raises :class:`LabelsPendingError` when
+        answers are still missing at the deadline (immediately with ``timeout_s = 0``)."""
+        unique = {task.id: task for task in tasks}
+        answers: dict[str, Ranking] = {}
+        for task in unique.values():
+            ranking = self.answer(task)
+            if ranking is not None:
+                answers[task.id] = ranking
+            elif not pending_path(self.queue_dir, task.id).exists():
+                write_json(pending_path(self.queue_dir, task.id), task_record(task))
+        missing = [t for t in unique.values() if t.id not in answers]
+        timeout, poll = float(self.config.timeout_s), float(self.config.poll_s)
+        if missing and timeout > 0:
+            log.info("human labeler: waiting up to %gs for %d of %d answers in %s (answer with: %s %s)",
+                     timeout, len(missing), len(unique), self.queue_dir / DONE, LABEL_TOOL, self.queue_dir)
+        deadline = time.monotonic() + timeout
+        while missing:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise self._pending_error(missing, answers, len(unique))
+            time.sleep(min(poll, remaining))
+            for task in missing:
+                ranking = self.answer(task)
+                if ranking is not None:
+                    answers[task.id] = ranking
+            missing = [t for t in missing if t.id not in answers]
+        return [answers[task.id] for task in tasks]
+
+    def _pending_error(self, missing: list[LabelTask], answers: dict[str, Ranking], total: int) -> LabelsPendingError:
+        waited = (f"after waiting {self.config.timeout_s:g}s" if self.config.timeout_s > 0
+                  else "(labeler.timeout_s=0: not waiting)")
+        return LabelsPendingError(
+            f"human labeler: {len(missing)} of {total} tasks are still unanswered {waited}; they wait in "
+            f"{self.queue_dir / PENDING} (answer them with `{LABEL_TOOL} {self.queue_dir}` or the feedback app). "
+            f"The {len(answers)} answers given so far are kept in {self.queue_dir / DONE}: re-running the same "
+            "command picks them up (labeler.timeout_s sets how long to wait)",
+            answered=dict(answers), pending=[t.id for t in missing], queue_dir=self.queue_dir)
+
+    def rank(self, prompt: Prompt, completions: list[str]) -> Ranking:
+        """One task through :meth:`rank_batch`."""
+        return self.rank_batch([make_task(prompt, completions)])[0]
+
+    def score(self, prompt: Prompt, completion: str) -> float:
+        """Not available: people rank, they do not score."""
+        raise LabelerError(
+            "the human labeler ranks completions but cannot score one: scoring (e.g. the eval stage's gold "
+            "reward) needs a simulated gold labeler such as labeler=rule"
+        )
+
+    def __repr__(self) -> str:
+        return f"HumanLabeler(queue_dir={str(self.queue_dir)!r}, timeout_s={self.config.timeout_s})"
