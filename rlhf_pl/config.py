@@ -204,6 +204,29 @@ class RMConfig:
 
 
 @dataclass
+class CollectConfig:
+    """``collect.*``, read by ``+stage=collect``: comparison collection (InstructGPT). For every
+    record of ``sources`` — a prompt, or a conversation whose assistant turn is picked at random
+    (seeded) and cut before — sample ``k`` alternative completions from the policy with the
+    ``sampler`` plugin (one prefill per prompt), resample empty and duplicate ones, and have the
+    ``labeler`` plugin rank them. Writes ``comparisons.jsonl`` (K-wise, with provenance).
+    """
+
+    # "auto": this model's latest PPO output, else its latest SFT output; "base": model.* itself (the
+    # pretrained model, before any stage); or a model directory
+    policy_from: str = "auto"
+    # prompt and/or conversation sources (demonstrations, chat logs): files, hub ids or embedded:<name>
+    sources: List[str] = field(default_factory=lambda: ["embedded:prompts"])
+    k: int = setting(4, ge=2, le=64)  # completions per prompt (InstructGPT: 4 to 9)
+    include_original: bool = False  # a conversation's own assistant message is one of the k
+    max_new_tokens: int = setting(48, ge=1)  # tokens per completion at most
+    batch_size: int = setting(32, ge=1)  # sequences generated together
+    resample_rounds: int = setting(2, ge=0)  # extra rounds that replace empty or duplicate completions
+    round: int = setting(0, ge=0)  # the RLHF round, recorded in every record's provenance
+    num_samples: int = setting(4, ge=0)  # rankings shown in samples.md and TensorBoard text
+
+
+@dataclass
 class PPOConfig:
     """``ppo.*``, read by ``+stage=ppo``: PPO against the reward model with a KL penalty to the frozen
     SFT policy (Ziegler et al. 2019, Stiennon et al. 2020, InstructGPT). The KL coefficient's
@@ -294,6 +317,7 @@ class Config:
     sft: SFTConfig = field(default_factory=SFTConfig)
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    collect: CollectConfig = field(default_factory=CollectConfig)
     # Plugin groups: the schema is the chosen plugin's config dataclass.
     precision: Any = MISSING
     sampler: Any = MISSING

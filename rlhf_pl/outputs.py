@@ -31,6 +31,12 @@ class InputSpec:
     output: str  # that stage's output name, e.g. "model"
     marker: str  # a file every such output holds, e.g. "config.json"
     required: bool = True  # False: "auto" with nothing recorded resolves to None (the stage has a fallback)
+    fallback: tuple[tuple[str, str], ...] = ()  # (stage, output) pairs tried in order when nothing is recorded
+
+    @property
+    def makers(self) -> str:
+        """The commands that write this input, e.g. "+stage=ppo or +stage=sft"."""
+        return " or ".join(f"+stage={stage}" for stage, _ in ((self.stage, self.output), *self.fallback))
 
 
 def index_path(cfg: DictConfig) -> Path:
@@ -62,12 +68,14 @@ def resolve(cfg: DictConfig, spec: InputSpec) -> Optional[Path]:
     """The path of input ``spec``: its config value, or for ``auto`` the latest recorded output."""
     value = OmegaConf.select(cfg, spec.key)
     if value == "auto":
-        found = latest(cfg, spec.stage, spec.output)
+        found = next((path for stage, output in ((spec.stage, spec.output), *spec.fallback)
+                      if (path := latest(cfg, stage, output)) is not None), None)
         if found is None and spec.required:
             raise InputError(
-                f"{spec.key}=auto: no +stage={spec.stage} output recorded for model {cfg.model.name!r} in "
-                f"{index_path(cfg)}; run `python -m rlhf_pl +stage={spec.stage}` first (same model= and "
-                f"paths.output_root), or set {spec.key}=<directory written by +stage={spec.stage}>")
+                f"{spec.key}=auto: no {spec.makers} output recorded for model {cfg.model.name!r} in "
+                f"{index_path(cfg)}; run `python -m rlhf_pl +stage={(spec.fallback or ((spec.stage, ''),))[-1][0]}` "
+                f"first (same model= and "
+                f"paths.output_root), or set {spec.key}=<directory written by {spec.makers}>")
         return found
     return check_input(spec, Path(str(value)).expanduser(), f"{spec.key}={value!r}")
 
@@ -75,8 +83,8 @@ def resolve(cfg: DictConfig, spec: InputSpec) -> Optional[Path]:
 def check_input(spec: InputSpec, path: Path, origin: str) -> Path:
     """``path`` if it holds ``spec.marker``, else an InputError naming ``origin`` and what is valid."""
     if not (path / spec.marker).is_file():
-        raise InputError(f"{origin}: {path} has no {spec.marker}; valid: 'auto' (the latest +stage={spec.stage} output "
-                         f"of this model) or a {spec.output} directory written by +stage={spec.stage}")
+        raise InputError(f"{origin}: {path} has no {spec.marker}; valid: 'auto' (the latest {spec.makers} output "
+                         f"of this model) or a {spec.output} directory written by {spec.makers}")
     return path
 
 

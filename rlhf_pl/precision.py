@@ -58,6 +58,7 @@ strategy that needs them prepares a model.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 from typing import Any, Optional, Protocol, Sequence, Union, runtime_checkable
@@ -133,6 +134,14 @@ class PrecisionStrategy(Protocol):
         """The model to save at the end of a stage: merged plain float weights under lora/qlora
         (changes ``model`` in place: call once, after training); ``model`` itself otherwise."""
         ...
+
+
+def inference_autocast(strategy: PrecisionStrategy, device: torch.device) -> Any:
+    """The autocast a stage without a Lightning trainer (sampling only) runs its forwards under:
+    the one Lightning would use for the strategy's ``trainer_precision``; a no-op for 32-bit."""
+    dtypes = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+    dtype = dtypes.get(strategy.trainer_precision)
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
 
 def resolve_accelerator(accelerator: str) -> str:

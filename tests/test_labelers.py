@@ -8,7 +8,6 @@ from hydra import compose, initialize_config_module
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
-from tool_loader import load_tool
 
 from rlhf_pl import registry
 from rlhf_pl.config import register_configs
@@ -315,20 +314,7 @@ def test_human_labeler_cannot_score():
         HumanLabeler(HumanLabelerConfig()).score(KG, "23000")
 
 
-# --- the generator tool and the shipped comparison set ---------------------------------------
-
-
-def _tool():
-    return load_tool("make_comparisons")
-
-
-def test_tool_dedupes_and_formats_rankings():
-    tool = _tool()
-    pool = tool.Pool(k=3)
-    pool.add([tool.Sample(0, t, (1, 2, 3), True) for t in ("a", "", "a", "b")] + [tool.Sample(1, "x", (4, 5), False)])
-    assert [s.text for s in pool.kept[0]] == ["a", "b"] and (pool.empty, pool.duplicates) == (1, 1)
-    assert pool.missing(2) == [0, 1, 1]
-    assert tool.ranking_json(((2,), (0, 3), (1,))) == [2, [0, 3], 1]
+# --- the shipped comparison set ----------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -354,19 +340,3 @@ def test_shipped_rankings_are_the_rule_labelers_and_informative(shipped):
         best += sum(correct[i] for i in r.ranking[0]) / len(r.ranking[0])
         worst += sum(correct[i] for i in r.ranking[-1]) / len(r.ranking[-1])
     assert best > worst
-
-
-def test_tool_samples_from_a_model_directory(ppo_inputs, tmp_path, capsys):
-    """--policy: on-policy comparisons from a model directory (here a tiny random 'SFT' model)."""
-    tool = _tool()
-    out = tmp_path / "c.jsonl"
-    code = tool.main(["--policy", str(ppo_inputs / "sft"), "--num-prompts", "8", "--k", "2", "--max-new-tokens", "6",
-                      "--dtype", "float32", "--threads", "1", "--out", str(out)])
-    err = capsys.readouterr().err
-    assert f"model {ppo_inputs / 'sft'} from" in err
-    assert code == 0, err
-    rankings = load_rankings(str(out))
-    assert 1 <= len(rankings) <= 8 and {r.k for r in rankings} == {2}
-    with pytest.raises(SystemExit, match="not a model directory"):
-        tool.main(["--policy", str(tmp_path), "--out", str(tmp_path / "never.jsonl")])
-    assert not (tmp_path / "never.jsonl").exists()

@@ -442,6 +442,21 @@ def load_prompts(source: str, *, split: str = "train", limit: int | None = None)
     return _validate(read_records(source, split=split, limit=limit), source, parse_prompt)
 
 
+def parse_prompt_or_conversation(record: Any, origin: str) -> Prompt | Conversation:
+    """A prompt record (``prompt``, or ``messages`` ending with a user turn) or a conversation."""
+    record = _require_object(record)
+    messages = record.get("messages")
+    is_prompt = "prompt" in record or (isinstance(messages, list) and messages
+                                       and isinstance(messages[-1], dict) and messages[-1].get("role") == "user")
+    return parse_prompt(record, origin) if is_prompt else parse_conversation(record, origin)
+
+
+def load_prompts_or_conversations(source: str, *, split: str = "train",
+                                  limit: int | None = None) -> list[Prompt | Conversation]:
+    """Prompts and conversations from one source (comparison collection reads either, and chat logs)."""
+    return _validate(read_records(source, split=split, limit=limit), source, parse_prompt_or_conversation)
+
+
 def load_rankings(source: str, *, split: str = "train", limit: int | None = None) -> list[Ranking]:
     """K-wise rankings or pairwise comparisons from ``source`` (pairwise become K = 2 rankings)."""
     return _validate(read_records(source, split=split, limit=limit), source, parse_ranking)

@@ -93,8 +93,8 @@ class HumanLabelerConfig:
     """People rank the completions through a file queue: tasks wait in ``<queue_dir>/pending``, answers
     land in ``<queue_dir>/done`` and stay there, so re-running the same command picks them up."""
 
-    # the queue directory; a relative path is relative to the current directory (Hydra does not chdir);
-    # the collect stage sets it to ${paths.output_root}/label_queue
+    # the queue directory; a relative path is relative to the current directory (Hydra does not chdir),
+    # e.g. labeler.queue_dir='${paths.output_root}/label_queue' keeps it beside the runs
     queue_dir: str = "label_queue"
     # seconds rank_batch waits for all answers before it fails naming what is still pending (answers are
     # kept); 0 = do not wait: use the answers already given, fail for the rest

@@ -20,6 +20,7 @@ from rlhf_pl.errors import ConfigError
 # name -> (module, one-line description). Order is the order of the RLHF recipe.
 STAGES: dict[str, tuple[str, str]] = {
     "sft": ("rlhf_pl.stages.sft", "supervised fine-tuning on demonstration conversations"),
+    "collect": ("rlhf_pl.stages.collect", "K completions of a model-written turn per prompt, ranked by the labeler"),
     "rm": ("rlhf_pl.stages.rm", "reward model from K-wise rankings of completions"),
     "ppo": ("rlhf_pl.stages.ppo", "PPO against the reward model with a KL penalty to the SFT policy"),
 }
