@@ -227,6 +227,23 @@ class CollectConfig:
 
 
 @dataclass
+class EvalConfig:
+    """``eval.*``, read by ``+stage=eval``: the policies judged by a gold labeler (the ``labeler``
+    plugin, ``rule`` by default) on prompts no stage should train on; best-of-n from the SFT policy."""
+
+    reference_from: str = "auto"  # the SFT policy (KL reference, win-rate baseline, best-of-n): "auto" or a model dir
+    reward_from: str = "auto"  # the proxy reward model: "auto" (this model's latest RM output) or a reward_model dir
+    policy_from: str = "auto"  # "auto": this model's latest PPO output, if there is one; or a model directory
+    extra_policies: List[str] = field(default_factory=list)  # more model directories to evaluate
+    prompts: str = "embedded:prompts"  # the held-out prompts (with 'answer' keys for the correct rate)
+    num_prompts: int = setting(32, ge=1)  # the first N prompts of eval.prompts
+    samples: int = setting(4, ge=1)  # sampled answers per prompt and policy (at the sampler's temperature)
+    best_of: List[int] = setting(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, ge=1)  # n of best-of-n
+    max_new_tokens: int = setting(48, ge=1)  # tokens per answer at most
+    batch_size: int = setting(32, ge=1)  # sequences generated together
+
+
+@dataclass
 class PPOConfig:
     """``ppo.*``, read by ``+stage=ppo``: PPO against the reward model with a KL penalty to the frozen
     SFT policy (Ziegler et al. 2019, Stiennon et al. 2020, InstructGPT). The KL coefficient's
@@ -318,6 +335,7 @@ class Config:
     rm: RMConfig = field(default_factory=RMConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # Plugin groups: the schema is the chosen plugin's config dataclass.
     precision: Any = MISSING
     sampler: Any = MISSING

@@ -142,3 +142,30 @@ def plot_curves(
         return save_figure(fig, path, dpi=110)
     finally:
         plt.close(fig)
+
+
+def plot_points(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float], str]]], path: Path | str, *,
+                title: str, xlabel: str) -> Path:
+    """One panel per name; in each, labelled series ``{label: (xs, ys, style)}`` where style is a
+    matplotlib format string ("o-" line with markers, "s" markers only, "--" dashed). Returns the path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not panels:
+        raise ValueError(f"nothing to plot for {path}: no panels")
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), sharex=True, squeeze=False)
+    for ax, (name, series) in zip(axes[:, 0], panels.items()):
+        for label, (xs, ys, style) in series.items():
+            ax.plot(list(xs), list(ys), style, label=label, lw=1.5)
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(loc="best", fontsize="small")
+    axes[0, 0].set_title(title)
+    axes[-1, 0].set_xlabel(xlabel)
+    fig.tight_layout()
+    try:
+        return save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)

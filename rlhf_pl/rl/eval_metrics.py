@@ -1,0 +1,77 @@
+"""The math of evaluation against a gold labeler: win rates, best-of-n, and Gao et al.'s
+over-optimisation forms. Plain floats and sequences; no models.
+
+- best-of-n: of n samples from the initial policy, keep the one the proxy reward model scores
+  highest. Its KL to the initial policy is exactly ``log n − (n − 1)/n`` (Stiennon et al. 2020,
+  appendix; Gao et al. 2022), whatever the reward model.
+- Gao et al. (2022) fit the gold score's change against ``d = √KL``: ``d (α − β d)`` for best-of-n
+  and ``d (α − β log d)`` for RL. Both are linear in (α, β), so they are fitted by least squares.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+
+def best_of_n_kl(n: int) -> float:
+    """KL (nats) of best-of-n sampling to the sampled policy: log n − (n − 1)/n; 0 for n = 1."""
+    if n < 1:
+        raise ValueError(f"best-of-n needs n >= 1, got {n}")
+    return math.log(n) - (n - 1) / n
+
+
+def best_of_n(proxy: Sequence[Sequence[float]], gold: Sequence[Sequence[float]], n: int) -> float:
+    """Mean over prompts of the gold score of the proxy-best of each prompt's first ``n`` samples
+    (ties: the first). Shapes: P lists of ≥ n proxy scores and the P lists of their gold scores."""
+    if not proxy or len(proxy) != len(gold):
+        raise ValueError(f"best_of_n needs equally many proxy and gold rows (>= 1), got {len(proxy)} and {len(gold)}")
+    picked = []
+    for p, g in zip(proxy, gold):
+        if len(p) < n or len(g) < n:
+            raise ValueError(f"best-of-{n} needs >= {n} samples per prompt, got {min(len(p), len(g))}")
+        best = max(range(n), key=lambda i: p[i])
+        picked.append(g[best])
+    return sum(picked) / len(picked)
+
+
+def win_rate(ours: Sequence[float], theirs: Sequence[float]) -> float:
+    """Fraction of prompts on which ``ours`` scores higher than ``theirs``, ties counted half."""
+    if not ours or len(ours) != len(theirs):
+        raise ValueError(f"win_rate needs two equally long non-empty score lists, got {len(ours)} and {len(theirs)}")
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)) / len(ours)
+
+
+class GaoFit(NamedTuple):
+    """``gain(d) = d (alpha − beta f(d))`` with f(d) = d (best-of-n) or log d (RL); ``d = √KL``."""
+
+    form: str  # "bon" | "rl"
+    alpha: float
+    beta: float
+    points: int
+
+    def gain(self, d: float) -> float:
+        if d <= 0:
+            return 0.0
+        return d * (self.alpha - self.beta * (d if self.form == "bon" else math.log(d)))
+
+
+def fit_gao(d: Sequence[float], gain: Sequence[float], form: str) -> GaoFit | None:
+    """Least-squares α, β of ``gain ≈ α d − β d f(d)`` over the points with d > 0 (the form passes
+    through 0 at d = 0). None with fewer than 2 such points (nothing to fit)."""
+    if form not in ("bon", "rl"):
+        raise ValueError(f"form={form!r}; valid: bon, rl")
+    pts = [(x, y) for x, y in zip(d, gain) if x > 0]
+    if len(pts) < 2:
+        return None
+    f = (lambda x: x) if form == "bon" else math.log
+    a = [(x, -x * f(x)) for x, _ in pts]  # columns: α, β
+    s11 = sum(u * u for u, _ in a)
+    s12 = sum(u * v for u, v in a)
+    s22 = sum(v * v for _, v in a)
+    t1 = sum(u * y for (u, _), (_, y) in zip(a, pts))
+    t2 = sum(v * y for (_, v), (_, y) in zip(a, pts))
+    det = s11 * s22 - s12 * s12
+    if abs(det) < 1e-12:
+        return None
+    return GaoFit(form, (s22 * t1 - s12 * t2) / det, (s11 * t2 - s12 * t1) / det, len(pts))

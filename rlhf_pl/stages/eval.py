@@ -1,0 +1,267 @@
+"""Stage — evaluation against a gold labeler: did the policy get better at what the labeler wants?
+
+``python -m rlhf_pl +stage=eval [eval.prompts=...] [eval.extra_policies=[<dir>,...]] [labeler=rule]``
+
+Reads top to bottom: the reference (the SFT output, ``eval.reference_from``), the proxy reward
+model (``eval.reward_from``), the policies (the SFT output, the latest PPO output if there is one,
+``eval.extra_policies``) and the gold labeler (the ``labeler`` plugin; it must give scores) →
+for each policy on ``eval.num_prompts`` prompts of ``eval.prompts``: a greedy answer and
+``eval.samples`` sampled answers per prompt (the ``sampler`` plugin at temperature T) → gold score,
+correct rate (prompts that carry an answer), proxy score, KL to the reference (Σ_t log π − log π_ref
+per sampled answer at T), length, EOS rate, win rate of the greedy answers against the SFT policy's
+(gold judged, ties half) → best-of-n from the SFT policy for every n of ``eval.best_of`` (the
+proxy-best of n samples; analytic KL log n − (n−1)/n) → Gao et al.'s forms fitted where there are
+enough points → ``eval.json``, ``eval.md`` (also to TensorBoard text and the log) and
+``eval.png`` (gold and proxy score against √KL). Settings: :class:`rlhf_pl.config.EvalConfig`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from rlhf_pl import registry
+from rlhf_pl.data.chat import tokenize_prompt
+from rlhf_pl.data.collate import pad_left
+from rlhf_pl.data.formats import Prompt, load_prompts
+from rlhf_pl.errors import ConfigError
+from rlhf_pl.io import write_json, write_text
+from rlhf_pl.models.generate import GreedySampler, response_logprobs
+from rlhf_pl.models.loading import load_model_and_tokenizer
+from rlhf_pl.models.reward import RewardModel
+from rlhf_pl.outputs import InputSpec, check_input, model_config_at
+from rlhf_pl.plugins.labelers import match_answer
+from rlhf_pl.precision import build_for_stage, inference_autocast
+from rlhf_pl.report import markdown_table, plot_points
+from rlhf_pl.rl.eval_metrics import best_of_n, best_of_n_kl, fit_gao, win_rate
+from rlhf_pl.sampling import model_device, sample, sample_texts
+from rlhf_pl.stages import StageResult
+
+log = logging.getLogger(__name__)
+
+INPUTS = {
+    "reference": InputSpec("eval.reference_from", stage="sft", output="model", marker="config.json"),
+    "reward_model": InputSpec("eval.reward_from", stage="rm", output="reward_model", marker="reward_config.json"),
+    "policy": InputSpec("eval.policy_from", stage="ppo", output="policy", marker="config.json", required=False),
+}
+
+
+@dataclass
+class Answers:
+    """One policy's answers to the P prompts: greedy (one per prompt) and sampled (n per prompt)."""
+
+    greedy: list[str]
+    sampled: list[list[str]]
+    proxy_greedy: list[float]
+    proxy_sampled: list[list[float]]
+    kl: list[list[float]]  # Σ_t log π(y_t) − log π_ref(y_t) per sampled answer, at the sampling temperature
+    length: list[list[int]]
+    ended: list[list[bool]]
+
+
+@dataclass
+class PolicyMetrics:
+    """What ``eval.json`` reports for one policy (means over prompts and their answers)."""
+
+    path: str
+    gold_greedy: float
+    gold_sampled: float
+    correct_greedy: float | None  # over the prompts that carry an answer; None without any
+    correct_sampled: float | None
+    proxy_greedy: float
+    proxy_sampled: float
+    kl: float
+    sqrt_kl: float
+    length: float
+    eos_rate: float
+    win_rate_vs_sft: float
+
+
+# --- answers ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def sampled_answers(model: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], n: int, sampler: Any,
+                    cfg: DictConfig, scorer: Any) -> tuple[list[list[str]], list[list[float]], list[list[float]],
+                                                            list[list[int]], list[list[bool]]]:
+    """``n`` sampled answers per prompt (one prefill per prompt), with their proxy scores, their KL to
+    ``reference`` (Σ over the answer's tokens of log π − log π_ref at the sampler's temperature),
+    token counts and whether they ended. Each result: P lists of n."""
+    e, temperature, device = cfg.eval, sampler.temperature, model_device(model)
+    generator = torch.Generator(device=device).manual_seed(cfg.seed)
+    out: tuple[list, ...] = ([], [], [], [], [])
+    per_batch = max(1, e.batch_size // n)
+    for start in range(0, len(prompt_ids), per_batch):
+        ids, mask = pad_left(prompt_ids[start:start + per_batch], tokenizer.pad_token_id)
+        c = sample(model, ids.to(device), mask.to(device), sampler, e.max_new_tokens, tokenizer, generator=generator,
+                   scorer=scorer, num_samples=n)
+        own = response_logprobs(model, c.sequences, c.attention_mask, c.prompt_length, temperature)
+        ref = response_logprobs(reference, c.sequences, c.attention_mask, c.prompt_length, temperature)
+        columns = (c.texts(tokenizer), c.scores.rewards.float().tolist(), ((own - ref) * c.mask).sum(1).tolist(),
+                   c.mask.sum(1).tolist(), c.ended.tolist())
+        for target, values in zip(out, columns):
+            target.extend(values[i:i + n] for i in range(0, len(values), n))
+    return out  # type: ignore[return-value]
+
+
+def answers_of(model: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], n: int, sampler: Any,
+               cfg: DictConfig, scorer: Any) -> Answers:
+    """Greedy and sampled answers of one policy, scored by the proxy reward model."""
+    greedy = sample_texts(model, tokenizer, prompt_ids, 1, GreedySampler(), cfg.eval.max_new_tokens,
+                          batch_size=cfg.eval.batch_size, scorer=scorer, progress="greedy answers")
+    texts, proxy, kl, length, ended = sampled_answers(model, reference, tokenizer, prompt_ids, n, sampler, cfg, scorer)
+    return Answers([g[0].text for g in greedy], texts, [g[0].reward for g in greedy], proxy, kl, length, ended)
+
+
+# --- metrics ----------------------------------------------------------------------------------
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def correct_rate(prompts: list[Prompt], answers: list[list[str]]) -> float | None:
+    """Fraction of correct answers (the answer-matching rule of the rule labeler) over the prompts
+    that carry an ``answer``; None when none does."""
+    rows = [(p, a) for p, a in zip(prompts, answers) if p.meta.get("answer") is not None]
+    if not rows:
+        return None
+    return _mean([float(match_answer(str(p.meta["answer"]), text).correct) for p, texts in rows for text in texts])
+
+
+def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft_greedy_gold: list[float] | None,
+                   n: int) -> tuple[PolicyMetrics, list[float]]:
+    """The metrics of one policy's answers (its first ``n`` samples per prompt) and its greedy gold scores."""
+    gold_greedy = [gold.score(p, t) for p, t in zip(prompts, a.greedy)]
+    gold_sampled = [gold.score(p, t) for p, texts in zip(prompts, a.sampled) for t in texts[:n]]
+    kl = _mean([v for row in a.kl for v in row[:n]])
+    return PolicyMetrics(
+        path=path, gold_greedy=_mean(gold_greedy), gold_sampled=_mean(gold_sampled),
+        correct_greedy=correct_rate(prompts, [[t] for t in a.greedy]),
+        correct_sampled=correct_rate(prompts, [texts[:n] for texts in a.sampled]),
+        proxy_greedy=_mean(a.proxy_greedy), proxy_sampled=_mean([v for row in a.proxy_sampled for v in row[:n]]),
+        kl=kl, sqrt_kl=math.sqrt(max(kl, 0.0)), length=_mean([float(v) for row in a.length for v in row[:n]]),
+        eos_rate=_mean([float(v) for row in a.ended for v in row[:n]]),
+        win_rate_vs_sft=win_rate(gold_greedy, sft_greedy_gold) if sft_greedy_gold is not None else 0.5,
+    ), gold_greedy
+
+
+def best_of_n_table(prompts: list[Prompt], a: Answers, gold: Any, ns: list[int]) -> list[dict[str, float]]:
+    """Gold and proxy score of the proxy-best of n SFT samples, and its analytic KL, for each n."""
+    gold_scores = [[gold.score(p, t) for t in texts] for p, texts in zip(prompts, a.sampled)]
+    return [{"n": n, "kl": best_of_n_kl(n), "sqrt_kl": math.sqrt(best_of_n_kl(n)),
+             "gold": best_of_n(a.proxy_sampled, gold_scores, n),
+             "proxy": best_of_n(a.proxy_sampled, a.proxy_sampled, n)} for n in ns]
+
+
+def gao_fits(bon: list[dict[str, float]], policies: dict[str, PolicyMetrics]) -> dict[str, Any]:
+    """Gao et al.'s forms of the gold gain over the SFT policy against d = √KL: d(α − βd) through the
+    best-of-n points, d(α − β log d) through the RL policies' points (None where too few)."""
+    base = policies["sft"].gold_sampled
+    bon_fit = fit_gao([r["sqrt_kl"] for r in bon], [r["gold"] - bon[0]["gold"] for r in bon], "bon")
+    rl = [m for name, m in policies.items() if name != "sft"]
+    rl_fit = fit_gao([m.sqrt_kl for m in rl], [m.gold_sampled - base for m in rl], "rl")
+    return {"best_of_n_gold": bon_fit._asdict() if bon_fit else None, "rl_gold": rl_fit._asdict() if rl_fit else None}
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def policy_dirs(cfg: DictConfig, inputs: Any) -> dict[str, Path]:
+    """Name -> model directory: ``sft`` (the reference), ``ppo`` (the latest PPO output, if any),
+    then each of ``eval.extra_policies`` under its run directory's name."""
+    dirs = {"sft": inputs["reference"]}
+    if inputs["policy"] is not None:
+        dirs["ppo"] = inputs["policy"]
+    for i, extra in enumerate(cfg.eval.extra_policies):
+        path = check_input(INPUTS["policy"], Path(extra).expanduser(), f"eval.extra_policies[{i}]={extra!r}")
+        dirs[f"{path.parent.name}/{path.name}"] = path
+    return dirs
+
+
+def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
+    e = cfg.eval
+    precision = build_for_stage(cfg, "eval", frozen=("policy", "reference", "reward model"))
+    if cfg.labeler is None:
+        raise ConfigError("labeler is unset; eval judges answers with a gold labeler: labeler=rule")
+    gold = registry.build("labelers", cfg.labeler)
+    prompts = load_prompts(e.prompts, split=cfg.data.split, limit=e.num_prompts)
+    dirs = policy_dirs(cfg, inputs)
+    ns = sorted(set(e.best_of))
+    pool = max([e.samples, *ns])  # the SFT policy's samples serve its own metrics and best-of-n
+    log.info("eval: %d prompts of %s; policies %s; %d samples each (SFT: %d for best-of-n up to %d)",
+             len(prompts), e.prompts, ", ".join(dirs), e.samples, pool, max(ns))
+
+    reference, tokenizer, _ = load_model_and_tokenizer(model_config_at(cfg.model, dirs["sft"]))
+    reference = precision.prepare_frozen(reference.eval())
+    reward_model = precision.prepare_frozen(RewardModel.from_pretrained(inputs["reward_model"]))
+    device = model_device(reference)
+    reward_model.to(device)
+    prompt_ids = [tokenize_prompt(tokenizer, p.messages)[-cfg.data.max_prompt_length:] for p in prompts]
+    sampler = registry.build("samplers", cfg.sampler)
+    metrics: dict[str, PolicyMetrics] = {}
+    sft_gold = None
+    bon: list[dict[str, float]] = []
+    with inference_autocast(precision, device):
+        for name, path in dirs.items():
+            if name == "sft":
+                model = reference
+            else:
+                model = precision.prepare_frozen(load_model_and_tokenizer(model_config_at(cfg.model, path))[0].eval())
+                model.to(device)
+            answers = answers_of(model, reference, tokenizer, prompt_ids, pool if name == "sft" else e.samples,
+                                 sampler, cfg, reward_model)
+            metrics[name], greedy_gold = policy_metrics(str(path), prompts, answers, gold, sft_gold, e.samples)
+            if name == "sft":
+                sft_gold, bon = greedy_gold, best_of_n_table(prompts, answers, gold, ns)
+            del model
+    fits = gao_fits(bon, metrics)
+    result = {"prompts": len(prompts), "source": e.prompts, "samples": e.samples, "temperature": sampler.temperature,
+              "policies": {name: asdict(m) for name, m in metrics.items()}, "best_of_n": bon, "fits": fits}
+    write_json(run_dir / "eval.json", result)
+    table = write_report(run_dir, metrics, bon, fits)
+    log.info("eval table:\n%s", table)
+    last = metrics[list(metrics)[-1]]
+    return StageResult({"eval": run_dir / "eval.json"}, {
+        "objective": -last.gold_greedy, "gold_greedy": {n: m.gold_greedy for n, m in metrics.items()},
+        "correct_greedy": {n: m.correct_greedy for n, m in metrics.items()},
+        "win_rate_vs_sft": {n: m.win_rate_vs_sft for n, m in metrics.items()},
+        "kl": {n: m.kl for n, m in metrics.items()}, "best_of_n_gold": {int(r["n"]): r["gold"] for r in bon}})
+
+
+def write_report(run_dir: Path, metrics: dict[str, PolicyMetrics], bon: list[dict[str, float]],
+                 fits: dict[str, Any]) -> str:
+    """``eval.md`` (policies and best-of-n tables), TensorBoard text, and ``eval.png``."""
+    fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
+    rows = [{"policy": name, "gold (greedy)": fmt(m.gold_greedy), "correct (greedy)": fmt(m.correct_greedy),
+             "gold (sampled)": fmt(m.gold_sampled), "correct (sampled)": fmt(m.correct_sampled),
+             "proxy (sampled)": fmt(m.proxy_sampled), "KL": fmt(m.kl), "win vs SFT": fmt(m.win_rate_vs_sft),
+             "length": f"{m.length:.1f}", "EOS": fmt(m.eos_rate)} for name, m in metrics.items()]
+    bon_rows = [{"n": int(r["n"]), "KL": fmt(r["kl"]), "gold": fmt(r["gold"]), "proxy": fmt(r["proxy"])} for r in bon]
+    table = (f"## Policies\n\n{markdown_table(rows)}\n\n## Best-of-n from the SFT policy\n\n"
+             f"{markdown_table(bon_rows)}\n")
+    write_text(run_dir / "eval.md", f"# Evaluation\n\n{table}")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run_dir / "tensorboard")) as writer:
+        writer.add_text("eval/table", table)
+    bon_d = [r["sqrt_kl"] for r in bon]
+    panels: dict[str, dict[str, tuple[list[float], list[float], str]]] = {"gold": {}, "proxy": {}}
+    panels["gold"]["best-of-n (SFT)"] = (bon_d, [r["gold"] for r in bon], "o-")
+    panels["proxy"]["best-of-n (SFT)"] = (bon_d, [r["proxy"] for r in bon], "o-")
+    for name, m in metrics.items():
+        panels["gold"][name] = ([m.sqrt_kl], [m.gold_sampled], "s")
+        panels["proxy"][name] = ([m.sqrt_kl], [m.proxy_sampled], "s")
+    if fits["best_of_n_gold"] is not None:
+        from rlhf_pl.rl.eval_metrics import GaoFit
+
+        fit = GaoFit(**fits["best_of_n_gold"])
+        xs = [max(bon_d) * i / 40 for i in range(41)]
+        panels["gold"]["fit d(α − βd)"] = (xs, [bon[0]["gold"] + fit.gain(x) for x in xs], "--")
+    plot_points(panels, run_dir / "eval.png", title="gold and proxy score against √KL", xlabel="√KL (nats^½)")
+    return table

@@ -1,0 +1,80 @@
+"""+stage=eval: gold-labeler metrics, best-of-n, Gao et al.'s fits — math against hand-computed
+values, the stage end to end on tiny models."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from hydra import compose, initialize_config_module
+
+from rlhf_pl.config import register_configs
+from rlhf_pl.data.formats import Message, Prompt
+from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, win_rate
+from rlhf_pl.run import run_stage
+from rlhf_pl.stages.eval import correct_rate
+
+
+def test_best_of_n_kl_is_log_n_minus_n_minus_1_over_n():
+    assert best_of_n_kl(1) == 0.0
+    assert best_of_n_kl(2) == pytest.approx(math.log(2) - 0.5)
+    assert best_of_n_kl(16) == pytest.approx(2.772588722 - 0.9375)
+    with pytest.raises(ValueError, match="n >= 1"):
+        best_of_n_kl(0)
+
+
+def test_best_of_n_takes_the_gold_score_of_the_proxy_best_of_the_first_n():
+    proxy = [[1.0, 3.0, 2.0], [5.0, 0.0, 9.0]]
+    gold = [[10.0, 20.0, 30.0], [40.0, 50.0, 60.0]]
+    assert best_of_n(proxy, gold, 1) == 25.0  # the first sample of each
+    assert best_of_n(proxy, gold, 2) == 30.0  # 20 (proxy 3 > 1) and 40 (proxy 5 > 0)
+    assert best_of_n(proxy, gold, 3) == 40.0  # 20 and 60
+    with pytest.raises(ValueError, match="best-of-4 needs >= 4 samples"):
+        best_of_n(proxy, gold, 4)
+
+
+def test_win_rate_counts_ties_half():
+    assert win_rate([3.0, 1.0, 2.0], [1.0, 1.0, 3.0]) == pytest.approx(0.5)  # win, tie, loss
+    assert win_rate([1.0], [0.0]) == 1.0
+
+
+@pytest.mark.parametrize("form", ["bon", "rl"])
+def test_gao_forms_are_recovered_by_least_squares(form):
+    truth = GaoFit(form, alpha=2.0, beta=0.5, points=4)
+    d = [0.0, 0.5, 1.0, 1.5, 2.0]
+    fit = fit_gao(d, [truth.gain(x) for x in d], form)
+    assert fit.points == 4 and fit.alpha == pytest.approx(2.0) and fit.beta == pytest.approx(0.5)
+    assert fit_gao([0.0, 1.0], [0.0, 0.3], form) is None  # one point with d > 0: nothing to fit
+
+
+def test_correct_rate_over_prompts_that_carry_an_answer():
+    ask = lambda answer: Prompt((Message("user", "2 + 2?"),), "p", {"answer": answer} if answer else {})  # noqa: E731
+    assert correct_rate([ask("4"), ask(None)], [["It is 4.", "five"], ["anything"]]) == 0.5
+    assert correct_rate([ask(None)], [["4"]]) is None
+
+
+def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread):
+    """The SFT model evaluated again as an extra policy: KL to itself exactly 0, all greedy answers
+    tie with the SFT's (win rate exactly 0.5); best-of-n rows carry the analytic KL."""
+    register_configs()
+    with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[
+            "+stage=eval", "experiment=quick", f"paths.output_root={tmp_path / 'out'}",
+            f"eval.reference_from={ppo_inputs / 'sft'}", f"eval.reward_from={ppo_inputs / 'rm'}",
+            f"eval.extra_policies=[{ppo_inputs / 'sft'}]", "eval.num_prompts=4", "eval.samples=2",
+            "eval.best_of=[1,2,4]", "eval.max_new_tokens=5", "sampler.temperature=1.2"])
+    result = run_stage(cfg, tmp_path / "run")
+    report = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert result.outputs["eval"] == tmp_path / "run" / "eval.json"
+    sft, extra = report["policies"]["sft"], report["policies"][f"{ppo_inputs.name}/sft"]
+    assert report["prompts"] == 4 and sft["kl"] == 0.0 and extra["kl"] == 0.0
+    assert extra["win_rate_vs_sft"] == 0.5 and extra["gold_greedy"] == sft["gold_greedy"]
+    assert 0.0 <= sft["correct_greedy"] <= 1.0 and 0.0 <= sft["eos_rate"] <= 1.0 and sft["length"] > 0
+    assert [r["n"] for r in report["best_of_n"]] == [1, 2, 4]
+    assert [r["kl"] for r in report["best_of_n"]] == pytest.approx([best_of_n_kl(n) for n in (1, 2, 4)])
+    proxies = [r["proxy"] for r in report["best_of_n"]]
+    assert proxies == sorted(proxies)  # the proxy-best of more samples scores at least as high on the proxy
+    text = (tmp_path / "run" / "eval.md").read_text()
+    assert "## Policies" in text and "## Best-of-n from the SFT policy" in text and "| sft |" in text
+    assert (tmp_path / "run" / "eval.png").read_bytes()[:4] == b"\x89PNG"
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
