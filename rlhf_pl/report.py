@@ -6,6 +6,8 @@ run directory (``samples.md``, ``*.png``, TensorBoard text), all written atomica
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -103,6 +105,27 @@ def linear_trend(values: Sequence[float]) -> Trend:
 
 # --- plots ----------------------------------------------------------------------------------------
 
+@contextmanager
+def _panels(n: int, path: Path | str, *, title: str, xlabel: str, height: float) -> Iterator[list[Any]]:
+    """``n`` stacked axes sharing x; on exit titled, labelled and saved as PNG (atomically), then closed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(n, 1, figsize=(7, height * n), sharex=True, squeeze=False)
+    try:
+        yield list(axes[:, 0])
+        for ax in axes[:, 0]:
+            ax.grid(alpha=0.3)
+        axes[0, 0].set_title(title)
+        axes[-1, 0].set_xlabel(xlabel)
+        fig.tight_layout()
+        save_figure(fig, path, dpi=110)
+    finally:
+        plt.close(fig)
+
+
 def plot_curves(
     curves: dict[str, tuple[Sequence[float], Sequence[float]]],
     path: Path | str,
@@ -115,57 +138,33 @@ def plot_curves(
     """One panel per curve name: ``{name: (xs, ys)}``; ``hlines`` draws a dashed reference line in
     the panel of the same name (e.g. a KL target); ``overlays`` ``{name: (ys, label)}`` draws a
     dashed, labelled second line over the same xs (e.g. a fitted trend). Returns the written path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     names = [n for n, (xs, _) in curves.items() if len(xs)]
     if not names:
         raise ValueError(f"nothing to plot for {path}: every curve is empty")
-    fig, axes = plt.subplots(len(names), 1, figsize=(7, 2.6 * len(names)), sharex=True, squeeze=False)
-    for ax, name in zip(axes[:, 0], names):
-        xs, ys = curves[name]
-        ax.plot(list(xs), list(ys), lw=1.5)
-        if hlines and name in hlines:
-            ax.axhline(hlines[name], ls="--", color="grey", lw=1)
-        if overlays and name in overlays:
-            ys_over, label = overlays[name]
-            ax.plot(list(xs), list(ys_over), ls="--", color="tab:orange", lw=1.5, label=label)
-            ax.legend(loc="best", fontsize="small")
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-    axes[0, 0].set_title(title)
-    axes[-1, 0].set_xlabel(xlabel)
-    fig.tight_layout()
-    try:
-        return save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    with _panels(len(names), path, title=title, xlabel=xlabel, height=2.6) as axes:
+        for ax, name in zip(axes, names):
+            xs, ys = curves[name]
+            ax.plot(list(xs), list(ys), lw=1.5)
+            if hlines and name in hlines:
+                ax.axhline(hlines[name], ls="--", color="grey", lw=1)
+            if overlays and name in overlays:
+                ys_over, label = overlays[name]
+                ax.plot(list(xs), list(ys_over), ls="--", color="tab:orange", lw=1.5, label=label)
+                ax.legend(loc="best", fontsize="small")
+            ax.set_ylabel(name)
+    return Path(path)
 
 
 def plot_points(panels: dict[str, dict[str, tuple[Sequence[float], Sequence[float], str]]], path: Path | str, *,
                 title: str, xlabel: str) -> Path:
     """One panel per name; in each, labelled series ``{label: (xs, ys, style)}`` where style is a
     matplotlib format string ("o-" line with markers, "s" markers only, "--" dashed). Returns the path."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     if not panels:
         raise ValueError(f"nothing to plot for {path}: no panels")
-    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.2 * len(panels)), sharex=True, squeeze=False)
-    for ax, (name, series) in zip(axes[:, 0], panels.items()):
-        for label, (xs, ys, style) in series.items():
-            ax.plot(list(xs), list(ys), style, label=label, lw=1.5)
-        ax.set_ylabel(name)
-        ax.grid(alpha=0.3)
-        ax.legend(loc="best", fontsize="small")
-    axes[0, 0].set_title(title)
-    axes[-1, 0].set_xlabel(xlabel)
-    fig.tight_layout()
-    try:
-        return save_figure(fig, path, dpi=110)
-    finally:
-        plt.close(fig)
+    with _panels(len(panels), path, title=title, xlabel=xlabel, height=3.2) as axes:
+        for ax, (name, series) in zip(axes, panels.items()):
+            for label, (xs, ys, style) in series.items():
+                ax.plot(list(xs), list(ys), style, label=label, lw=1.5)
+            ax.set_ylabel(name)
+            ax.legend(loc="best", fontsize="small")
+    return Path(path)

@@ -112,3 +112,13 @@ def test_registry_builds_each_sampler_and_they_satisfy_the_protocol():
 def test_warp_rejects_logits_with_a_time_axis():
     with pytest.raises(ValueError, match=r"\(batch, vocab\), got \(2, 3, 4\)"):
         TemperatureSampler(TemperatureSamplerConfig()).warp(torch.zeros(2, 3, 4))
+
+
+def test_the_benchmarks_sampler_never_draws_eos():
+    from rlhf_pl.plugins.samplers import NoEOSSampler
+
+    sampler = NoEOSSampler(1.0, eos_token_id=2)
+    logits = torch.zeros(64, 5)
+    logits[:, 2] = 10.0  # EOS would win almost always
+    drawn = sampler.sample(logits, generator=torch.Generator().manual_seed(0))
+    assert not (drawn == 2).any() and sampler.warp(logits)[:, 2].isneginf().all()

@@ -43,8 +43,7 @@ from rlhf_pl.data.chat import tokenize_prompt
 from rlhf_pl.data.formats import load_prompts
 from rlhf_pl.io import write_json
 from rlhf_pl.models.loading import load_model_and_tokenizer
-from rlhf_pl.plugins.samplers import TemperatureSampler
-from rlhf_pl.plugins.specs import TemperatureSamplerConfig
+from rlhf_pl.plugins.samplers import NoEOSSampler
 from rlhf_pl.precision import native_bf16
 from rlhf_pl.sampling import sample_texts
 
@@ -56,19 +55,6 @@ MODELS: dict[str, ModelConfig] = {  # as tools/make_comparisons.py's MODELS (the
     "tiny": ModelConfig(name="tiny", name_or_path="tiny"),
 }
 WAYS = ("shared", "independent")
-
-
-class NoEOSSampler(TemperatureSampler):
-    """Temperature sampling with EOS banned: every completion runs to max_new_tokens."""
-
-    def __init__(self, temperature: float, eos_token_id: int) -> None:
-        super().__init__(TemperatureSamplerConfig(temperature=temperature))
-        self.eos_token_id = eos_token_id
-
-    def warp(self, logits: torch.Tensor) -> torch.Tensor:
-        warped = super().warp(logits)
-        warped[:, self.eos_token_id] = float("-inf")
-        return warped
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

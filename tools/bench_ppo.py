@@ -56,26 +56,12 @@ from rlhf_pl.models.loading import load_model_and_tokenizer
 from rlhf_pl.models.ppo_models import PPOModels
 from rlhf_pl.models.reward import RewardModel, hidden_size_of, trunk_of
 from rlhf_pl.plugins.kl_controllers import AdaptiveKLController
-from rlhf_pl.plugins.samplers import TemperatureSampler
-from rlhf_pl.plugins.specs import TemperatureSamplerConfig
+from rlhf_pl.plugins.samplers import NoEOSSampler
 from rlhf_pl.runtime import matmul_peak, retain_freed_memory
 from rlhf_pl.stages.ppo import PPOModule
 
 PHASES = ("generation", "scoring", "reference", "policy_logprobs", "values", "optimisation")
 PRECISIONS = {"fp32": ("32-true", torch.float32), "bf16-mixed": ("bf16-mixed", torch.bfloat16)}
-
-
-class NoEOSSampler(TemperatureSampler):
-    """Temperature sampling with EOS banned: every response runs to max_new_tokens."""
-
-    def __init__(self, temperature: float, eos_token_id: int) -> None:
-        super().__init__(TemperatureSamplerConfig(temperature=temperature))
-        self.eos_token_id = eos_token_id
-
-    def warp(self, logits: torch.Tensor) -> torch.Tensor:
-        warped = super().warp(logits)
-        warped[:, self.eos_token_id] = float("-inf")
-        return warped
 
 
 class BenchModule(PPOModule):

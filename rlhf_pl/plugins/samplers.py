@@ -70,6 +70,21 @@ class TemperatureSampler:
         return f"TemperatureSampler(temperature={self.temperature})"
 
 
+class NoEOSSampler(TemperatureSampler):
+    """Temperature sampling with EOS banned, so that every response runs to max_new_tokens: what the
+    benchmarks (tools/bench_ppo.py, tools/bench_collect.py) sample with, to time a fixed workload."""
+
+    def __init__(self, temperature: float, eos_token_id: int) -> None:
+        super().__init__(TemperatureSamplerConfig(temperature=temperature))
+        self.eos_token_id = eos_token_id
+
+    def warp(self, logits: Tensor) -> Tensor:
+        """Shape: (b, v) -> (b, v) float32, −inf at EOS."""
+        warped = super().warp(logits)
+        warped[:, self.eos_token_id] = float("-inf")
+        return warped
+
+
 class TopKSampler:
     """Keep the ``k`` highest logits (exactly k, ties broken by index), then sample at temperature T."""
 
