@@ -11,16 +11,9 @@ import pytest
 from rlhf_pl import registry
 from rlhf_pl.data.formats import Message, Prompt
 from rlhf_pl.plugins import label_queue
+from rlhf_pl.plugins.human_labeler import HumanLabeler, LabelsPendingError, done_path, pending_path
 from rlhf_pl.plugins.labeler_specs import HumanLabelerConfig
-from rlhf_pl.plugins.labelers import (
-    HumanLabeler,
-    LabelerError,
-    LabelsPendingError,
-    done_path,
-    make_task,
-    pending_path,
-    rank_all,
-)
+from rlhf_pl.plugins.labelers import LabelerError, make_task, rank_all
 
 
 def _task(i: int, k: int = 3):

@@ -12,10 +12,10 @@ from omegaconf.errors import ValidationError
 from rlhf_pl import registry
 from rlhf_pl.config import register_configs
 from rlhf_pl.data.formats import Message, Prompt, load_rankings
+from rlhf_pl.plugins.human_labeler import HumanLabeler
 from rlhf_pl.plugins.labeler_specs import HumanLabelerConfig, RuleLabelerConfig
 from rlhf_pl.plugins.labelers import (
     BatchLabeler,
-    HumanLabeler,
     Labeler,
     LabelerError,
     LabelTask,

@@ -10,7 +10,7 @@ A ranking lists the completion indices best first; brackets group ties: ``2 0 [1
 ``2,0,[1,3]`` means 2 is best, then 0, then 1 and 3 tie. ``ID`` may be a unique prefix of a task id.
 Interactively, ``s`` skips a task and ``q`` (or end of input) quits; a bad ranking is explained and
 asked again. Each answer is written atomically to ``<queue_dir>/done/<id>.json`` (the format of
-:mod:`rlhf_pl.plugins.labelers`); an answer is never overwritten (remove the file to answer again).
+:mod:`rlhf_pl.plugins.human_labeler`); an answer is never overwritten (remove the file to answer again).
 Pending tasks are those of ``<queue_dir>/pending`` without an answer. Errors (no queue, an unknown
 id, a bad ranking with ``--answer``) exit with code 2.
 """
@@ -26,15 +26,8 @@ from pathlib import Path
 from typing import IO, Any, Sequence
 
 from rlhf_pl.io import write_json
-from rlhf_pl.plugins.labelers import (
-    DONE,
-    PENDING,
-    LabelerError,
-    done_path,
-    pending_path,
-    ranking_from_json,
-    ranking_to_json,
-)
+from rlhf_pl.plugins.human_labeler import DONE, PENDING, done_path, pending_path
+from rlhf_pl.plugins.labelers import LabelerError, ranking_from_json, ranking_to_json
 
 _ID = re.compile(r"[0-9A-Za-z_-]+")  # task ids are hex; anything else (a path, a glob) is unknown
 _TOKEN = re.compile(r"\s*(?:(\d+)|(\[)|(\])|(,))")

@@ -21,7 +21,7 @@ rounded to ``decimals`` places; equal rounded scores are ties.
 
 The ``human`` labeler (:class:`HumanLabelerConfig`) writes each task to ``<queue_dir>/pending/<id>.json``
 and waits for people to answer into ``<queue_dir>/done/<id>.json`` (the feedback app, or
-``python -m rlhf_pl.plugins.label_queue <queue_dir>``); see :class:`rlhf_pl.plugins.labelers.HumanLabeler`.
+``python -m rlhf_pl.plugins.label_queue <queue_dir>``); see :class:`rlhf_pl.plugins.human_labeler.HumanLabeler`.
 """
 from __future__ import annotations
 
@@ -110,6 +110,6 @@ class HumanLabelerConfig:
 
 
 HUMAN = PluginSpec(
-    "human", HumanLabelerConfig, "rlhf_pl.plugins.labelers:HumanLabeler",
+    "human", HumanLabelerConfig, "rlhf_pl.plugins.human_labeler:HumanLabeler",
     "people rank through a file queue (<queue_dir>/pending -> done); answer: python -m rlhf_pl.plugins.label_queue",
 )
