@@ -6,6 +6,7 @@ import dataclasses
 import subprocess
 import sys
 import typing
+from typing import Any
 
 import pytest
 from hydra import compose, initialize_config_module
@@ -54,10 +55,16 @@ def test_shipped_configs_validate(overrides):
     validate_config(compose_cfg(*overrides))
 
 
-def test_every_plugin_default_config_validates():
-    for kind, group in registry.KINDS.items():
-        for plugin in registry.installed(kind):
-            validate_config(compose_cfg("+stage=sft", f"{group}={plugin.name}"))
+@pytest.fixture(scope="module")
+def plugin_configs() -> list[tuple[Any, str, DictConfig]]:
+    """(installed plugin, its config group, the composed +stage=ppo config choosing it), every plugin once."""
+    return [(plugin, group, compose_cfg("+stage=ppo", f"{group}={plugin.name}"))
+            for kind, group in registry.KINDS.items() for plugin in registry.installed(kind)]
+
+
+def test_every_plugin_default_config_validates(plugin_configs):
+    for _, _, cfg in plugin_configs:
+        validate_config(cfg)
 
 
 def test_structured_configs_validate_with_missing_or_null_plugin_groups():
@@ -119,15 +126,13 @@ def test_every_declared_choice_field_is_checked():
     assert expected <= set(keys)
 
 
-def test_every_plugin_choice_field_is_checked():
+def test_every_plugin_choice_field_is_checked(plugin_configs):
     checked = []
-    for kind, group in registry.KINDS.items():
-        for plugin in registry.installed(kind):
-            cfg = compose_cfg("+stage=ppo", f"{group}={plugin.name}")
-            for key, choices in _choice_fields(plugin.spec().config, f"{group}."):
-                message = error_with(cfg, key, "no_such_choice")
-                assert message.startswith(f"{key}='no_such_choice'") and all(c in message for c in choices), message
-                checked.append((plugin.name, key))
+    for plugin, group, cfg in plugin_configs:
+        for key, choices in _choice_fields(plugin.spec().config, f"{group}."):
+            message = error_with(cfg, key, "no_such_choice")
+            assert message.startswith(f"{key}='no_such_choice'") and all(c in message for c in choices), message
+            checked.append((plugin.name, key))
     assert ("lora", "precision.compute") in checked and ("mlp", "reward_head.activation") in checked
 
 
@@ -199,14 +204,12 @@ def test_every_lower_bound_is_checked():
     validate_config(cfg)  # every value was put back
 
 
-def test_every_plugin_lower_bound_is_checked():
+def test_every_plugin_lower_bound_is_checked(plugin_configs):
     checked = []
-    for kind, group in registry.KINDS.items():
-        for plugin in registry.installed(kind):
-            cfg = compose_cfg("+stage=ppo", f"{group}={plugin.name}")
-            for key, value in _bounded_fields(plugin.spec().config, f"{group}."):
-                assert error_with(cfg, key, value).startswith(f"{key}="), key
-                checked.append(key)
+    for plugin, group, cfg in plugin_configs:
+        for key, value in _bounded_fields(plugin.spec().config, f"{group}."):
+            assert error_with(cfg, key, value).startswith(f"{key}="), key
+            checked.append(key)
     expected = {"sampler.k", "sampler.p", "kl_controller.horizon", "labeler.direct_words", "reward_head.n_heads"}
     assert expected <= set(checked)
 
