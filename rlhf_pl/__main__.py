@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 import hydra
 from omegaconf import DictConfig
 
-from rlhf_pl.config import register_configs, validate_config
+from rlhf_pl.config import register_configs
 from rlhf_pl.errors import UserError
 
 log = logging.getLogger("rlhf_pl")
@@ -44,7 +44,6 @@ def _log_to_files(err: UserError) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://rlhf_pl.conf", config_name="config")
 def _run(cfg: DictConfig) -> float | None:
-    _reporting_user_errors(lambda: validate_config(cfg))  # before any work: every bad value in one message
     from rlhf_pl.stages import usage
 
     if cfg.stage is None:

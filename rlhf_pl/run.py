@@ -21,6 +21,7 @@ from typing import Any, Mapping, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from rlhf_pl import outputs
+from rlhf_pl.config import validate_config
 from rlhf_pl.io import write_json, write_text
 from rlhf_pl.stages import StageResult, stage_module
 
@@ -44,12 +45,10 @@ def run_stage(cfg: DictConfig, run_dir: Optional[Path] = None, inputs: Optional[
     """Run stage ``cfg.stage`` in ``run_dir`` (default: Hydra's, else a new one) on ``inputs``
     (name -> path; the rest resolved from the config and the output index); write ``config.yaml``
     and ``summary.json``; with ``record``, record its outputs as the latest of this model."""
+    validate_config(cfg)  # before the heavy imports: a bad value fails at once
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
-    from rlhf_pl.config import validate_config
-
-    validate_config(cfg)
     _quiet_library_logging()
     if cfg.retain_freed_memory:
         from rlhf_pl.runtime import retain_freed_memory

@@ -38,7 +38,7 @@ from rlhf_pl.outputs import InputSpec, check_input, model_config_at
 from rlhf_pl.plugins.labelers import match_answer
 from rlhf_pl.precision import build_for_stage, inference_autocast
 from rlhf_pl.report import markdown_table, plot_points
-from rlhf_pl.rl.eval_metrics import best_of_n, best_of_n_kl, fit_gao, win_rate
+from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, win_rate
 from rlhf_pl.sampling import model_device, sample, sample_texts
 from rlhf_pl.stages import StageResult
 
@@ -258,8 +258,6 @@ def write_report(run_dir: Path, metrics: dict[str, PolicyMetrics], bon: list[dic
         panels["gold"][name] = ([m.sqrt_kl], [m.gold_sampled], "s")
         panels["proxy"][name] = ([m.sqrt_kl], [m.proxy_sampled], "s")
     if fits["best_of_n_gold"] is not None:
-        from rlhf_pl.rl.eval_metrics import GaoFit
-
         fit = GaoFit(**fits["best_of_n_gold"])
         xs = [max(bon_d) * i / 40 for i in range(41)]
         panels["gold"]["fit d(α − βd)"] = (xs, [bon[0]["gold"] + fit.gain(x) for x in xs], "--")
