@@ -233,14 +233,37 @@ class EvalConfig:
 
     reference_from: str = "auto"  # the SFT policy (KL reference, win-rate baseline, best-of-n): "auto" or a model dir
     reward_from: str = "auto"  # the proxy reward model: "auto" (this model's latest RM output) or a reward_model dir
-    policy_from: str = "auto"  # "auto": this model's latest PPO output, if there is one; or a model directory
-    extra_policies: List[str] = field(default_factory=list)  # more model directories to evaluate
+    # "auto": this model's latest PPO output, if there is one; "none": only the SFT policy and extra_policies; or a
+    # model directory
+    policy_from: str = "auto"
+    # more policies to evaluate: model directories, each optionally named "<name>=<dir>" (else <run>/<dir name>)
+    extra_policies: List[str] = field(default_factory=list)
     prompts: str = "embedded:prompts"  # the held-out prompts (with 'answer' keys for the correct rate)
     num_prompts: int = setting(32, ge=1)  # the first N prompts of eval.prompts
     samples: int = setting(4, ge=1)  # sampled answers per prompt and policy (at the sampler's temperature)
     best_of: List[int] = setting(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, ge=1)  # n of best-of-n
     max_new_tokens: int = setting(48, ge=1)  # tokens per answer at most
     batch_size: int = setting(32, ge=1)  # sequences generated together
+
+
+@dataclass
+class IterateConfig:
+    """``iterate.*``, read by ``+stage=iterate``: InstructGPT's loop. Round 0 is SFT (``sft_from``);
+    round r = 1…``rounds``: collect from policy r−1 (``collect.*``) → the reward model on every
+    ranking gathered so far (``rm.*``) → PPO from policy r−1 with the SFT model as the reference
+    (``ppo.*``) → eval of the SFT policy and policies 1…r (``eval.*``). Each sub-stage runs in its
+    own process and directory, ``<run>/round_<r>/<stage>/``; ``rounds.json`` traces every model to
+    its data. ``+resume=<run dir>`` continues a stopped run from the sub-stage where it stopped.
+    """
+
+    rounds: int = setting(2, ge=1)  # RLHF rounds after SFT (a resumed run may be given more)
+    # "run": SFT as round 0 in this run | "auto": this model's latest SFT output (else run it) | a model directory
+    sft_from: str = "run"
+    # each round's reward model starts from "sft" (the SFT model, InstructGPT) or "previous" (round r−1's RM)
+    rm_init: str = setting("sft", choices=("sft", "previous"))
+    # K-wise rankings every round's reward model trains on besides the collected ones (null: only collected ones)
+    initial_comparisons: Optional[str] = None
+    eval_every_round: bool = True  # eval after every round (else after the last one only)
 
 
 @dataclass
@@ -262,6 +285,9 @@ class PPOConfig:
     policy_from: str = "auto"
     # "auto": this model's latest RM output (else an error: run +stage=rm first); or a reward_model directory
     reward_from: str = "auto"
+    # the frozen KL reference: "policy" = the policy's initialisation (policy_from), or a model directory (the
+    # iterate stage starts round r's PPO from policy r−1 and keeps the SFT model as the reference)
+    reference_from: str = "policy"
     # separate: own network from the reward model's trunk + a value head (value_head_init) | shared: value head on
     # the policy trunk
     critic: str = setting("separate", choices=("separate", "shared"))
@@ -320,7 +346,9 @@ class PPOConfig:
 @dataclass
 class Config:
     stage: Optional[str] = None  # chosen with +stage=<name>; `python -m rlhf_pl` lists the stages
-    resume: Optional[str] = None  # +resume=<run dir> (or its checkpoints/last.pt): continue that run (ppo stage)
+    # +resume=<run dir>: continue that run; ppo: from its checkpoints/last.pt (or a .pt file); iterate: from the
+    # sub-stage where it stopped
+    resume: Optional[str] = None
     seed: int = setting(0, ge=0, le=2**32 - 1)  # lightning.seed_everything (Python, NumPy, torch); also the data split
     # glibc: keep freed memory in the process instead of a fresh zero-filled mmap per large tensor
     # (rlhf_pl.runtime; its effect: docs/benchmarks.md)
@@ -336,6 +364,7 @@ class Config:
     ppo: PPOConfig = field(default_factory=PPOConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    iterate: IterateConfig = field(default_factory=IterateConfig)
     # Plugin groups: the schema is the chosen plugin's config dataclass.
     precision: Any = MISSING
     sampler: Any = MISSING

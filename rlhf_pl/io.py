@@ -88,6 +88,13 @@ def write_json(path: Path | str, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=json_default) + "\n")
 
 
+def read_json_or_none(path: Path | str) -> Any:
+    """The JSON value in ``path``, or None if there is no such file. Files written here are whole
+    (atomic), so a partly written one is a bug or a foreign file: that raises."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def write_jsonl(path: Path | str, records: Iterable[dict]) -> Path:
     """One JSON object per line (UTF-8, not ASCII-escaped), atomically."""
     with atomic_file(path) as handle:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -44,8 +45,33 @@ def run_stage(cfg: DictConfig, run_dir: Optional[Path] = None, inputs: Optional[
               *, record: bool = True, **stage_kwargs: Any) -> StageResult:
     """Run stage ``cfg.stage`` in ``run_dir`` (default: Hydra's, else a new one) on ``inputs``
     (name -> path; the rest resolved from the config and the output index); write ``config.yaml``
-    and ``summary.json``; with ``record``, record its outputs as the latest of this model."""
+    and ``summary.json`` (with the process's peak memory); with ``record``, record its outputs as
+    the latest of this model. A stage that only orchestrates others in their own processes
+    (``ORCHESTRATOR = True``: iterate) is run without importing Lightning or torch here."""
     validate_config(cfg)  # before the heavy imports: a bad value fails at once
+    module = stage_module(cfg.stage)
+    orchestrator = getattr(module, "ORCHESTRATOR", False)
+    rank_zero = True if orchestrator else _prepare_training_process(cfg)
+    run_dir = Path(run_dir) if run_dir is not None else current_run_dir(cfg)
+    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    log.info("run directory: %s", run_dir.resolve())
+    started = time.perf_counter()
+    result: StageResult = module.run(cfg, run_dir, outputs.Inputs(cfg, module.INPUTS, inputs), **stage_kwargs)
+    result.metrics["wall_time_s"] = round(time.perf_counter() - started, 2)
+    result.metrics["peak_rss_mib"] = peak_rss_mib()
+    result.metrics.update({f"{name}_dir": str(path) for name, path in result.outputs.items()})
+    summary = {"stage": cfg.stage, "model": cfg.model.name, "run_dir": str(run_dir.resolve()), **result.metrics}
+    write_json(run_dir / "summary.json", summary)
+    if record and rank_zero:
+        outputs.record(cfg, cfg.stage, result.outputs)
+    scalars = {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
+    log.info("summary: %s", json.dumps(scalars, default=str))
+    return result
+
+
+def _prepare_training_process(cfg: DictConfig) -> bool:
+    """Quiet library logging, retain freed memory (``retain_freed_memory``), seed everything; return
+    whether this process is rank 0 (the one that records outputs)."""
     import lightning as L
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -54,22 +80,18 @@ def run_stage(cfg: DictConfig, run_dir: Optional[Path] = None, inputs: Optional[
         from rlhf_pl.runtime import retain_freed_memory
 
         retain_freed_memory()
-    run_dir = Path(run_dir) if run_dir is not None else current_run_dir(cfg)
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
-    log.info("run directory: %s", run_dir.resolve())
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = stage_module(cfg.stage)
-    started = time.perf_counter()
-    result: StageResult = module.run(cfg, run_dir, outputs.Inputs(cfg, module.INPUTS, inputs), **stage_kwargs)
-    result.metrics["wall_time_s"] = round(time.perf_counter() - started, 2)
-    result.metrics.update({f"{name}_dir": str(path) for name, path in result.outputs.items()})
-    summary = {"stage": cfg.stage, "model": cfg.model.name, "run_dir": str(run_dir.resolve()), **result.metrics}
-    write_json(run_dir / "summary.json", summary)
-    if record and rank_zero_only.rank == 0:
-        outputs.record(cfg, cfg.stage, result.outputs)
-    scalars = {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
-    log.info("summary: %s", json.dumps(scalars, default=str))
-    return result
+    return rank_zero_only.rank == 0
+
+
+def peak_rss_mib() -> Optional[float]:
+    """This process's peak resident memory in MiB (None where the OS does not report it)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # macOS: bytes; Linux: KiB
 
 
 def _quiet_library_logging() -> None:

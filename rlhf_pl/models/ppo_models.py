@@ -39,14 +39,25 @@ class PPOModels(NamedTuple):
     tokenizer: Any
     policy_from: str
     reward_from: str
+    reference_from: str
 
 
-def load_policy(cfg: DictConfig, policy_dir: Path, precision: Any) -> tuple[nn.Module, Any, Any]:
+def load_policy(cfg: DictConfig, policy_dir: Path, precision: Any,
+                reference_dir: Path | None = None) -> tuple[nn.Module, Any, Any]:
     """Policy (trainable, dropout 0) and the reference; and the tokenizer. The precision strategy
     holds them: a frozen copy (quantised under int8-frozen / nf4-frozen), or, under lora / qlora,
-    the policy itself with its adapters disabled (no second copy)."""
+    the policy itself with its adapters disabled (no second copy). A ``reference_dir`` other than
+    ``policy_dir`` (a later RLHF round: policy r−1 trained, the SFT model as reference) is loaded
+    on its own, frozen, under every strategy."""
     policy, tokenizer, _ = load_model_and_tokenizer(model_config_at(cfg.model, policy_dir))
     set_dropout(policy, 0.0)
+    if reference_dir is not None and reference_dir.resolve() != policy_dir.resolve():
+        reference, ref_tokenizer, _ = load_model_and_tokenizer(model_config_at(cfg.model, reference_dir))
+        if ref_tokenizer.get_vocab() != tokenizer.get_vocab():
+            raise ConfigError(f"ppo.reference_from={str(reference_dir)!r}: its tokenizer differs from the policy's "
+                              f"({policy_dir}); the KL penalty compares both on the same token ids")
+        set_dropout(reference, 0.0)
+        return precision.prepare_trainable(policy).train(), precision.prepare_frozen(freeze(reference)), tokenizer
     if precision.shares_reference:
         policy = precision.prepare_trainable(policy)
         return policy.train(), precision.reference_from_policy(policy), tokenizer
@@ -67,8 +78,9 @@ def load_reward_model(reward_dir: Path, tokenizer: Any) -> RewardModel:
 
 
 def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Path | None, scorer: Scorer | None,
-                 precision: Any = None) -> PPOModels:
-    """Policy + reference from ``policy_dir``; reward model from ``reward_dir`` unless a ``scorer`` is
+                 precision: Any = None, reference_dir: Path | None = None) -> PPOModels:
+    """Policy from ``policy_dir``, reference from ``reference_dir`` (default: the same); reward
+    model from ``reward_dir`` unless a ``scorer`` is
     injected; critic from the reward model's trunk (from the policy's when no reward model is loaded).
     The critic copies the float trunk before the reward model is quantised by the precision strategy."""
     precision = precision if precision is not None else registry.build_by_name("precision", "fp32")
@@ -83,7 +95,7 @@ def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Path | None, sco
             log.info("critic: the reward model's trunk and %s", "its linear head (normalisation folded in)"
                      if critic_head is not None else
                      f"a fresh value head (reward head {reward_model.head_choice.name!r} is not one linear layer)")
-    policy, reference, tokenizer = load_policy(cfg, policy_dir, precision)
+    policy, reference, tokenizer = load_policy(cfg, policy_dir, precision, reference_dir)
     critic = value_head = None
     if cfg.ppo.critic == "shared":
         value_head = new_value_head(cfg.ppo.value_head_init, hidden_size_of(trunk_of(policy)))
@@ -96,7 +108,8 @@ def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Path | None, sco
     if reward_model is not None:
         reward_model = precision.prepare_frozen(reward_model)
     return PPOModels(policy, reference, reward_model if scorer is None else scorer, critic, value_head, tokenizer,
-                     str(policy_dir.resolve()), str(reward_dir.resolve()) if scorer is None else "injected scorer")
+                     str(policy_dir.resolve()), str(reward_dir.resolve()) if scorer is None else "injected scorer",
+                     str((reference_dir or policy_dir).resolve()))
 
 
 # --- the policy's forward pass ----------------------------------------------------------------------

@@ -173,14 +173,21 @@ def gao_fits(bon: list[dict[str, float]], policies: dict[str, PolicyMetrics]) ->
 
 
 def policy_dirs(cfg: DictConfig, inputs: Any) -> dict[str, Path]:
-    """Name -> model directory: ``sft`` (the reference), ``ppo`` (the latest PPO output, if any),
-    then each of ``eval.extra_policies`` under its run directory's name."""
+    """Name -> model directory: ``sft`` (the reference), ``ppo`` (the latest PPO output, if any,
+    unless ``eval.policy_from=none``), then each of ``eval.extra_policies``: ``<name>=<dir>``, or a
+    directory named after its run directory."""
     dirs = {"sft": inputs["reference"]}
-    if inputs["policy"] is not None:
+    if cfg.eval.policy_from != "none" and inputs["policy"] is not None:
         dirs["ppo"] = inputs["policy"]
     for i, extra in enumerate(cfg.eval.extra_policies):
-        path = check_input(INPUTS["policy"], Path(extra).expanduser(), f"eval.extra_policies[{i}]={extra!r}")
-        dirs[f"{path.parent.name}/{path.name}"] = path
+        name, sep, where = str(extra).partition("=")
+        where = where if sep else name
+        path = check_input(INPUTS["policy"], Path(where).expanduser(), f"eval.extra_policies[{i}]={extra!r}")
+        name = name if sep else f"{path.parent.name}/{path.name}"
+        if name in dirs:
+            raise ConfigError(f"eval.extra_policies[{i}]={extra!r}: a policy named {name!r} is already evaluated "
+                              f"({', '.join(dirs)}); name it: <name>=<dir>")
+        dirs[name] = path
     return dirs
 
 

@@ -117,7 +117,8 @@ class PPOModule(L.LightningModule):
         self.automatic_optimization = False
         self.policy, self.reference, self.scorer = models.policy, models.reference, models.scorer
         self.critic, self.value_head, self.tokenizer = models.critic, models.value_head, models.tokenizer
-        self.sources = {"policy_from": models.policy_from, "reward_from": models.reward_from}
+        self.sources = {"policy_from": models.policy_from, "reward_from": models.reward_from,
+                        "reference_from": models.reference_from}
         self.ppo, self.sampler, self.kl_controller = ppo, sampler, kl_controller
         self.prompts, self.prompt_items, self.seed, self.run_dir, self.ptx = prompts, prompt_items, seed, run_dir, ptx
         self.generator = torch.Generator()
@@ -441,15 +442,22 @@ def build_sampler(cfg: DictConfig) -> Any:
 
 
 def input_dirs(cfg: DictConfig, inputs: Any, state: dict[str, Any] | None,
-               scorer: Scorer | None) -> tuple[Path, Path | None]:
-    """SFT policy and reward model directories: the checkpoint's when resuming, else the stage inputs."""
+               scorer: Scorer | None) -> tuple[Path, Path | None, Path]:
+    """Policy, reward model and reference directories: the checkpoint's when resuming, else the stage
+    inputs (the reference: ``ppo.reference_from``, "policy" = the policy's own directory)."""
     if state is None:
-        return inputs["policy"], None if scorer is not None else inputs["reward_model"]
+        policy = inputs["policy"]
+        ref = cfg.ppo.reference_from
+        reference = policy if ref == "policy" else check_input(
+            INPUTS["policy"], Path(str(ref)).expanduser(), f"ppo.reference_from={ref!r}")
+        return policy, None if scorer is not None else inputs["reward_model"], reference
     sources = state["sources"]
     specs = [("policy_from", INPUTS["policy"])] + ([("reward_from", INPUTS["reward_model"])] if scorer is None else [])
-    for key, spec in specs:
+    sources.setdefault("reference_from", sources["policy_from"])  # checkpoints written before reference_from
+    for key, spec in specs + [("reference_from", INPUTS["policy"])]:
         check_input(spec, Path(sources[key]), f"resume={cfg.resume!r}: the checkpoint's {key}")
-    return Path(sources["policy_from"]), None if scorer is not None else Path(sources["reward_from"])
+    return (Path(sources["policy_from"]), None if scorer is not None else Path(sources["reward_from"]),
+            Path(sources["reference_from"]))
 
 
 def build_trainer(cfg: DictConfig, run_dir: Path, precision: Any, callbacks: Sequence[Any]) -> L.Trainer:
@@ -476,10 +484,10 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any, *, scorer: Scorer | None = 
     precision = build_for_stage(cfg, "ppo", frozen=("reference", "reward model"))
     state = (load_for_resume(str(cfg.resume), updates=ppo.updates, settings=asdict(ppo), seed=cfg.seed)
              if cfg.get("resume") else None)
-    policy_dir, reward_dir = input_dirs(cfg, inputs, state, scorer)
-    models = build_models(cfg, policy_dir, reward_dir, scorer, precision)
-    log.info("policy and reference from %s; reward model from %s; critic: %s", models.policy_from, models.reward_from,
-             ppo.critic)
+    policy_dir, reward_dir, reference_dir = input_dirs(cfg, inputs, state, scorer)
+    models = build_models(cfg, policy_dir, reward_dir, scorer, precision, reference_dir)
+    log.info("policy from %s; reference from %s; reward model from %s; critic: %s", models.policy_from,
+             models.reference_from, models.reward_from, ppo.critic)
 
     prompts = load_rollout_prompts(cfg.data.prompts, split=cfg.data.split, limit=cfg.data.limit)
     items = tokenize_prompts(prompts, models.tokenizer, cfg.data.max_prompt_length)
