@@ -1,8 +1,13 @@
-"""Waiting on a child process in tests (imported as a plain module: pytest puts tests/ on sys.path)."""
+"""Child processes in tests: waiting on one, and running Python with a plugin package installed the way
+a user would (imported as a plain module: pytest puts tests/ on sys.path)."""
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 
@@ -17,3 +22,30 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, proc: sub
             proc.kill()
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+class Installed:
+    """Where a plugin package was installed, and how to run Python with it on the path."""
+
+    def __init__(self, site: Path) -> None:
+        self.site = site
+        self.env = {**os.environ,
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
+                    "HYDRA_FULL_ERROR": "0"}
+
+    def run(self, *args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, *args], cwd=cwd, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+
+def install_plugin(src: Path, root: Path) -> Installed:
+    """pip-install the package at ``src`` into ``root/site`` (``--target``; never into the test
+    environment), building it from a copy in ``root/src``: an in-tree build would leave build/ and
+    *.egg-info in the repository. No index, no dependencies: rlhf_pl comes from the test environment."""
+    copy = root / "src"
+    shutil.copytree(src, copy, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+           "--disable-pip-version-check", "--target", str(root / "site"), str(copy)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    return Installed(root / "site")

@@ -7,45 +7,24 @@ point is discovered exactly as for a pip-installed package.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from process_helpers import Installed, install_plugin
 
 REPO = Path(__file__).resolve().parent.parent
 PLUGIN_SRC = REPO / "plugins" / "rlhf-pl-gated-head"
 DIST_NAMES = ("rlhf-pl-gated-head", "rlhf_pl_gated_head")  # as written, and as pip may normalise it
 
 
-class Installed:
-    """Where the plugin was installed, and how to run Python with it on the path."""
-
-    def __init__(self, site: Path) -> None:
-        self.site = site
-        self.env = {**os.environ,
-                    "PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")])),
-                    "HYDRA_FULL_ERROR": "0"}
-
-    def run(self, *args: str, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, *args], cwd=cwd, env=self.env, capture_output=True, text=True,
-                              timeout=timeout)
-
-
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory) -> Installed:
-    root = tmp_path_factory.mktemp("gated")
-    src = root / "src"  # build from a copy: an in-tree build would leave build/ and *.egg-info in the repo
-    shutil.copytree(PLUGIN_SRC, src, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-           "--disable-pip-version-check", "--target", str(root / "site"), str(src)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr
-    assert (root / "site" / "rlhf_pl_gated_head" / "head.py").is_file()
-    return Installed(root / "site")
+    inst = install_plugin(PLUGIN_SRC, tmp_path_factory.mktemp("gated"))
+    assert (inst.site / "rlhf_pl_gated_head" / "head.py").is_file()
+    return inst
 
 
 def test_not_visible_without_the_install(tmp_path):
