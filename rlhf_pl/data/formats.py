@@ -462,6 +462,13 @@ def load_rankings(source: str, *, split: str = "train", limit: int | None = None
     return _validate(read_records(source, split=split, limit=limit), source, parse_ranking)
 
 
+def check_rankings(records: Sequence[Any], label: str) -> list[Ranking]:
+    """``records`` (JSON-ready objects about to be written to ``label``, one a line) validated as
+    :func:`load_rankings` will read them back; a bad one is a DataError naming ``label:<line>``."""
+    raw = [RawRecord(f"{label}:{line}", record) for line, record in enumerate(records, start=1)]
+    return _validate(raw, label, parse_ranking)
+
+
 def train_val_split(records: list[T], val_fraction: float, seed: int) -> tuple[list[T], list[T]]:
     """Deterministic split into (train, val), both in the original order.
 

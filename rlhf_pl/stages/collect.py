@@ -14,7 +14,7 @@ has → the ``labeler`` plugin ranks them (:func:`rlhf_pl.plugins.labelers.rank_
 every ranking it gets back) → a ranking in which everything ties compares nothing and is
 counted, not written → ``comparisons.jsonl``: one K-wise record per prompt in the data format
 the reward model reads, with its provenance (source record and turn, policy, round, labeler,
-seed), written atomically and read back through the data validation.
+seed), checked by the data validation first and then written atomically (a failed run leaves none).
 Settings: :class:`rlhf_pl.config.CollectConfig` (``collect.*``).
 """
 from __future__ import annotations
@@ -31,7 +31,14 @@ from omegaconf import DictConfig
 
 from rlhf_pl import registry
 from rlhf_pl.data.chat import tokenize_prompt
-from rlhf_pl.data.formats import Conversation, DataError, Prompt, as_dicts, load_prompts_or_conversations, load_rankings
+from rlhf_pl.data.formats import (
+    Conversation,
+    DataError,
+    Prompt,
+    as_dicts,
+    check_rankings,
+    load_prompts_or_conversations,
+)
 from rlhf_pl.errors import ConfigError
 from rlhf_pl.io import write_jsonl
 from rlhf_pl.models.loading import load_model_and_tokenizer
@@ -143,6 +150,10 @@ def sample_pool(model: Any, tokenizer: Any, items: list[Item], cfg: DictConfig, 
 
 # --- records --------------------------------------------------------------------------------------
 
+# A source record's keys that a K-wise record cannot carry: its own prompt and comparison (a
+# comparison file read as a prompt source keeps only its prompt and other keys, e.g. task, answer).
+NOT_COPIED = ("prompt", "completions", "ranking", "chosen", "rejected")
+
 
 def ranking_json(ranking: tuple[tuple[int, ...], ...]) -> list[int | list[int]]:
     """``((2,), (0, 3), (1,))`` -> ``[2, [0, 3], 1]`` (the data format's best-first list)."""
@@ -152,12 +163,13 @@ def ranking_json(ranking: tuple[tuple[int, ...], ...]) -> list[int | list[int]]:
 def make_record(item: Item, samples: list[Sample], ranking: Any, provenance: dict[str, Any],
                 include_original: bool) -> dict[str, Any]:
     """One K-wise record: the prompt's messages, the completions, the ranking, the prompt's own keys
-    (e.g. ``task``, ``answer``), which completions ended, and where it all came from (``original``:
-    the index of the conversation's own message among the completions, if it is one)."""
+    (e.g. ``task``, ``answer``; not those in :data:`NOT_COPIED`), which completions ended, and where it
+    all came from (``original``: the index of the conversation's own message among the completions, if
+    it is one)."""
     texts = [s.text for s in samples]
     original = item.original.strip() if include_original and item.original else None
     return {
-        **{k: v for k, v in item.prompt.meta.items() if k not in ("prompt", "completions", "ranking")},
+        **{k: v for k, v in item.prompt.meta.items() if k not in NOT_COPIED},
         "prompt": as_dicts(item.prompt.messages),
         "completions": texts,
         "ranking": ranking_json(ranking),
@@ -212,8 +224,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     if not records:
         raise DataError(f"collect: no prompt of {len(items)} gave a ranking that compares anything "
                         f"({dict(counts)}); more prompts, a higher sampler temperature or collect.k help")
+    check_rankings(records, str(run_dir / "comparisons.jsonl"))  # what the reward model will read, before writing
     out = write_jsonl(run_dir / "comparisons.jsonl", records)
-    load_rankings(str(out))  # what was written passes the reward model's data validation
 
     rows = [{"prompt": r["prompt"][-1]["content"], "completions": " / ".join(r["completions"]),
              "ranking": str(r["ranking"])} for r in records[:c.num_samples]]
