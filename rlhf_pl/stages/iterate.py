@@ -22,13 +22,14 @@ ever written whole (atomically), so none is lost or duplicated. Settings: ``iter
 """
 from __future__ import annotations
 
-import ctypes
 import logging
 import multiprocessing
+import multiprocessing.connection
 import os
 import shutil
 import signal
 import sys
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -236,7 +237,7 @@ def run_in_child(cfg: DictConfig, sub_dir: Path, inputs: Mapping[str, Path], wha
     :class:`SubStageError` with the child's message for a user error, RuntimeError for a crash."""
     sub_dir.mkdir(parents=True, exist_ok=True)
     child = _process_context().Process(target=_child_main, name=what,
-                                       args=(cfg, sub_dir, {k: Path(v) for k, v in inputs.items()}, os.getpid()))
+                                       args=(cfg, sub_dir, {k: Path(v) for k, v in inputs.items()}))
     child.start()
     child.join()
     if child.exitcode == 0:
@@ -264,10 +265,10 @@ def _process_context() -> Any:
     return context
 
 
-def _child_main(cfg: DictConfig, sub_dir: Path, inputs: dict[str, Path], loop_pid: int) -> None:
+def _child_main(cfg: DictConfig, sub_dir: Path, inputs: dict[str, Path]) -> None:
     """Entry point of a sub-stage's process: die with the loop, log to the console and the
     sub-stage's ``stage.log``, run the stage; a user error is written to ``error.txt``, exit 2."""
-    _die_with_parent(loop_pid)
+    _die_with_the_loop()
     handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(sub_dir / "stage.log")]
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format=f"[%(asctime)s][{cfg.stage}][%(name)s][%(levelname)s] - %(message)s")
@@ -281,17 +282,19 @@ def _child_main(cfg: DictConfig, sub_dir: Path, inputs: dict[str, Path], loop_pi
         sys.exit(2)
 
 
-def _die_with_parent(loop_pid: int) -> None:
-    """Linux: SIGKILL this process when its parent dies (the loop, or the fork server, which exits
-    with the loop): ``kill -9`` of the loop must not leave a sub-stage writing into the run
-    directory that a resumed loop then uses."""
-    if sys.platform.startswith("linux"):
-        PR_SET_PDEATHSIG = 1
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    try:
-        os.kill(loop_pid, 0)  # the loop died before prctl took effect
-    except ProcessLookupError:
-        os._exit(1)
+def _die_with_the_loop() -> None:
+    """SIGKILL this process as soon as the loop's process dies: ``kill -9`` of the loop must not
+    leave a sub-stage writing into the run directory that a resumed loop then uses. The parent's
+    sentinel (a pipe the loop holds open) reaches EOF when it dies, whatever killed it."""
+    parent = multiprocessing.parent_process()
+    if parent is None:
+        return
+
+    def watch() -> None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, name="die-with-the-loop", daemon=True).start()
 
 
 # --- report --------------------------------------------------------------------------------------------
