@@ -238,8 +238,11 @@ class EvalConfig:
     policy_from: str = "auto"
     # more policies to evaluate: model directories, each optionally named "<name>=<dir>" (else <run>/<dir name>)
     extra_policies: List[str] = field(default_factory=list)
-    prompts: str = "embedded:prompts"  # the held-out prompts (with 'answer' keys for the correct rate)
-    num_prompts: int = setting(32, ge=1)  # the first N prompts of eval.prompts
+    # the held-out prompts (with 'answer' keys for the correct rate); the embedded split mixes the training
+    # phrasings (new instances) with paraphrases no training record uses
+    prompts: str = "embedded:eval_prompts"
+    num_prompts: int = setting(64, ge=1)  # the first N prompts of eval.prompts
+    group_by: Optional[str] = "phrasing"  # a prompt key whose values are reported separately (null: none)
     samples: int = setting(4, ge=1)  # sampled answers per prompt and policy (at the sampler's temperature)
     best_of: List[int] = setting(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, ge=1)  # n of best-of-n
     max_new_tokens: int = setting(48, ge=1)  # tokens per answer at most

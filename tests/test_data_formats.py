@@ -142,8 +142,20 @@ def test_embedded_default_data():
 
 
 def test_unknown_embedded_name_lists_available():
-    assert str(error_of(load_prompts, "embedded:nope")) == ("embedded:nope: no such embedded data set; "
-                                                           "available: comparisons, demonstrations, prompts")
+    assert str(error_of(load_prompts, "embedded:nope")) == (
+        "embedded:nope: no such embedded data set; available: comparisons, demonstrations, eval_prompts, prompts")
+
+
+def test_embedded_eval_split_is_held_out_and_half_paraphrased():
+    """No question of the eval split is asked in any demonstration or training prompt; half of it
+    uses the training phrasings, half words no training record uses."""
+    train = {m.content for c in load_conversations("embedded:demonstrations") for m in c.messages if m.role == "user"}
+    train |= {m.content for p in load_prompts("embedded:prompts") for m in p.messages if m.role == "user"}
+    held = load_prompts("embedded:eval_prompts")
+    assert len(held) == 128 and not {p.messages[-1].content for p in held} & train
+    assert [p.meta["phrasing"] for p in held[:4]] == ["template", "paraphrase", "template", "paraphrase"]
+    assert sum(p.meta["phrasing"] == "paraphrase" for p in held) == 64
+    assert all(p.meta["answer"] for p in held)
 
 
 # --- errors: each names file:line and field -----------------------------------------------------

@@ -12,7 +12,7 @@ from rlhf_pl.config import register_configs
 from rlhf_pl.data.formats import Message, Prompt
 from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, win_rate
 from rlhf_pl.run import run_stage
-from rlhf_pl.stages.eval import correct_rate
+from rlhf_pl.stages.eval import correct_rate, group_figures, interval_95, policy_dirs
 
 
 def test_best_of_n_kl_is_log_n_minus_n_minus_1_over_n():
@@ -53,6 +53,33 @@ def test_correct_rate_over_prompts_that_carry_an_answer():
     assert correct_rate([ask(None)], [["4"]]) is None
 
 
+def test_interval_and_figures_per_group_against_hand_computed_values():
+    assert interval_95([1.0, 0.0, 1.0, 1.0]) == pytest.approx(1.96 * math.sqrt(0.75 * 0.25 / 4))
+    assert interval_95([]) is None and interval_95([1.0, 1.0]) == 0.0
+    ask = lambda answer, phrasing: Prompt((Message("user", "q"),), "p", {"answer": answer,  # noqa: E731
+                                                                          "phrasing": phrasing})
+    prompts = [ask("4", "template"), ask("9", "paraphrase"), ask("7", "template")]
+    figures = group_figures(prompts, ["4", "ten", "8"], [4.0, 0.0, -1.0], "phrasing")
+    assert list(figures) == ["paraphrase", "template"]
+    assert figures["template"] == {"prompts": 2, "gold_greedy": 1.5, "correct_greedy": 0.5,
+                                   "correct_greedy_ci": pytest.approx(1.96 * math.sqrt(0.25 / 2))}
+    assert figures["paraphrase"]["correct_greedy"] == 0.0 and group_figures(prompts, ["4"] * 3, [0.0] * 3, None) == {}
+
+
+def test_extra_policies_are_named_by_their_run_or_explicitly_and_never_twice(tmp_path, ppo_inputs):
+    from omegaconf import OmegaConf
+
+    from rlhf_pl.errors import ConfigError
+
+    sft = ppo_inputs / "sft"
+    cfg = OmegaConf.create({"eval": {"policy_from": "none", "extra_policies": [f"round_1={sft}", str(sft)]}})
+    assert policy_dirs(cfg, {"reference": sft, "policy": None}) == {
+        "sft": sft, "round_1": sft, f"{ppo_inputs.name}/sft": sft}
+    cfg.eval.extra_policies = [f"a={sft}", f"a={sft}"]
+    with pytest.raises(ConfigError, match="a policy named 'a' is already evaluated"):
+        policy_dirs(cfg, {"reference": sft, "policy": None})
+
+
 def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread):
     """The SFT model evaluated again as an extra policy: KL to itself exactly 0, all greedy answers
     tie with the SFT's (win rate exactly 0.5); best-of-n rows carry the analytic KL."""
@@ -63,6 +90,7 @@ def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread):
             f"eval.reference_from={ppo_inputs / 'sft'}", f"eval.reward_from={ppo_inputs / 'rm'}",
             f"eval.extra_policies=[{ppo_inputs / 'sft'}]", "eval.num_prompts=4", "eval.samples=2",
             "eval.best_of=[1,2,4]", "eval.max_new_tokens=5", "sampler.temperature=1.2"])
+    assert cfg.eval.prompts == "embedded:eval_prompts" and cfg.eval.group_by == "phrasing"
     result = run_stage(cfg, tmp_path / "run")
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result.outputs["eval"] == tmp_path / "run" / "eval.json"
@@ -70,11 +98,13 @@ def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread):
     assert report["prompts"] == 4 and sft["kl"] == 0.0 and extra["kl"] == 0.0
     assert extra["win_rate_vs_sft"] == 0.5 and extra["gold_greedy"] == sft["gold_greedy"]
     assert 0.0 <= sft["correct_greedy"] <= 1.0 and 0.0 <= sft["eos_rate"] <= 1.0 and sft["length"] > 0
+    assert {g: v["prompts"] for g, v in sft["by_group"].items()} == {"template": 2, "paraphrase": 2}
     assert [r["n"] for r in report["best_of_n"]] == [1, 2, 4]
     assert [r["kl"] for r in report["best_of_n"]] == pytest.approx([best_of_n_kl(n) for n in (1, 2, 4)])
     proxies = [r["proxy"] for r in report["best_of_n"]]
     assert proxies == sorted(proxies)  # the proxy-best of more samples scores at least as high on the proxy
     text = (tmp_path / "run" / "eval.md").read_text()
     assert "## Policies" in text and "## Best-of-n from the SFT policy" in text and "| sft |" in text
+    assert "by phrasing" in text and "template (2 prompts)" in text
     assert (tmp_path / "run" / "eval.png").read_bytes()[:4] == b"\x89PNG"
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

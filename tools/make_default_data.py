@@ -11,6 +11,10 @@ Files (JSON lines, written atomically, a deterministic function of ``--seed``):
 - ``prompts.jsonl``: ``{"id", "prompt": "..." | "messages": [...], "task", "answer"}`` for sampling
   and RL. ``task``/``answer`` are the machine-checkable truth for the last user turn. No prompt
   appears in the demonstrations (not as a first question, nor as any conversation prefix).
+- ``eval_prompts.jsonl``: the held-out split no stage trains on, ``{"id", "prompt", "task", "answer",
+  "phrasing"}``: alternately ``template`` (the training phrasings, new instances) and
+  ``paraphrase`` (the same tasks asked in words no demonstration or prompt uses: does what the
+  policy learnt generalise?). No question of it is in the demonstrations or prompts.
 
 Usage::
 
@@ -30,6 +34,7 @@ from typing import Callable
 OUT_DIR = Path(__file__).resolve().parent.parent / "rlhf_pl" / "data" / "default"
 NUM_DEMONSTRATIONS = 400
 NUM_PROMPTS = 300
+NUM_EVAL_PROMPTS = 128  # half of each phrasing, alternating
 MULTI_TURN_FRACTION = 0.2
 SYSTEM_FRACTION = 0.15
 
@@ -319,6 +324,94 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+# --- paraphrases: the same tasks in words the training data never uses (the held-out eval split) --------
+
+
+def _paraphrase_unit(task: str) -> Callable[[random.Random], tuple[str, str]]:
+    def ask(rng: random.Random) -> tuple[str, str]:
+        single, plural, target, factor = UNITS[task]
+        n = rng.randint(1, 24)
+        unit = single if n == 1 else plural
+        return rng.choice([f"{n} {unit} is how many {target}?", f"Express {n} {unit} in {target}.",
+                           f"Tell me the number of {target} in {n} {unit}."]), str(n * factor)
+    return ask
+
+
+def _paraphrase_sort(rng: random.Random) -> tuple[str, str]:
+    numbers = rng.sample(range(1, 100), rng.randint(3, 6))
+    if rng.random() < 0.5:
+        return (rng.choice([f"Arrange {_fmt(numbers)} in increasing order.",
+                            f"Order these from lowest to highest: {_fmt(numbers)}."]), _fmt(sorted(numbers)))
+    return (rng.choice([f"Arrange {_fmt(numbers)} in decreasing order.",
+                        f"Order these from highest to lowest: {_fmt(numbers)}."]), _fmt(sorted(numbers, reverse=True)))
+
+
+def _paraphrase_count_letter(rng: random.Random) -> tuple[str, str]:
+    word = rng.choice(WORDS)
+    letter = rng.choice(sorted(set(word)))
+    return (rng.choice([f"In the word '{word}', how often does '{letter}' occur?",
+                        f"How many '{letter}' letters does '{word}' contain?"]), str(word.count(letter)))
+
+
+def _paraphrase_case(upper: bool) -> Callable[[random.Random], tuple[str, str]]:
+    def ask(rng: random.Random) -> tuple[str, str]:
+        phrase = rng.choice(PHRASES)
+        if upper:
+            return rng.choice([f"Turn '{phrase}' into all capital letters.",
+                               f"Rewrite '{phrase}' using only uppercase letters."]), phrase.upper()
+        return rng.choice([f"Make '{phrase.upper()}' all small letters.",
+                           f"Rewrite '{phrase.title()}' using only lowercase letters."]), phrase.lower()
+    return ask
+
+
+def _paraphrase_add(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(2, 99), rng.randint(2, 99)
+    return rng.choice([f"Could you tell me what {a} and {b} add up to?", f"Find the total of {a} and {b}.",
+                       f"If I have {a} coins and find {b} more, how many coins do I have?"]), str(a + b)
+
+
+def _paraphrase_subtract(rng: random.Random) -> tuple[str, str]:
+    a = rng.randint(10, 99)
+    b = rng.randint(1, a - 1)
+    return rng.choice([f"Take {b} away from {a}. What is left?", f"Find the difference between {a} and {b}.",
+                       f"I had {a} stickers and gave away {b}. How many are left?"]), str(a - b)
+
+
+def _paraphrase_multiply(rng: random.Random) -> tuple[str, str]:
+    a, b = rng.randint(2, 12), rng.randint(2, 12)
+    return rng.choice([f"What do you get when you multiply {a} and {b} together?", f"Find {a} multiplied by {b}.",
+                       f"{a} boxes hold {b} pens each. How many pens in total?"]), str(a * b)
+
+
+def _paraphrase_word(task: str) -> Callable[[random.Random], tuple[str, str]]:
+    questions = {"reverse": ["Please spell the word '{w}' in reverse order.",
+                             "Give me '{w}' with its letters in reverse."],
+                 "spell": ["Write out the letters of '{w}', separated by dashes.",
+                           "Break '{w}' into its letters joined by dashes."],
+                 "word_length": ["Count the letters in '{w}'.", "What is the number of letters in '{w}'?"]}[task]
+    answer = {"reverse": lambda w: w[::-1], "spell": "-".join, "word_length": lambda w: str(len(w))}[task]
+
+    def ask(rng: random.Random) -> tuple[str, str]:
+        word = rng.choice(WORDS)
+        return rng.choice(questions).format(w=word), answer(word)
+    return ask
+
+
+def _paraphrase_capital(rng: random.Random) -> tuple[str, str]:
+    country = rng.choice(sorted(CAPITALS))
+    return rng.choice([f"Tell me the capital of {country}.", f"{country} has which city as its capital?",
+                       f"Where is the seat of government of {country}?"]), CAPITALS[country]
+
+
+PARAPHRASES: dict[str, Callable[[random.Random], tuple[str, str]]] = {  # family -> (question, answer)
+    "add": _paraphrase_add, "subtract": _paraphrase_subtract, "multiply": _paraphrase_multiply,
+    **{task: _paraphrase_word(task) for task in ("reverse", "spell", "word_length")},
+    "count_letter": _paraphrase_count_letter, "sort": _paraphrase_sort, "capital": _paraphrase_capital,
+    **{task: _paraphrase_unit(task) for task in UNITS},
+    "uppercase": _paraphrase_case(True), "lowercase": _paraphrase_case(False),
+}
+
+
 # --- records ------------------------------------------------------------------------------------
 
 
@@ -408,13 +501,56 @@ def make_prompts(rng: random.Random, n: int, avoid: set[str]) -> list[dict]:
     return records
 
 
+def make_eval_prompts(rng: random.Random, n: int, avoid: set[str]) -> list[dict]:
+    """``n`` single-turn held-out prompts, alternately in a training phrasing (a new instance) and a
+    paraphrase; no question of them is in ``avoid`` (every question of the training data)."""
+    records, seen = [], set(avoid)
+    families = {f.name: f for f in FAMILIES}
+    for i in range(n):
+        phrasing = "template" if i % 2 == 0 else "paraphrase"
+        for _ in range(1000):
+            family = rng.choices(FAMILIES, weights=[f.weight for f in FAMILIES])[0]
+            if phrasing == "template":
+                turn = families[family.name].first(rng)[0]
+                question, task, answer = turn.question, turn.task, turn.answer
+            else:
+                question, answer = PARAPHRASES[family.name](rng)
+                task = _task_of(family.name, question)
+            if question not in seen:
+                break
+        else:
+            raise RuntimeError("could not find a new held-out question after 1000 tries; enlarge the task space")
+        seen.add(question)
+        records.append({"id": f"eval-{i:04d}", "prompt": question, "task": task, "answer": answer,
+                        "phrasing": phrasing})
+    return records
+
+
+def _task_of(family: str, question: str) -> str:
+    """The task name of a paraphrased question (the sort family has two)."""
+    if family != "sort":
+        return family
+    return "sort_ascending" if ("increasing" in question or "lowest to highest" in question) else "sort_descending"
+
+
+def questions_of(records: list[dict]) -> set[str]:
+    """Every user question of demonstration or prompt records."""
+    out = set()
+    for r in records:
+        messages = r.get("messages") or [{"role": "user", "content": r["prompt"]}]
+        out.update(m["content"] for m in messages if m["role"] == "user")
+    return out
+
+
 def generate(seed: int = 0) -> dict[str, str]:
     """File name -> JSON-lines text of the whole default task (a pure function of ``seed``)."""
     rng = random.Random(seed)
     demos, demo_keys = make_demonstrations(rng, NUM_DEMONSTRATIONS)
     prompts = make_prompts(rng, NUM_PROMPTS, demo_keys)
+    heldout = make_eval_prompts(rng, NUM_EVAL_PROMPTS, questions_of(demos) | questions_of(prompts))
     as_text = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)  # noqa: E731
-    return {"demonstrations.jsonl": as_text(demos), "prompts.jsonl": as_text(prompts)}
+    return {"demonstrations.jsonl": as_text(demos), "prompts.jsonl": as_text(prompts),
+            "eval_prompts.jsonl": as_text(heldout)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +80,8 @@ class PolicyMetrics:
     length: float
     eos_rate: float
     win_rate_vs_sft: float
+    correct_greedy_ci: float | None = None  # half-width of the 95% interval over prompts (normal approximation)
+    by_group: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval.group_by value -> its figures
 
 
 # --- answers ----------------------------------------------------------------------------------
@@ -134,8 +136,38 @@ def correct_rate(prompts: list[Prompt], answers: list[list[str]]) -> float | Non
     return _mean([float(match_answer(str(p.meta["answer"]), text).correct) for p, texts in rows for text in texts])
 
 
+def interval_95(successes: list[float]) -> float | None:
+    """Half-width of the normal-approximation 95% interval of a rate over ``successes`` (0/1 per
+    prompt): 1.96 · √(p(1 − p)/n); None for no prompt."""
+    if not successes:
+        return None
+    p = _mean(successes)
+    return 1.96 * math.sqrt(p * (1 - p) / len(successes))
+
+
+def greedy_figures(prompts: list[Prompt], greedy: list[str], gold_greedy: list[float]) -> dict[str, Any]:
+    """Gold score and correct rate (with its 95% interval) of greedy answers to ``prompts``."""
+    correct = [float(match_answer(str(p.meta["answer"]), t).correct)
+               for p, t in zip(prompts, greedy) if p.meta.get("answer") is not None]
+    return {"prompts": len(prompts), "gold_greedy": _mean(gold_greedy),
+            "correct_greedy": _mean(correct) if correct else None, "correct_greedy_ci": interval_95(correct)}
+
+
+def group_figures(prompts: list[Prompt], greedy: list[str], gold_greedy: list[float],
+                  key: str | None) -> dict[str, dict[str, Any]]:
+    """:func:`greedy_figures` per value of the prompts' ``key`` (e.g. phrasing: template | paraphrase)."""
+    if key is None:
+        return {}
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(prompts):
+        if p.meta.get(key) is not None:
+            groups.setdefault(str(p.meta[key]), []).append(i)
+    return {value: greedy_figures([prompts[i] for i in rows], [greedy[i] for i in rows], [gold_greedy[i] for i in rows])
+            for value, rows in sorted(groups.items())}
+
+
 def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft_greedy_gold: list[float] | None,
-                   n: int) -> tuple[PolicyMetrics, list[float]]:
+                   n: int, group_by: str | None = None) -> tuple[PolicyMetrics, list[float]]:
     """The metrics of one policy's answers (its first ``n`` samples per prompt) and its greedy gold scores."""
     gold_greedy = [gold.score(p, t) for p, t in zip(prompts, a.greedy)]
     gold_sampled = [gold.score(p, t) for p, texts in zip(prompts, a.sampled) for t in texts[:n]]
@@ -148,6 +180,8 @@ def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft_
         kl=kl, sqrt_kl=math.sqrt(max(kl, 0.0)), length=_mean([float(v) for row in a.length for v in row[:n]]),
         eos_rate=_mean([float(v) for row in a.ended for v in row[:n]]),
         win_rate_vs_sft=win_rate(gold_greedy, sft_greedy_gold) if sft_greedy_gold is not None else 0.5,
+        correct_greedy_ci=greedy_figures(prompts, a.greedy, gold_greedy)["correct_greedy_ci"],
+        by_group=group_figures(prompts, a.greedy, gold_greedy, group_by),
     ), gold_greedy
 
 
@@ -223,7 +257,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
                 model.to(device)
             answers = answers_of(model, reference, tokenizer, prompt_ids, pool if name == "sft" else e.samples,
                                  sampler, cfg, reward_model)
-            metrics[name], greedy_gold = policy_metrics(str(path), prompts, answers, gold, sft_gold, e.samples)
+            metrics[name], greedy_gold = policy_metrics(str(path), prompts, answers, gold, sft_gold, e.samples,
+                                                        e.group_by)
             if name == "sft":
                 sft_gold, bon = greedy_gold, best_of_n_table(prompts, answers, gold, ns)
             del model
@@ -231,26 +266,37 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     result = {"prompts": len(prompts), "source": e.prompts, "samples": e.samples, "temperature": sampler.temperature,
               "policies": {name: asdict(m) for name, m in metrics.items()}, "best_of_n": bon, "fits": fits}
     write_json(run_dir / "eval.json", result)
-    table = write_report(run_dir, metrics, bon, fits)
+    table = write_report(run_dir, metrics, bon, fits, e.group_by)
     log.info("eval table:\n%s", table)
     last = metrics[list(metrics)[-1]]
     return StageResult({"eval": run_dir / "eval.json"}, {
         "objective": -last.gold_greedy, "gold_greedy": {n: m.gold_greedy for n, m in metrics.items()},
         "correct_greedy": {n: m.correct_greedy for n, m in metrics.items()},
+        "correct_greedy_ci": {n: m.correct_greedy_ci for n, m in metrics.items()},
+        "correct_greedy_by_group": {n: {g: v["correct_greedy"] for g, v in m.by_group.items()}
+                                    for n, m in metrics.items()},
         "win_rate_vs_sft": {n: m.win_rate_vs_sft for n, m in metrics.items()},
         "kl": {n: m.kl for n, m in metrics.items()}, "best_of_n_gold": {int(r["n"]): r["gold"] for r in bon}})
 
 
 def write_report(run_dir: Path, metrics: dict[str, PolicyMetrics], bon: list[dict[str, float]],
-                 fits: dict[str, Any]) -> str:
+                 fits: dict[str, Any], group_by: str | None = None) -> str:
     """``eval.md`` (policies and best-of-n tables), TensorBoard text, and ``eval.png``."""
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
-    rows = [{"policy": name, "gold (greedy)": fmt(m.gold_greedy), "correct (greedy)": fmt(m.correct_greedy),
+    pm = lambda v, ci: "—" if v is None else f"{v:.3f} ± {ci:.3f}" if ci is not None else f"{v:.3f}"  # noqa: E731
+    rows = [{"policy": name, "gold (greedy)": fmt(m.gold_greedy),
+             "correct (greedy)": pm(m.correct_greedy, m.correct_greedy_ci),
              "gold (sampled)": fmt(m.gold_sampled), "correct (sampled)": fmt(m.correct_sampled),
              "proxy (sampled)": fmt(m.proxy_sampled), "KL": fmt(m.kl), "win vs SFT": fmt(m.win_rate_vs_sft),
              "length": f"{m.length:.1f}", "EOS": fmt(m.eos_rate)} for name, m in metrics.items()]
     bon_rows = [{"n": int(r["n"]), "KL": fmt(r["kl"]), "gold": fmt(r["gold"]), "proxy": fmt(r["proxy"])} for r in bon]
-    table = (f"## Policies\n\n{markdown_table(rows)}\n\n## Best-of-n from the SFT policy\n\n"
+    groups = sorted({g for m in metrics.values() for g in m.by_group})
+    group_rows = [{"policy": name, **{f"{g} ({m.by_group[g]['prompts']} prompts)":
+                                      pm(m.by_group[g]["correct_greedy"], m.by_group[g]["correct_greedy_ci"])
+                                      for g in groups if g in m.by_group}} for name, m in metrics.items()]
+    by_group = (f"## Correct rate of greedy answers by {group_by} (± 95% interval over prompts)\n\n"
+                f"{markdown_table(group_rows)}\n\n" if groups else "")
+    table = (f"## Policies\n\n{markdown_table(rows)}\n\n{by_group}## Best-of-n from the SFT policy\n\n"
              f"{markdown_table(bon_rows)}\n")
     write_text(run_dir / "eval.md", f"# Evaluation\n\n{table}")
     from torch.utils.tensorboard import SummaryWriter
