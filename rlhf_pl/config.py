@@ -218,6 +218,8 @@ class CollectConfig:
     # prompt and/or conversation sources (demonstrations, chat logs): files, hub ids or embedded:<name>
     sources: List[str] = field(default_factory=lambda: ["embedded:prompts"])
     k: int = setting(4, ge=2, le=64)  # completions per prompt (InstructGPT: 4 to 9)
+    # rank a seeded random sample of this many of the sources' records (each round of iterate its own); null: all
+    num_prompts: Optional[int] = setting(None, ge=1)
     include_original: bool = False  # a conversation's own assistant message is one of the k
     max_new_tokens: int = setting(48, ge=1)  # tokens per completion at most
     batch_size: int = setting(32, ge=1)  # sequences generated together
@@ -266,7 +268,12 @@ class IterateConfig:
     rm_init: str = setting("sft", choices=("sft", "previous"))
     # K-wise rankings every round's reward model trains on besides the collected ones (null: only collected ones)
     initial_comparisons: Optional[str] = None
-    eval_every_round: bool = True  # eval after every round (else after the last one only)
+    # eval after every round (else once, after the last, of every round's policy: the default saves its minutes)
+    eval_every_round: bool = False
+    # each round's budget, sized for SmolLM2-135M on 2 CPU cores (docs/results.md); null: collect.num_prompts and
+    # ppo.updates as they are
+    collect_prompts: Optional[int] = setting(96, ge=1)  # prompts ranked per round (a new seeded sample each round)
+    ppo_updates: Optional[int] = setting(16, ge=1)  # PPO updates per round
 
 
 @dataclass

@@ -51,6 +51,15 @@ def test_sources_mix_prompts_and_conversations(tmp_path):
         load_items([], split="train", limit=None, seed=0)
 
 
+def test_num_prompts_is_a_seeded_sample_in_source_order():
+    every = [i.source for i in load_items(["embedded:prompts"], split="train", limit=None, seed=0)]
+    picked = [i.source for i in load_items(["embedded:prompts"], split="train", limit=None, seed=3, num_prompts=20)]
+    again = [i.source for i in load_items(["embedded:prompts"], split="train", limit=None, seed=3, num_prompts=20)]
+    other = [i.source for i in load_items(["embedded:prompts"], split="train", limit=None, seed=4, num_prompts=20)]
+    assert len(picked) == 20 and picked == again and picked != other
+    assert picked == [s for s in every if s in set(picked)]  # in source order
+
+
 def test_the_pool_keeps_k_distinct_non_empty_completions_and_counts_the_rest():
     pool = Pool(k=2)
     pool.add([Sample(0, t, (1,), True) for t in ("a", "", "a", "b", "c")] + [Sample(1, "x", (2,), False)])

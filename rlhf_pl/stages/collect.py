@@ -84,9 +84,11 @@ def pick_turn(conversation: Conversation, rng: random.Random) -> Item:
     return Item(prompt, conversation.origin, turn, messages[turn].content)
 
 
-def load_items(sources: list[str], *, split: str, limit: int | None, seed: int) -> list[Item]:
-    """Every record of every source as an :class:`Item`; conversations cut at a turn picked with
-    ``random.Random(seed)`` (the same turns on every run with this seed)."""
+def load_items(sources: list[str], *, split: str, limit: int | None, seed: int,
+               num_prompts: int | None = None) -> list[Item]:
+    """Every record of every source as an :class:`Item`, or a sample of ``num_prompts`` of them (in
+    source order); conversations cut at a turn picked with ``random.Random(seed)`` (the same sample
+    and turns on every run with this seed)."""
     if not sources:
         raise DataError("collect.sources is empty: name at least one prompt or conversation source")
     rng = random.Random(seed)
@@ -94,6 +96,9 @@ def load_items(sources: list[str], *, split: str, limit: int | None, seed: int) 
     for source in sources:
         for record in load_prompts_or_conversations(source, split=split, limit=limit):
             items.append(Item(record, record.origin) if isinstance(record, Prompt) else pick_turn(record, rng))
+    if num_prompts is not None and num_prompts < len(items):
+        keep = sorted(rng.sample(range(len(items)), num_prompts))
+        items = [items[i] for i in keep]
     return items
 
 
@@ -190,7 +195,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
         raise ConfigError(f"labeler is unset; collect ranks with one: labeler=<name> ({names})")
     labeler = registry.build("labelers", cfg.labeler)
     labeler_name = registry.spec_for_config("labelers", cfg.labeler).name
-    items = load_items(list(c.sources), split=cfg.data.split, limit=cfg.data.limit, seed=cfg.seed)
+    items = load_items(list(c.sources), split=cfg.data.split, limit=cfg.data.limit, seed=cfg.seed,
+                       num_prompts=c.num_prompts)
     base = c.policy_from == "base"
     policy = cfg.model.name_or_path if base else inputs["policy"]
     log.info("%d prompts from %s; policy %s; k=%d; labeler %s", len(items), ", ".join(c.sources), policy, c.k,

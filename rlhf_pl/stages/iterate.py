@@ -91,7 +91,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     for r in range(1, it.rounds + 1):
         step = f"round {r}/{it.rounds}"
         collect = lineage.run(cfg, r, "collect", step, {"policy": policy},
-                              {"collect.round": r, "seed": cfg.seed + r})
+                              {"collect.round": r, "seed": cfg.seed + r, **_budget("collect.num_prompts",
+                                                                                    it.collect_prompts)})
         comparisons.append(str(collect.output))
         so_far = merge_comparisons(root / f"round_{r}" / "comparisons_so_far.jsonl", comparisons)
         rm_init = sft if it.rm_init == "sft" or reward_model is None else reward_model
@@ -100,7 +101,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
                          data={"comparisons": list(comparisons)})
         reward_model = rm.output
         ppo = lineage.run(cfg, r, "ppo", step, {"policy": policy, "reward_model": reward_model},
-                          {"ppo.reference_from": str(sft), "seed": cfg.seed + r})
+                          {"ppo.reference_from": str(sft), "seed": cfg.seed + r,
+                           **_budget("ppo.updates", it.ppo_updates)})
         policy = ppo.output
         if it.eval_every_round or r == it.rounds:
             policies = [f"round_{i}={lineage.get(i, 'ppo').output}" for i in range(1, r + 1)]
@@ -333,6 +335,10 @@ def plot_rounds(eval_json: Path, path: Path) -> Path:
               "proxy": {"sampled (last RM)": (xs, get("proxy_sampled"), "o-")},
               "KL to SFT": {"sampled": (xs, get("kl"), "o-")}}
     return plot_points(panels, path, title="RLHF rounds (round 0: the SFT policy)", xlabel="round")
+
+
+def _budget(key: str, value: Optional[int]) -> dict[str, int]:
+    return {} if value is None else {key: value}
 
 
 def _fmt(value: Any) -> str:
