@@ -272,7 +272,9 @@ class IterateConfig:
     eval_every_round: bool = False
     # each round's budget, sized for SmolLM2-135M on 2 CPU cores (docs/results.md); null: collect.num_prompts and
     # ppo.updates as they are
-    collect_prompts: Optional[int] = setting(96, ge=1)  # prompts ranked per round (a new seeded sample each round)
+    collect_prompts: Optional[int] = setting(128, ge=1)  # prompts ranked per round (a new seeded sample each round)
+    # collect's sampling temperature (InstructGPT: 1; PPO keeps sampler.temperature): diverse completions to rank
+    collect_temperature: Optional[float] = setting(1.0, gt=0)
     ppo_updates: Optional[int] = setting(16, ge=1)  # PPO updates per round
 
 

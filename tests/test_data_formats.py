@@ -137,7 +137,7 @@ def test_embedded_default_data():
     prompts = load_prompts("embedded:prompts")
     assert len(convs) == 400 and len(prompts) == 300
     assert convs[0].origin.endswith("demonstrations.jsonl:1")
-    assert all(set(p.meta) == {"id", "task", "answer"} for p in prompts)
+    assert all(set(p.meta) == {"id", "task", "answer", "phrasing"} for p in prompts)
     assert len(load_prompts("embedded:prompts", limit=5)) == 5
 
 
@@ -304,7 +304,8 @@ def _check(prompt: Prompt) -> bool:
     expected = {
         "add": lambda: str(nums[0] + nums[1]),
         "multiply": lambda: str(nums[0] * nums[1]),
-        "subtract": lambda: str(nums[1] - nums[0]) if q.startswith("Subtract") else str(nums[0] - nums[1]),
+        "subtract": lambda: (str(nums[1] - nums[0]) if q.startswith("Subtract") or "subtracted from" in q
+                             else str(nums[0] - nums[1])),
         "reverse": lambda: quoted[0][::-1],
         "word_length": lambda: str(len(quoted[0])),
         "count_letter": lambda: str(quoted[1].count(quoted[0])),

@@ -100,6 +100,7 @@ def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread):
     assert 0.0 <= sft["correct_greedy"] <= 1.0 and 0.0 <= sft["eos_rate"] <= 1.0 and sft["length"] > 0
     assert {g: v["prompts"] for g, v in sft["by_group"].items()} == {"template": 2, "paraphrase": 2}
     assert [r["n"] for r in report["best_of_n"]] == [1, 2, 4]
+    assert all(0.0 <= r["correct"] <= 1.0 for r in report["best_of_n"])
     assert [r["kl"] for r in report["best_of_n"]] == pytest.approx([best_of_n_kl(n) for n in (1, 2, 4)])
     proxies = [r["proxy"] for r in report["best_of_n"]]
     assert proxies == sorted(proxies)  # the proxy-best of more samples scores at least as high on the proxy

@@ -8,13 +8,16 @@ Files (JSON lines, written atomically, a deterministic function of ``--seed``):
 
 - ``demonstrations.jsonl``: ``{"id", "messages": [...], "tasks": [...]}`` conversations for SFT
   (about 20% multi-turn, some with a system message). ``tasks`` names the task of each user turn.
-- ``prompts.jsonl``: ``{"id", "prompt": "..." | "messages": [...], "task", "answer"}`` for sampling
-  and RL. ``task``/``answer`` are the machine-checkable truth for the last user turn. No prompt
-  appears in the demonstrations (not as a first question, nor as any conversation prefix).
+- ``prompts.jsonl``: ``{"id", "prompt": "..." | "messages": [...], "task", "answer", "phrasing"}`` for
+  sampling and RL. ``task``/``answer`` are the machine-checkable truth for the last user turn. No
+  prompt appears in the demonstrations (not as a first question, nor as any conversation prefix).
+  Half of the single-turn ones are asked in an "rl" paraphrase (``phrasing: paraphrase``): words
+  the demonstrations never use, where the SFT policy is unsure, so that its samples differ and
+  rankings of them carry signal.
 - ``eval_prompts.jsonl``: the held-out split no stage trains on, ``{"id", "prompt", "task", "answer",
   "phrasing"}``: alternately ``template`` (the training phrasings, new instances) and
-  ``paraphrase`` (the same tasks asked in words no demonstration or prompt uses: does what the
-  policy learnt generalise?). No question of it is in the demonstrations or prompts.
+  ``paraphrase`` (the same tasks in "eval" paraphrases: words no demonstration or prompt uses —
+  does what the policy learnt generalise?). No question of it is in the demonstrations or prompts.
 
 Usage::
 
@@ -29,12 +32,13 @@ import random
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "rlhf_pl" / "data" / "default"
 NUM_DEMONSTRATIONS = 400
 NUM_PROMPTS = 300
 NUM_EVAL_PROMPTS = 128  # half of each phrasing, alternating
+RL_PARAPHRASE_FRACTION = 0.5  # of the single-turn prompts, asked in an "rl" paraphrase
 MULTI_TURN_FRACTION = 0.2
 SYSTEM_FRACTION = 0.15
 
@@ -324,92 +328,88 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
-# --- paraphrases: the same tasks in words the training data never uses (the held-out eval split) --------
+# --- paraphrases: the same tasks in other words ---------------------------------------------------------
+# Two disjoint sets of question forms no demonstration uses: "rl" phrasings are half of the RL and
+# collection prompts (where the SFT policy is unsure, its samples differ and rankings carry signal);
+# "eval" phrasings are half of the held-out split, asked by no training record at all.
 
-
-def _paraphrase_unit(task: str) -> Callable[[random.Random], tuple[str, str]]:
-    def ask(rng: random.Random) -> tuple[str, str]:
-        single, plural, target, factor = UNITS[task]
-        n = rng.randint(1, 24)
-        unit = single if n == 1 else plural
-        return rng.choice([f"{n} {unit} is how many {target}?", f"Express {n} {unit} in {target}.",
-                           f"Tell me the number of {target} in {n} {unit}."]), str(n * factor)
-    return ask
-
-
-def _paraphrase_sort(rng: random.Random) -> tuple[str, str]:
-    numbers = rng.sample(range(1, 100), rng.randint(3, 6))
-    if rng.random() < 0.5:
-        return (rng.choice([f"Arrange {_fmt(numbers)} in increasing order.",
-                            f"Order these from lowest to highest: {_fmt(numbers)}."]), _fmt(sorted(numbers)))
-    return (rng.choice([f"Arrange {_fmt(numbers)} in decreasing order.",
-                        f"Order these from highest to lowest: {_fmt(numbers)}."]), _fmt(sorted(numbers, reverse=True)))
-
-
-def _paraphrase_count_letter(rng: random.Random) -> tuple[str, str]:
-    word = rng.choice(WORDS)
-    letter = rng.choice(sorted(set(word)))
-    return (rng.choice([f"In the word '{word}', how often does '{letter}' occur?",
-                        f"How many '{letter}' letters does '{word}' contain?"]), str(word.count(letter)))
-
-
-def _paraphrase_case(upper: bool) -> Callable[[random.Random], tuple[str, str]]:
-    def ask(rng: random.Random) -> tuple[str, str]:
-        phrase = rng.choice(PHRASES)
-        if upper:
-            return rng.choice([f"Turn '{phrase}' into all capital letters.",
-                               f"Rewrite '{phrase}' using only uppercase letters."]), phrase.upper()
-        return rng.choice([f"Make '{phrase.upper()}' all small letters.",
-                           f"Rewrite '{phrase.title()}' using only lowercase letters."]), phrase.lower()
-    return ask
-
-
-def _paraphrase_add(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(2, 99), rng.randint(2, 99)
-    return rng.choice([f"Could you tell me what {a} and {b} add up to?", f"Find the total of {a} and {b}.",
-                       f"If I have {a} coins and find {b} more, how many coins do I have?"]), str(a + b)
-
-
-def _paraphrase_subtract(rng: random.Random) -> tuple[str, str]:
-    a = rng.randint(10, 99)
-    b = rng.randint(1, a - 1)
-    return rng.choice([f"Take {b} away from {a}. What is left?", f"Find the difference between {a} and {b}.",
-                       f"I had {a} stickers and gave away {b}. How many are left?"]), str(a - b)
-
-
-def _paraphrase_multiply(rng: random.Random) -> tuple[str, str]:
-    a, b = rng.randint(2, 12), rng.randint(2, 12)
-    return rng.choice([f"What do you get when you multiply {a} and {b} together?", f"Find {a} multiplied by {b}.",
-                       f"{a} boxes hold {b} pens each. How many pens in total?"]), str(a * b)
-
-
-def _paraphrase_word(task: str) -> Callable[[random.Random], tuple[str, str]]:
-    questions = {"reverse": ["Please spell the word '{w}' in reverse order.",
-                             "Give me '{w}' with its letters in reverse."],
-                 "spell": ["Write out the letters of '{w}', separated by dashes.",
-                           "Break '{w}' into its letters joined by dashes."],
-                 "word_length": ["Count the letters in '{w}'.", "What is the number of letters in '{w}'?"]}[task]
-    answer = {"reverse": lambda w: w[::-1], "spell": "-".join, "word_length": lambda w: str(len(w))}[task]
-
-    def ask(rng: random.Random) -> tuple[str, str]:
-        word = rng.choice(WORDS)
-        return rng.choice(questions).format(w=word), answer(word)
-    return ask
-
-
-def _paraphrase_capital(rng: random.Random) -> tuple[str, str]:
-    country = rng.choice(sorted(CAPITALS))
-    return rng.choice([f"Tell me the capital of {country}.", f"{country} has which city as its capital?",
-                       f"Where is the seat of government of {country}?"]), CAPITALS[country]
-
-
-PARAPHRASES: dict[str, Callable[[random.Random], tuple[str, str]]] = {  # family -> (question, answer)
-    "add": _paraphrase_add, "subtract": _paraphrase_subtract, "multiply": _paraphrase_multiply,
-    **{task: _paraphrase_word(task) for task in ("reverse", "spell", "word_length")},
-    "count_letter": _paraphrase_count_letter, "sort": _paraphrase_sort, "capital": _paraphrase_capital,
-    **{task: _paraphrase_unit(task) for task in UNITS},
-    "uppercase": _paraphrase_case(True), "lowercase": _paraphrase_case(False),
+FORMS: dict[str, dict[str, tuple[str, ...]]] = {  # family -> style -> question forms
+    "add": {"rl": ("Please add {a} to {b}.", "How much is {a} and {b} together?"),
+            "eval": ("Could you tell me what {a} and {b} add up to?", "Find the total of {a} and {b}.",
+                     "If I have {a} coins and find {b} more, how many coins do I have?")},
+    "subtract": {"rl": ("What remains when {b} is subtracted from {a}?", "Reduce {a} by {b}."),
+                 "eval": ("Take {b} away from {a}. What is left?", "Find the difference between {a} and {b}.",
+                          "I had {a} stickers and gave away {b}. How many are left?")},
+    "multiply": {"rl": ("Calculate {a} x {b}.", "How much are {a} groups of {b}?"),
+                 "eval": ("What do you get when you multiply {a} and {b} together?", "Find {a} multiplied by {b}.",
+                          "{a} boxes hold {b} pens each. How many pens in total?")},
+    "reverse": {"rl": ("Write the letters of '{w}' from last to first.", "Flip the word '{w}' around."),
+                "eval": ("Please spell the word '{w}' in reverse order.",
+                         "Give me '{w}' with its letters in reverse.")},
+    "spell": {"rl": ("List the letters of '{w}' with a dash between each.", "Spell out '{w}' using dashes."),
+              "eval": ("Write out the letters of '{w}', separated by dashes.",
+                       "Break '{w}' into its letters joined by dashes.")},
+    "word_length": {"rl": ("How many characters does the word '{w}' have?", "Tell me the length of '{w}' in letters."),
+                    "eval": ("Count the letters in '{w}'.", "What is the number of letters in '{w}'?")},
+    "count_letter": {"rl": ("Tell me how many times '{l}' is in '{w}'.", "Number of times '{l}' shows up in '{w}'?"),
+                     "eval": ("In the word '{w}', how often does '{l}' occur?",
+                              "How many '{l}' letters does '{w}' contain?")},
+    "sort_ascending": {"rl": ("List {nums} from low to high.", "Rearrange {nums} so the smallest comes first."),
+                       "eval": ("Arrange {nums} in increasing order.", "Order these from lowest to highest: {nums}.")},
+    "sort_descending": {"rl": ("List {nums} from high to low.", "Rearrange {nums} so the largest comes first."),
+                        "eval": ("Arrange {nums} in decreasing order.", "Order these from highest to lowest: {nums}.")},
+    "capital": {"rl": ("What city serves as the capital of {c}?", "Capital of {c}?"),
+                "eval": ("Tell me the capital of {c}.", "{c} has which city as its capital?",
+                         "Where is the seat of government of {c}?")},
+    "units": {"rl": ("Turn {n} {unit} into {target}.", "What is {n} {unit} in {target}?"),
+              "eval": ("{n} {unit} is how many {target}?", "Express {n} {unit} in {target}.",
+                       "Tell me the number of {target} in {n} {unit}.")},
+    "uppercase": {"rl": ("Change '{p}' to upper case.", "Put '{p}' in capital letters, please."),
+                  "eval": ("Turn '{p}' into all capital letters.", "Rewrite '{p}' using only uppercase letters.")},
+    "lowercase": {"rl": ("Change '{p}' to lower case.", "Put '{p}' in lower case letters."),
+                  "eval": ("Make '{p}' all small letters.", "Rewrite '{p}' using only lowercase letters.")},
 }
+
+
+def task_parameters(family: str, rng: random.Random) -> tuple[str, dict[str, Any], str]:
+    """A fresh instance of ``family``'s task: its task name, the fields its question forms use, the answer."""
+    if family in ("add", "subtract", "multiply"):
+        if family == "multiply":
+            a, b = rng.randint(2, 12), rng.randint(2, 12)
+        else:
+            a, b = rng.randint(10 if family == "subtract" else 2, 99), rng.randint(2, 99)
+            b = rng.randint(1, a - 1) if family == "subtract" else b
+        return family, {"a": a, "b": b}, str({"add": a + b, "subtract": a - b, "multiply": a * b}[family])
+    if family in ("reverse", "spell", "word_length", "count_letter"):
+        word = rng.choice(WORDS)
+        if family == "count_letter":
+            letter = rng.choice(sorted(set(word)))
+            return family, {"w": word, "l": letter}, str(word.count(letter))
+        answer = {"reverse": word[::-1], "spell": "-".join(word), "word_length": str(len(word))}[family]
+        return family, {"w": word}, answer
+    if family == "sort":
+        numbers = rng.sample(range(1, 100), rng.randint(3, 6))
+        task = rng.choice(["sort_ascending", "sort_descending"])
+        return task, {"nums": _fmt(numbers)}, _fmt(sorted(numbers, reverse=task == "sort_descending"))
+    if family == "capital":
+        country = rng.choice(sorted(CAPITALS))
+        return family, {"c": country}, CAPITALS[country]
+    if family in UNITS:
+        single, plural, target, factor = UNITS[family]
+        n = rng.randint(1, 24)
+        return family, {"n": n, "unit": single if n == 1 else plural, "target": target}, str(n * factor)
+    phrase = rng.choice(PHRASES)  # uppercase / lowercase
+    if family == "uppercase":
+        return family, {"p": phrase}, phrase.upper()
+    return family, {"p": phrase.upper() if rng.random() < 0.6 else phrase.title()}, phrase.lower()
+
+
+def paraphrased(family: str, style: str, rng: random.Random) -> tuple[str, str, str]:
+    """(question, task, answer): a new instance of ``family`` asked in one of its ``style`` forms."""
+    task, fields, answer = task_parameters(family, rng)
+    forms = FORMS["units" if family in UNITS else task][style]
+    question = rng.choice(forms).format(**fields)
+    return question[0].upper() + question[1:], task, answer
 
 
 # --- records ------------------------------------------------------------------------------------
@@ -484,7 +484,8 @@ def make_demonstrations(rng: random.Random, n: int) -> tuple[list[dict], set[str
 
 def make_prompts(rng: random.Random, n: int, avoid: set[str]) -> list[dict]:
     """``n`` distinct prompts whose first question is in no demonstration (and that are no
-    demonstration prefix)."""
+    demonstration prefix); a fraction ``RL_PARAPHRASE_FRACTION`` of the single-turn ones is asked
+    in an "rl" paraphrase instead of a training phrasing (key ``phrasing``)."""
     records, seen = [], set(avoid)
     for num_turns in turn_schedule(rng, n):
         system = rng.choice(SYSTEM_PROMPTS) if rng.random() < SYSTEM_FRACTION else None
@@ -494,11 +495,26 @@ def make_prompts(rng: random.Random, n: int, avoid: set[str]) -> list[dict]:
             return user_prefixes(messages)[-1] not in seen and "first:" + first_question(messages) not in avoid
 
         turns = sample_unique(rng, num_turns, accept, "prompt")
+        phrasing = "template"
+        if num_turns == 1 and rng.random() < RL_PARAPHRASE_FRACTION:
+            turns, phrasing = [rephrase(turns[0], rng, lambda t: accept([t]))], "paraphrase"
         messages = to_messages(turns, system, answer_last=False)
         seen.add(user_prefixes(messages)[-1])
         head = {"prompt": messages[0]["content"]} if len(messages) == 1 else {"messages": messages}
-        records.append({"id": f"prompt-{len(records):04d}", **head, "task": turns[-1].task, "answer": turns[-1].answer})
+        records.append({"id": f"prompt-{len(records):04d}", **head, "task": turns[-1].task, "answer": turns[-1].answer,
+                        "phrasing": phrasing})
     return records
+
+
+def rephrase(turn: Turn, rng: random.Random, accept: Callable[[Turn], bool]) -> Turn:
+    """A new instance of ``turn``'s family asked in an "rl" paraphrase that ``accept`` takes (no reply)."""
+    family = "sort" if turn.task.startswith("sort") else turn.task
+    for _ in range(1000):
+        question, task, answer = paraphrased(family, "rl", rng)
+        candidate = Turn(question, "", task, answer)
+        if accept(candidate):
+            return candidate
+    raise RuntimeError(f"could not find a new '{family}' paraphrase after 1000 tries; enlarge the task space")
 
 
 def make_eval_prompts(rng: random.Random, n: int, avoid: set[str]) -> list[dict]:
@@ -514,8 +530,7 @@ def make_eval_prompts(rng: random.Random, n: int, avoid: set[str]) -> list[dict]
                 turn = families[family.name].first(rng)[0]
                 question, task, answer = turn.question, turn.task, turn.answer
             else:
-                question, answer = PARAPHRASES[family.name](rng)
-                task = _task_of(family.name, question)
+                question, task, answer = paraphrased(family.name, "eval", rng)
             if question not in seen:
                 break
         else:
@@ -524,13 +539,6 @@ def make_eval_prompts(rng: random.Random, n: int, avoid: set[str]) -> list[dict]
         records.append({"id": f"eval-{i:04d}", "prompt": question, "task": task, "answer": answer,
                         "phrasing": phrasing})
     return records
-
-
-def _task_of(family: str, question: str) -> str:
-    """The task name of a paraphrased question (the sort family has two)."""
-    if family != "sort":
-        return family
-    return "sort_ascending" if ("increasing" in question or "lowest to highest" in question) else "sort_descending"
 
 
 def questions_of(records: list[dict]) -> set[str]:

@@ -51,8 +51,9 @@ def usage() -> str:
     lines += [
         "",
         "Examples:",
-        "  python -m rlhf_pl +stage=sft                      # SmolLM2-135M on the embedded default data",
-        "  python -m rlhf_pl +stage=sft experiment=quick     # tiny random model, under a minute",
+        "  python -m rlhf_pl +stage=iterate                  # the whole recipe: SFT, 2 RLHF rounds, the eval table",
+        "  python -m rlhf_pl +stage=iterate experiment=quick # the same with a tiny random model, about a minute",
+        "  python -m rlhf_pl +stage=sft                      # one stage: SFT of SmolLM2-135M on the embedded data",
         "  python -m rlhf_pl +stage=sft --cfg job            # print the composed config",
         "  python -m rlhf_pl --help                          # config groups and their options",
     ]

@@ -185,11 +185,16 @@ def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft_
     ), gold_greedy
 
 
-def best_of_n_table(prompts: list[Prompt], a: Answers, gold: Any, ns: list[int]) -> list[dict[str, float]]:
-    """Gold and proxy score of the proxy-best of n SFT samples, and its analytic KL, for each n."""
+def best_of_n_table(prompts: list[Prompt], a: Answers, gold: Any, ns: list[int]) -> list[dict[str, float | None]]:
+    """Gold score, correct rate (over the prompts that carry an answer) and proxy score of the
+    proxy-best of n SFT samples, and its analytic KL, for each n."""
     gold_scores = [[gold.score(p, t) for t in texts] for p, texts in zip(prompts, a.sampled)]
+    keyed = [(p, proxy, texts) for p, proxy, texts in zip(prompts, a.proxy_sampled, a.sampled)
+             if p.meta.get("answer") is not None]
+    correct = [[float(match_answer(str(p.meta["answer"]), t).correct) for t in texts] for p, _, texts in keyed]
     return [{"n": n, "kl": best_of_n_kl(n), "sqrt_kl": math.sqrt(best_of_n_kl(n)),
              "gold": best_of_n(a.proxy_sampled, gold_scores, n),
+             "correct": best_of_n([proxy for _, proxy, _ in keyed], correct, n) if keyed else None,
              "proxy": best_of_n(a.proxy_sampled, a.proxy_sampled, n)} for n in ns]
 
 
@@ -289,7 +294,8 @@ def write_report(run_dir: Path, metrics: dict[str, PolicyMetrics], bon: list[dic
              "gold (sampled)": fmt(m.gold_sampled), "correct (sampled)": fmt(m.correct_sampled),
              "proxy (sampled)": fmt(m.proxy_sampled), "KL": fmt(m.kl), "win vs SFT": fmt(m.win_rate_vs_sft),
              "length": f"{m.length:.1f}", "EOS": fmt(m.eos_rate)} for name, m in metrics.items()]
-    bon_rows = [{"n": int(r["n"]), "KL": fmt(r["kl"]), "gold": fmt(r["gold"]), "proxy": fmt(r["proxy"])} for r in bon]
+    bon_rows = [{"n": int(r["n"]), "KL": fmt(r["kl"]), "gold": fmt(r["gold"]), "correct": fmt(r.get("correct")),
+                 "proxy": fmt(r["proxy"])} for r in bon]
     groups = sorted({g for m in metrics.values() for g in m.by_group})
     group_rows = [{"policy": name, **{f"{g} ({m.by_group[g]['prompts']} prompts)":
                                       pm(m.by_group[g]["correct_greedy"], m.by_group[g]["correct_greedy_ci"])

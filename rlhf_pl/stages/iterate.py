@@ -91,8 +91,9 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     for r in range(1, it.rounds + 1):
         step = f"round {r}/{it.rounds}"
         collect = lineage.run(cfg, r, "collect", step, {"policy": policy},
-                              {"collect.round": r, "seed": cfg.seed + r, **_budget("collect.num_prompts",
-                                                                                    it.collect_prompts)})
+                              {"collect.round": r, "seed": cfg.seed + r,
+                               **_budget("collect.num_prompts", it.collect_prompts),
+                               **_budget("sampler.temperature", it.collect_temperature)})
         comparisons.append(str(collect.output))
         so_far = merge_comparisons(root / f"round_{r}" / "comparisons_so_far.jsonl", comparisons)
         rm_init = sft if it.rm_init == "sft" or reward_model is None else reward_model
@@ -337,7 +338,7 @@ def plot_rounds(eval_json: Path, path: Path) -> Path:
     return plot_points(panels, path, title="RLHF rounds (round 0: the SFT policy)", xlabel="round")
 
 
-def _budget(key: str, value: Optional[int]) -> dict[str, int]:
+def _budget(key: str, value: Optional[float]) -> dict[str, float]:
     return {} if value is None else {key: value}
 
 
