@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 
 from rlhf_pl.config import register_configs
 from rlhf_pl.data.formats import Message, Prompt
-from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, win_rate
+from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, pairwise_agreement, win_rate
 from rlhf_pl.run import run_stage
 from rlhf_pl.stages.eval import correct_rate, group_figures, interval_95, policy_dirs
 
@@ -31,6 +31,14 @@ def test_best_of_n_takes_the_gold_score_of_the_proxy_best_of_the_first_n():
     assert best_of_n(proxy, gold, 3) == 40.0  # 20 and 60
     with pytest.raises(ValueError, match="best-of-4 needs >= 4 samples"):
         best_of_n(proxy, gold, 4)
+
+
+def test_pairwise_agreement_counts_pairs_the_gold_labeler_separates_and_proxy_ties_half():
+    # prompt 1: gold 2 > 1 > 0 — proxy orders (a,b) right, (a,c) right, (b,c) wrong: 2 of 3
+    # prompt 2: gold ties (no pair); prompt 3: gold 1 > 0, proxy tie: half
+    accuracy, pairs = pairwise_agreement([[0.9, 0.1, 0.5], [1.0, 2.0], [0.3, 0.3]], [[2, 1, 0], [1, 1], [1, 0]])
+    assert pairs == 4 and accuracy == pytest.approx(2.5 / 4)
+    assert math.isnan(pairwise_agreement([[1.0, 2.0]], [[0, 0]])[0]) and pairwise_agreement([[1.0]], [[0]])[1] == 0
 
 
 def test_win_rate_counts_ties_half():
@@ -101,6 +109,7 @@ def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread):
     assert {g: v["prompts"] for g, v in sft["by_group"].items()} == {"template": 2, "paraphrase": 2}
     assert [r["n"] for r in report["best_of_n"]] == [1, 2, 4]
     assert all(0.0 <= r["correct"] <= 1.0 for r in report["best_of_n"])
+    assert report["proxy_agreement"]["pairs"] >= 0
     assert [r["kl"] for r in report["best_of_n"]] == pytest.approx([best_of_n_kl(n) for n in (1, 2, 4)])
     proxies = [r["proxy"] for r in report["best_of_n"]]
     assert proxies == sorted(proxies)  # the proxy-best of more samples scores at least as high on the proxy

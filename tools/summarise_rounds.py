@@ -46,6 +46,8 @@ def row_of(root: Path) -> dict[str, Any]:
         row["best-of-16 correct gain"] = (bon[16]["correct"] - sft["correct_sampled"]
                                           if bon[16].get("correct") is not None else None)
         row["best-of-16 gold gain"] = bon[16]["gold"] - sft["gold_sampled"]
+    if report.get("proxy_agreement"):
+        row["last RM agreement with gold"] = report["proxy_agreement"]["accuracy"]
     for r, subs in sorted(rounds.items()):
         if "rm" in subs:
             row[f"RM {r} accuracy"] = subs["rm"]["metrics"].get("val_accuracy")

@@ -42,6 +42,26 @@ def win_rate(ours: Sequence[float], theirs: Sequence[float]) -> float:
     return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(ours, theirs)) / len(ours)
 
 
+def pairwise_agreement(proxy: Sequence[Sequence[float]], gold: Sequence[Sequence[float]]) -> tuple[float, int]:
+    """How often the proxy orders two answers to the same prompt as the gold labeler does: over
+    every pair with different gold scores, the fraction the proxy puts the gold-better one above
+    (a proxy tie counts half) — the reward model's accuracy on on-policy comparisons it never saw.
+    Shapes: P lists of answers' proxy scores and the P lists of their gold scores. Returns
+    (accuracy, pairs); (nan, 0) when no pair differs in gold."""
+    if len(proxy) != len(gold):
+        raise ValueError(f"pairwise_agreement needs equally many proxy and gold rows, got {len(proxy)} and {len(gold)}")
+    agree, pairs = 0.0, 0
+    for p, g in zip(proxy, gold):
+        for i in range(len(g)):
+            for j in range(i + 1, len(g)):
+                if g[i] == g[j]:
+                    continue
+                pairs += 1
+                diff = (p[i] - p[j]) * (1 if g[i] > g[j] else -1)
+                agree += 1.0 if diff > 0 else 0.5 if diff == 0 else 0.0
+    return (agree / pairs, pairs) if pairs else (math.nan, 0)
+
+
 class GaoFit(NamedTuple):
     """``gain(d) = d (alpha − beta f(d))`` with f(d) = d (best-of-n) or log d (RL); ``d = √KL``."""
 

@@ -38,7 +38,7 @@ from rlhf_pl.outputs import InputSpec, check_input, model_config_at
 from rlhf_pl.plugins.labelers import match_answer
 from rlhf_pl.precision import build_for_stage, inference_autocast
 from rlhf_pl.report import markdown_table, plot_points
-from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, win_rate
+from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, pairwise_agreement, win_rate
 from rlhf_pl.sampling import model_device, sample, sample_texts
 from rlhf_pl.stages import StageResult
 
@@ -198,6 +198,14 @@ def best_of_n_table(prompts: list[Prompt], a: Answers, gold: Any, ns: list[int])
              "proxy": best_of_n(a.proxy_sampled, a.proxy_sampled, n)} for n in ns]
 
 
+def proxy_agreement(prompts: list[Prompt], a: Answers, gold: Any) -> dict[str, Any]:
+    """The proxy reward model's pairwise accuracy against the gold labeler on the SFT policy's own
+    sampled answers to held-out prompts (:func:`rlhf_pl.rl.eval_metrics.pairwise_agreement`)."""
+    gold_scores = [[gold.score(p, t) for t in texts] for p, texts in zip(prompts, a.sampled)]
+    accuracy, pairs = pairwise_agreement(a.proxy_sampled, gold_scores)
+    return {"accuracy": accuracy if pairs else None, "pairs": pairs}
+
+
 def gao_fits(bon: list[dict[str, float]], policies: dict[str, PolicyMetrics]) -> dict[str, Any]:
     """Gao et al.'s forms of the gold gain over the SFT policy against d = √KL: d(α − βd) through the
     best-of-n points, d(α − β log d) through the RL policies' points (None where too few)."""
@@ -253,6 +261,7 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     metrics: dict[str, PolicyMetrics] = {}
     sft_gold = None
     bon: list[dict[str, float]] = []
+    agreement: dict[str, Any] = {"accuracy": None, "pairs": 0}
     with inference_autocast(precision, device):
         for name, path in dirs.items():
             if name == "sft":
@@ -266,12 +275,14 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
                                                         e.group_by)
             if name == "sft":
                 sft_gold, bon = greedy_gold, best_of_n_table(prompts, answers, gold, ns)
+                agreement = proxy_agreement(prompts, answers, gold)
             del model
     fits = gao_fits(bon, metrics)
     result = {"prompts": len(prompts), "source": e.prompts, "samples": e.samples, "temperature": sampler.temperature,
-              "policies": {name: asdict(m) for name, m in metrics.items()}, "best_of_n": bon, "fits": fits}
+              "policies": {name: asdict(m) for name, m in metrics.items()}, "best_of_n": bon, "fits": fits,
+              "proxy_agreement": agreement}
     write_json(run_dir / "eval.json", result)
-    table = write_report(run_dir, metrics, bon, fits, e.group_by)
+    table = write_report(run_dir, metrics, bon, fits, e.group_by, agreement)
     log.info("eval table:\n%s", table)
     last = metrics[list(metrics)[-1]]
     return StageResult({"eval": run_dir / "eval.json"}, {
@@ -281,11 +292,12 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
         "correct_greedy_by_group": {n: {g: v["correct_greedy"] for g, v in m.by_group.items()}
                                     for n, m in metrics.items()},
         "win_rate_vs_sft": {n: m.win_rate_vs_sft for n, m in metrics.items()},
-        "kl": {n: m.kl for n, m in metrics.items()}, "best_of_n_gold": {int(r["n"]): r["gold"] for r in bon}})
+        "kl": {n: m.kl for n, m in metrics.items()}, "best_of_n_gold": {int(r["n"]): r["gold"] for r in bon},
+        "proxy_agreement": agreement["accuracy"]})
 
 
 def write_report(run_dir: Path, metrics: dict[str, PolicyMetrics], bon: list[dict[str, float]],
-                 fits: dict[str, Any], group_by: str | None = None) -> str:
+                 fits: dict[str, Any], group_by: str | None = None, agreement: dict[str, Any] | None = None) -> str:
     """``eval.md`` (policies and best-of-n tables), TensorBoard text, and ``eval.png``."""
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     pm = lambda v, ci: "—" if v is None else f"{v:.3f} ± {ci:.3f}" if ci is not None else f"{v:.3f}"  # noqa: E731
@@ -302,8 +314,11 @@ def write_report(run_dir: Path, metrics: dict[str, PolicyMetrics], bon: list[dic
                                       for g in groups if g in m.by_group}} for name, m in metrics.items()]
     by_group = (f"## Correct rate of greedy answers by {group_by} (± 95% interval over prompts)\n\n"
                 f"{markdown_table(group_rows)}\n\n" if groups else "")
+    agrees = (f"The proxy reward model orders {agreement['pairs']} pairs of the SFT policy's sampled answers as the "
+              f"gold labeler does {fmt(agreement['accuracy'])} of the time (0.5: chance).\n\n"
+              if agreement and agreement["pairs"] else "")
     table = (f"## Policies\n\n{markdown_table(rows)}\n\n{by_group}## Best-of-n from the SFT policy\n\n"
-             f"{markdown_table(bon_rows)}\n")
+             f"{agrees}{markdown_table(bon_rows)}\n")
     write_text(run_dir / "eval.md", f"# Evaluation\n\n{table}")
     from torch.utils.tensorboard import SummaryWriter
 
