@@ -13,11 +13,12 @@ from typing import Callable
 
 def wait_for(predicate: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen) -> None:
     """Poll ``predicate`` until it holds; fail (killing ``proc`` on a time-out) if ``proc`` ends first
-    or ``timeout`` seconds pass. ``proc`` must have been started with ``stderr=PIPE``."""
+    or ``timeout`` seconds pass. With ``stderr=PIPE``, the failure shows the end of its stderr."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if proc.poll() is not None:
-            raise AssertionError(f"process ended (code {proc.returncode}) before {what}: {proc.stderr.read()[-3000:]}")
+            output = proc.stderr.read()[-3000:] if proc.stderr is not None else "(its output went to a file)"
+            raise AssertionError(f"process ended (code {proc.returncode}) before {what}: {output}")
         if time.monotonic() > deadline:
             proc.kill()
             raise AssertionError(f"timed out waiting for {what}")

@@ -42,10 +42,11 @@ def _alive(pid: int) -> bool:
 
 
 def _start(tmp_path: Path, name: str, *extra: str) -> subprocess.Popen:
+    """The loop, its output in files (a pipe nobody reads would fill and block it)."""
     args = [sys.executable, "-m", "rlhf_pl", *LOOP, f"paths.output_root={tmp_path / 'out'}",
             f"hydra.run.dir={tmp_path / name}", *extra]
-    return subprocess.Popen(args, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+    with open(tmp_path / f"{name}.out", "w") as out, open(tmp_path / f"{name}.err", "w") as err:
+        return subprocess.Popen(args, cwd=tmp_path, stdout=out, stderr=err, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
 
 
 def _kill_when(proc: subprocess.Popen, marker: Path, sub_dir: Path) -> None:
@@ -74,7 +75,8 @@ def test_two_rounds_killed_in_every_sub_stage_resume_without_redoing_or_losing_a
         for summary in run.glob("round_*/*/summary.json"):
             finished.setdefault(summary, summary.stat().st_mtime_ns)
     proc = _start(tmp_path, "resume_last", f"+resume={run}")
-    out, err = proc.communicate(timeout=600)
+    proc.wait(600)
+    out, err = (tmp_path / "resume_last.out").read_text(), (tmp_path / "resume_last.err").read_text()
     assert proc.returncode == 0, err[-4000:]
 
     for summary, mtime in finished.items():  # finished sub-stages were never run again

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,7 @@ def sampled_answers(model: Any, reference: Any, tokenizer: Any, prompt_ids: list
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     out: tuple[list, ...] = ([], [], [], [], [])
     per_batch = max(1, e.batch_size // n)
+    started = time.perf_counter()
     for start in range(0, len(prompt_ids), per_batch):
         ids, mask = pad_left(prompt_ids[start:start + per_batch], tokenizer.pad_token_id)
         c = sample(model, ids.to(device), mask.to(device), sampler, e.max_new_tokens, tokenizer, generator=generator,
@@ -108,6 +110,8 @@ def sampled_answers(model: Any, reference: Any, tokenizer: Any, prompt_ids: list
                    c.mask.sum(1).tolist(), c.ended.tolist())
         for target, values in zip(out, columns):
             target.extend(values[i:i + n] for i in range(0, len(values), n))
+        done = min(start + per_batch, len(prompt_ids))
+        log.info("sampled answers: %d/%d prompts × %d, %.0f s", done, len(prompt_ids), n, time.perf_counter() - started)
     return out  # type: ignore[return-value]
 
 

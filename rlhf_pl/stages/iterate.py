@@ -272,7 +272,7 @@ def _child_main(cfg: DictConfig, sub_dir: Path, inputs: dict[str, Path]) -> None
     """Entry point of a sub-stage's process: die with the loop, log to the console and the
     sub-stage's ``stage.log``, run the stage; a user error is written to ``error.txt``, exit 2."""
     _die_with_the_loop()
-    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(sub_dir / "stage.log")]
+    handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(sub_dir / "stage.log")]  # as Hydra logs
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format=f"[%(asctime)s][{cfg.stage}][%(name)s][%(levelname)s] - %(message)s")
     from rlhf_pl.run import run_stage
