@@ -85,13 +85,20 @@ def _prepare_training_process(cfg: DictConfig) -> bool:
 
 
 def peak_rss_mib() -> Optional[float]:
-    """This process's peak resident memory in MiB (None where the OS does not report it)."""
+    """This process's peak resident memory in MiB (None where the OS does not report it). Linux:
+    VmHWM of this program image (``ru_maxrss`` would also count the image before ``exec``, e.g. a
+    large parent that started it); elsewhere ``ru_maxrss``."""
+    status = Path("/proc/self/status")
+    if status.is_file():
+        for line in status.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)  # kB
     try:
         import resource
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # macOS: bytes; Linux: KiB
+    return round(peak / (2**20 if sys.platform == "darwin" else 2**10), 1)  # macOS: bytes; else KiB
 
 
 def _quiet_library_logging() -> None:

@@ -219,8 +219,9 @@ def test_learning_score_rises_and_kl_stays_near_target_with_adaptive_controller(
     assert first < 2.0 and last > first + 0.5, (first, last)  # the policy emits more target tokens
     settled = h["kl"][5:]
     assert target_kl / 2 < sum(settled) / len(settled) < 2 * target_kl, settled  # held around the target
-    assert max(h["beta"]) > 1.2 * beta0  # β rose while the KL was above the target ...
-    assert h["beta"][-1] < max(h["beta"])  # ... and came back down once it was below
+    assert max(h["beta"]) > 1.2 * beta0  # the KL was above the target long enough for β to rise by 20%
+    # every update moved β towards holding the target: up after a KL above it, down after one below
+    assert all((after > before) == (kl > target_kl) for kl, before, after in zip(h["kl"], h["beta"], h["beta"][1:]))
     assert summary["final_score"] > first and all(a == 0.0 for a in h["approx_kl_first"])
 
 

@@ -441,7 +441,7 @@ def test_the_ppo_stage_update_loop_runs_with_models_held_per_strategy(tmp_path, 
     policy_before = frozen_state(policy)
     trainable_before = adapters.trainable_state_dict(policy)
 
-    models = PPOModels(policy, reference, reward, critic, None, tok, "tiny", "tiny + linear head")
+    models = PPOModels(policy, reference, reward, critic, None, tok, "tiny", "tiny + linear head", "tiny")
     ppo = PPOConfig(updates=2, batch_size=4, max_new_tokens=6, ppo_epochs=2, sample_every=100, checkpoint_every=2)
     prompts = load_prompts("embedded:prompts", limit=16)
     module = PPOModule(models, ppo, registry.build_by_name("samplers", "temperature"),
