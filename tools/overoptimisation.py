@@ -57,6 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=0.25, help="fraction of those rankings made random")
     parser.add_argument("--updates", type=int, default=48, help="PPO updates")
     parser.add_argument("--beta", type=float, default=0.005, help="fixed KL coefficient (weak: the policy travels)")
+    parser.add_argument("--lr", type=float, default=1e-4, help="ppo.policy_optim.lr (5x the default: it travels)")
     parser.add_argument("--eval-every", type=int, default=8, help="measure gold and proxy every N updates")
     parser.add_argument("--prompts", type=int, default=32, help="held-out prompts (embedded:eval_prompts)")
     parser.add_argument("--samples", type=int, default=2, help="sampled answers per prompt at each measurement")
@@ -212,7 +213,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     rm = run_stage(rm_cfg, out_dir / "rm", {"init": sft}, record=False).outputs["reward_model"]
 
     ppo_cfg = compose(args, "ppo", ["kl_controller=fixed", f"kl_controller.beta={args.beta}",
-                                    f"ppo.updates={args.updates}", f"ppo.checkpoint_every={args.updates}"])
+                                    f"ppo.policy_optim.lr={args.lr}", f"ppo.updates={args.updates}",
+                                    f"ppo.checkpoint_every={args.updates}"])
     prompts = load_prompts(ppo_cfg.eval.prompts, limit=args.prompts)
     tracker = GoldTracker(ppo_cfg, prompts, args.eval_every, args.samples)
     run_stage(ppo_cfg, out_dir / "ppo", {"policy": sft, "reward_model": rm}, record=False,
