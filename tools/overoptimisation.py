@@ -23,6 +23,7 @@ Figures and the command that made them: docs/results.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import random
 import sys
@@ -195,6 +196,7 @@ def report(out_dir: Path, points: list[Point], fitted: dict[str, Any], settings:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     from rlhf_pl import outputs
     from rlhf_pl.data.formats import load_prompts
     from rlhf_pl.io import write_jsonl
