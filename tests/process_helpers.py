@@ -38,6 +38,12 @@ class Installed:
         return subprocess.run([sys.executable, *args], cwd=cwd, env=self.env, capture_output=True, text=True,
                               timeout=timeout)
 
+    def listed_rows(self, name: str, cwd: Path) -> list[str]:
+        """The rows of ``python -m rlhf_pl.plugins`` (which must succeed) that name plugin ``name``."""
+        proc = self.run("-m", "rlhf_pl.plugins", cwd=cwd)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return [line for line in proc.stdout.splitlines() if f" {name} " in line]
+
 
 def install_plugin(src: Path, root: Path) -> Installed:
     """pip-install the package at ``src`` into ``root/site`` (``--target``; never into the test

@@ -35,10 +35,8 @@ def test_not_visible_without_the_install(tmp_path):
 
 
 def test_listed_with_its_package(installed, tmp_path):
-    proc = installed.run("-m", "rlhf_pl.plugins", cwd=tmp_path)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    rows = [line for line in proc.stdout.splitlines() if " gated " in line]
-    assert len(rows) == 1 and "reward_head" in rows[0], proc.stdout
+    rows = installed.listed_rows("gated", tmp_path)
+    assert len(rows) == 1 and "reward_head" in rows[0], rows
     assert any(name in rows[0] for name in DIST_NAMES), rows[0]
 
 

@@ -79,12 +79,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def noisy_rankings(source: str, n: int, noise: float, seed: int) -> list[dict[str, Any]]:
     """The first ``n`` records of ``source``; a seeded fraction ``noise`` of them get a random
     permutation as their ranking (best first, no ties)."""
-    from rlhf_pl.data.formats import load_rankings, read_records
+    from rlhf_pl.data.formats import ranking_records
 
-    load_rankings(source, limit=n)  # a clear error for a bad file, before anything is written
-    rng = random.Random(seed)
-    return [_shuffled(dict(raw.value), rng) if rng.random() < noise else dict(raw.value)
-            for raw in read_records(source, limit=n)]
+    rng = random.Random(seed)  # a bad file is a clear error, before anything is written
+    return [_shuffled(dict(record), rng) if rng.random() < noise else dict(record)
+            for record in ranking_records(source, limit=n)]
 
 
 def _shuffled(record: dict[str, Any], rng: random.Random) -> dict[str, Any]:

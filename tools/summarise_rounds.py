@@ -57,11 +57,10 @@ def row_of(root: Path) -> dict[str, Any]:
 
 
 def _seed(root: Path) -> Any:
+    from omegaconf import OmegaConf
+
     config = root / "config.yaml"
-    for line in config.read_text().splitlines() if config.is_file() else []:
-        if line.startswith("seed:"):
-            return int(line.split(":", 1)[1])
-    return None
+    return OmegaConf.load(config).get("seed") if config.is_file() else None
 
 
 def table(rows: list[dict[str, Any]]) -> str:

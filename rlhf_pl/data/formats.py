@@ -462,6 +462,14 @@ def load_rankings(source: str, *, split: str = "train", limit: int | None = None
     return _validate(read_records(source, split=split, limit=limit), source, parse_ranking)
 
 
+def ranking_records(source: str, *, split: str = "train", limit: int | None = None) -> list[Any]:
+    """The records of ``source`` as read (JSON objects, to be copied elsewhere), after validating
+    them as :func:`load_rankings` does; the source is read once."""
+    raw = read_records(source, split=split, limit=limit)
+    _validate(raw, source, parse_ranking)
+    return [r.value for r in raw]
+
+
 def check_rankings(records: Sequence[Any], label: str) -> list[Ranking]:
     """``records`` (JSON-ready objects about to be written to ``label``, one a line) validated as
     :func:`load_rankings` will read them back; a bad one is a DataError naming ``label:<line>``."""

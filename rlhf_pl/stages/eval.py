@@ -176,23 +176,24 @@ def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft_
     gold_greedy = [gold.score(p, t) for p, t in zip(prompts, a.greedy)]
     gold_sampled = [gold.score(p, t) for p, texts in zip(prompts, a.sampled) for t in texts[:n]]
     kl = _mean([v for row in a.kl for v in row[:n]])
+    greedy = greedy_figures(prompts, a.greedy, gold_greedy)
     return PolicyMetrics(
-        path=path, gold_greedy=_mean(gold_greedy), gold_sampled=_mean(gold_sampled),
-        correct_greedy=correct_rate(prompts, [[t] for t in a.greedy]),
+        path=path, gold_greedy=greedy["gold_greedy"], gold_sampled=_mean(gold_sampled),
+        correct_greedy=greedy["correct_greedy"],
         correct_sampled=correct_rate(prompts, [texts[:n] for texts in a.sampled]),
         proxy_greedy=_mean(a.proxy_greedy), proxy_sampled=_mean([v for row in a.proxy_sampled for v in row[:n]]),
         kl=kl, sqrt_kl=math.sqrt(max(kl, 0.0)), length=_mean([float(v) for row in a.length for v in row[:n]]),
         eos_rate=_mean([float(v) for row in a.ended for v in row[:n]]),
         win_rate_vs_sft=win_rate(gold_greedy, sft_greedy_gold) if sft_greedy_gold is not None else 0.5,
-        correct_greedy_ci=greedy_figures(prompts, a.greedy, gold_greedy)["correct_greedy_ci"],
+        correct_greedy_ci=greedy["correct_greedy_ci"],
         by_group=group_figures(prompts, a.greedy, gold_greedy, group_by),
     ), gold_greedy
 
 
-def best_of_n_table(prompts: list[Prompt], a: Answers, gold: Any, ns: list[int]) -> list[dict[str, float | None]]:
-    """Gold score, correct rate (over the prompts that carry an answer) and proxy score of the
-    proxy-best of n SFT samples, and its analytic KL, for each n."""
-    gold_scores = [[gold.score(p, t) for t in texts] for p, texts in zip(prompts, a.sampled)]
+def best_of_n_table(prompts: list[Prompt], a: Answers, gold_scores: list[list[float]],
+                    ns: list[int]) -> list[dict[str, float | None]]:
+    """Gold score (``gold_scores``: of every sampled answer), correct rate (over the prompts that
+    carry an answer) and proxy score of the proxy-best of n SFT samples, and its analytic KL, for each n."""
     keyed = [(p, proxy, texts) for p, proxy, texts in zip(prompts, a.proxy_sampled, a.sampled)
              if p.meta.get("answer") is not None]
     correct = [[float(match_answer(str(p.meta["answer"]), t).correct) for t in texts] for p, _, texts in keyed]
@@ -202,10 +203,10 @@ def best_of_n_table(prompts: list[Prompt], a: Answers, gold: Any, ns: list[int])
              "proxy": best_of_n(a.proxy_sampled, a.proxy_sampled, n)} for n in ns]
 
 
-def proxy_agreement(prompts: list[Prompt], a: Answers, gold: Any) -> dict[str, Any]:
-    """The proxy reward model's pairwise accuracy against the gold labeler on the SFT policy's own
-    sampled answers to held-out prompts (:func:`rlhf_pl.rl.eval_metrics.pairwise_agreement`)."""
-    gold_scores = [[gold.score(p, t) for t in texts] for p, texts in zip(prompts, a.sampled)]
+def proxy_agreement(a: Answers, gold_scores: list[list[float]]) -> dict[str, Any]:
+    """The proxy reward model's pairwise accuracy against the gold labeler (``gold_scores`` of every
+    sampled answer) on the SFT policy's own sampled answers to held-out prompts
+    (:func:`rlhf_pl.rl.eval_metrics.pairwise_agreement`)."""
     accuracy, pairs = pairwise_agreement(a.proxy_sampled, gold_scores)
     return {"accuracy": accuracy if pairs else None, "pairs": pairs}
 
@@ -278,8 +279,9 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
             metrics[name], greedy_gold = policy_metrics(str(path), prompts, answers, gold, sft_gold, e.samples,
                                                         e.group_by)
             if name == "sft":
-                sft_gold, bon = greedy_gold, best_of_n_table(prompts, answers, gold, ns)
-                agreement = proxy_agreement(prompts, answers, gold)
+                pool_gold = [[gold.score(p, t) for t in texts] for p, texts in zip(prompts, answers.sampled)]
+                sft_gold, bon = greedy_gold, best_of_n_table(prompts, answers, pool_gold, ns)
+                agreement = proxy_agreement(answers, pool_gold)
             del model
     fits = gao_fits(bon, metrics)
     result = {"prompts": len(prompts), "source": e.prompts, "samples": e.samples, "temperature": sampler.temperature,

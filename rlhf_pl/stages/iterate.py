@@ -22,6 +22,7 @@ ever written whole (atomically), so none is lost or duplicated. Settings: ``iter
 """
 from __future__ import annotations
 
+import json
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -40,6 +41,7 @@ from rlhf_pl.errors import ConfigError, InputError, UserError
 from rlhf_pl.io import read_json_or_none, write_json, write_jsonl, write_text
 from rlhf_pl.outputs import InputSpec
 from rlhf_pl.report import markdown_table, plot_points
+from rlhf_pl.run import peak_rss_mib, run_stage
 from rlhf_pl.stages import StageResult
 
 log = logging.getLogger(__name__)
@@ -112,7 +114,7 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
 
     table = final_report(root, lineage, last_eval)
     print(table, flush=True)  # the headline a user waits for, on stdout whatever the log level
-    lineage.memory["orchestrator_peak_rss_mib"] = _peak_rss_mib()
+    lineage.memory["orchestrator_peak_rss_mib"] = peak_rss_mib()
     lineage.save()
     metrics = {"rounds": it.rounds, "run": str(root), "memory": lineage.memory,
                **{k: v for k, v in (last_eval.metrics if last_eval else {}).items() if k == "objective"}}
@@ -159,13 +161,10 @@ def sft_policy(cfg: DictConfig, root: Path, inputs: Any, lineage: Lineage) -> Pa
 def merge_comparisons(path: Path, sources: list[str]) -> Path:
     """Every ranking of ``sources`` (files or embedded names) in one JSONL file, in order, each
     source checked by the reward model's data validation first."""
-    from rlhf_pl.data.formats import load_rankings, read_records
+    from rlhf_pl.data.formats import ranking_records
 
-    records: list[Any] = []
-    for source in sources:
-        load_rankings(source)  # a clear error naming the file and record, before anything is written
-        records.extend(r.value for r in read_records(source))
-    return write_jsonl(path, records)
+    # a bad source is a clear error naming the file and record, before anything is written
+    return write_jsonl(path, [record for source in sources for record in ranking_records(source)])
 
 
 # --- the lineage: rounds.json and the sub-stages' processes ------------------------------------------------
@@ -275,8 +274,6 @@ def _child_main(cfg: DictConfig, sub_dir: Path, inputs: dict[str, Path]) -> None
     handlers = [logging.StreamHandler(sys.stdout), logging.FileHandler(sub_dir / "stage.log")]  # as Hydra logs
     logging.basicConfig(level=logging.INFO, handlers=handlers, force=True,
                         format=f"[%(asctime)s][{cfg.stage}][%(name)s][%(levelname)s] - %(message)s")
-    from rlhf_pl.run import run_stage
-
     try:
         run_stage(cfg, sub_dir, inputs)
     except UserError as err:
@@ -327,8 +324,6 @@ def final_report(root: Path, lineage: Lineage, last_eval: Optional[SubStage]) ->
 def plot_rounds(eval_json: Path, path: Path) -> Path:
     """Gold (greedy and sampled), proxy (the last reward model) and KL to the SFT policy of the
     policy of each round, from the last eval: round 0 is the SFT policy."""
-    import json
-
     policies = json.loads(eval_json.read_text())["policies"]
     xs = list(range(len(policies)))  # sft, round_1, round_2, … in that order
     get = lambda key: [policies[name][key] for name in policies]  # noqa: E731
@@ -350,9 +345,3 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
     return {prefix[:-1]: tree}
-
-
-def _peak_rss_mib() -> Optional[float]:
-    from rlhf_pl.run import peak_rss_mib
-
-    return peak_rss_mib()
