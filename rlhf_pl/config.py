@@ -279,6 +279,37 @@ class IterateConfig:
 
 
 @dataclass
+class AppConfig:
+    """``app.*``, read by ``+stage=app``: the feedback web app (:mod:`rlhf_pl.app`). It serves the
+    latest policy to chat with, suggests replies to trainers writing demonstrations, and hands out
+    ranking tasks; everything is stored in one database. ``app.add_user=<name>`` creates an account
+    (the password is read from the terminal, or from the first line of stdin) and exits.
+    """
+
+    host: str = "127.0.0.1"  # the address to listen on (0.0.0.0: every interface; put HTTPS in front)
+    port: int = setting(8000, ge=0, le=65535)  # 0: any free port (the address is printed)
+    # null: sqlite:///<paths.output_root>/app/app.db (WAL); or a SQLAlchemy URL, e.g. postgresql://user@host/db
+    database_url: Optional[str] = None
+    # the policy served: "auto" (the latest PPO output, else SFT output, else model.* itself), "base" or a model dir
+    serve_from: str = "auto"
+    # the key that signs session cookies; null: <paths.output_root>/app/secret_key, made on first start (mode 0600)
+    secret_key_file: Optional[str] = None
+    secure_cookies: bool = False  # cookies only over HTTPS (set it when the app is behind TLS)
+    session_hours: float = setting(12.0, gt=0)  # a login lasts this long
+    max_new_tokens: int = setting(96, ge=1)  # tokens per answer or suggestion at most
+    max_batch: int = setting(8, ge=1)  # sequences the inference worker generates together
+    batch_window_ms: float = setting(20.0, ge=0)  # the worker waits this long for more requests to batch with
+    suggestions: int = setting(3, ge=1, le=8)  # model suggestions per request when writing a demonstration
+    overlap: int = setting(1, ge=1, le=16)  # labelers each ranking task is given to (never twice to one)
+    max_k: int = setting(9, ge=2, le=16)  # completions a ranking task may have at most
+    max_message_chars: int = setting(4000, ge=1)  # characters per message, reason or suggestion
+    max_request_kb: int = setting(256, ge=1)  # request bodies above this are refused (413)
+    submissions_per_minute: int = setting(120, ge=1)  # per user: messages, rankings, demonstrations, ratings
+    add_user: Optional[str] = None  # create this account and exit (see the class docstring)
+    role: str = setting("labeler", choices=("admin", "labeler"))  # the role app.add_user gets
+
+
+@dataclass
 class PPOConfig:
     """``ppo.*``, read by ``+stage=ppo``: PPO against the reward model with a KL penalty to the frozen
     SFT policy (Ziegler et al. 2019, Stiennon et al. 2020, InstructGPT). The KL coefficient's
@@ -377,6 +408,7 @@ class Config:
     collect: CollectConfig = field(default_factory=CollectConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     iterate: IterateConfig = field(default_factory=IterateConfig)
+    app: AppConfig = field(default_factory=AppConfig)
     # Plugin groups: the schema is the chosen plugin's config dataclass.
     precision: Any = MISSING
     sampler: Any = MISSING

@@ -19,13 +19,15 @@ Shapes: ``b`` batch, ``p`` prompt length (padded), ``n`` generated tokens, ``t =
 from __future__ import annotations
 
 import inspect
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
 from rlhf_pl.plugins.samplers import Sampler
+
+OnToken = Callable[[Tensor, Tensor], Optional[Tensor]]  # (tokens (b,), ended (b,)) -> rows to end now, or None
 
 
 class Generation(NamedTuple):
@@ -113,6 +115,7 @@ def generate(
     generator: Optional[torch.Generator] = None,
     *,
     num_samples: int = 1,
+    on_token: Optional[OnToken] = None,
 ) -> Generation:
     """Sample up to ``max_new_tokens`` tokens per prompt with the KV cache, ``num_samples`` (K) per prompt.
 
@@ -124,6 +127,10 @@ def generate(
     the last logits (b, v), the mask (b, p) and the model's KV cache are then repeated to b·K rows
     (the cache with transformers' ``DynamicCache.batch_repeat_interleave``; another cache type is a
     TypeError) and each of the n steps runs on b·K rows. K = 1 is the plain loop.
+
+    ``on_token(tokens, ended)``, if given, is called after every step with that step's tokens (b·K,)
+    and the rows ended so far (b·K,) bool; it may return a (b·K,) bool tensor of rows to end now
+    (a streaming caller stops cancelled requests this way) or None.
     """
     _check_prompt(prompt_ids, prompt_mask)
     if max_new_tokens < 1:
@@ -134,7 +141,7 @@ def generate(
     model.eval()
     try:
         return _sample_loop(model, prompt_ids, prompt_mask.long(), sampler, max_new_tokens,
-                            eos_token_id, pad_token_id, generator, num_samples)
+                            eos_token_id, pad_token_id, generator, num_samples, on_token)
     finally:
         model.train(was_training)
 
@@ -152,7 +159,7 @@ def _repeat_cache(cache: Any, repeats: int) -> Any:
 
 def _sample_loop(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator],
-                 num_samples: int = 1) -> Generation:
+                 num_samples: int = 1, on_token: Optional[OnToken] = None) -> Generation:
     """Prefill the prompts, repeat the result K = ``num_samples`` times if K > 1, then one cached step
     per token. prompt_ids, prompt_mask (b, p) -> Generation with b·K rows."""
     p = prompt_ids.shape[1]
@@ -168,6 +175,8 @@ def _sample_loop(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: S
         tokens.append(next_tokens)
         mask = torch.cat([mask, (~ended).long().unsqueeze(-1)], dim=-1)  # the new token counts unless already ended
         ended = ended | (next_tokens == eos_token_id)
+        if on_token is not None and (stop := on_token(next_tokens, ended)) is not None:
+            ended = ended | stop.to(ended.device)
         if bool(ended.all()) or step == max_new_tokens - 1:
             break
         logits, cache = _step(model, next_tokens.unsqueeze(-1), mask, cache, keep_last=True)

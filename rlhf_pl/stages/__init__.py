@@ -25,6 +25,7 @@ STAGES: dict[str, tuple[str, str]] = {
     "ppo": ("rlhf_pl.stages.ppo", "PPO against the reward model with a KL penalty to the SFT policy"),
     "eval": ("rlhf_pl.stages.eval", "the policies against a gold labeler: gold, proxy, KL, win rate, best-of-n"),
     "iterate": ("rlhf_pl.stages.iterate", "the loop: SFT, then rounds of collect → rm → ppo → eval"),
+    "app": ("rlhf_pl.stages.app", "the feedback web app: chat, demonstrations with suggestions, ranking, admin"),
 }
 
 
