@@ -1,0 +1,97 @@
+"""Browser-test harness: the app on a real loopback server, driven in Debian's Chromium by Playwright.
+
+Playwright's own browser download is not used: ``executable_path`` points at the system Chromium
+(``/usr/bin/chromium``, Debian's ``chromium`` package; ``RLHF_PL_CHROMIUM`` overrides it). A
+machine without it fails these tests, saying how to install it: they are never skipped.
+
+Fixtures: ``live_app`` (a started uvicorn server on 127.0.0.1 with a worker on the tiny model and
+a fresh SQLite database; ``.url``, ``.harness``), ``browser`` (one Chromium per test session),
+``page`` (a fresh browser context per test). :func:`log_in` logs a page in.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from app_helpers import PASSWORD, Harness, make_harness, make_worker, wait_until
+
+
+def chromium_path() -> str:
+    path = os.environ.get("RLHF_PL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    if not os.path.exists(path):
+        pytest.fail("the browser tests need Chromium: apt-get install chromium (Debian's package; .ci/run does it) "
+                    "or RLHF_PL_CHROMIUM=<path to a Chromium binary>")
+    return path
+
+
+@dataclass
+class LiveApp:
+    url: str
+    harness: Harness
+    server: Any
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.harness.close()
+
+
+def serve(harness: Harness) -> LiveApp:
+    """Run ``harness.app`` on uvicorn in a thread, on a free loopback port; returns once it listens."""
+    import uvicorn
+
+    from rlhf_pl.stages.app import listen
+
+    sock = listen("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(harness.app, log_level="warning", access_log=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started, 30, "the app server to start")
+    return LiveApp(f"http://127.0.0.1:{port}", harness, server, thread)
+
+
+@pytest.fixture()
+def live_app(tmp_path, tiny_model, tiny_tokenizer):
+    worker = make_worker(tiny_model, tiny_tokenizer, max_new_tokens=24)
+    app = serve(make_harness(f"sqlite:///{tmp_path / 'app.db'}", worker, policy="tiny-policy"))
+    yield app
+    app.stop()
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    path = chromium_path()
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=path, headless=True,
+                                              args=["--no-sandbox", "--disable-dev-shm-usage"])
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture()
+def page(browser):
+    context = browser.new_context(viewport={"width": 1200, "height": 900})
+    context.set_default_timeout(20_000)
+    tab = context.new_page()
+    errors: list[str] = []
+    tab.on("pageerror", lambda err: errors.append(str(err)))
+    tab.js_errors = errors  # a test asserts the page ran without JavaScript errors
+    yield tab
+    context.close()
+
+
+def log_in(page: Any, base_url: str, name: str, password: str = PASSWORD, landing: str = "/chat") -> None:
+    """Log ``page`` in through the login form; waits for ``landing`` (where ``/`` leads: the chat page)."""
+    page.goto(f"{base_url}/login")
+    page.fill("#username", name)
+    page.fill("#password", password)
+    page.click("#login-button")
+    page.wait_for_url(f"{base_url}{landing}**")
