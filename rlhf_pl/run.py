@@ -46,12 +46,11 @@ def run_stage(cfg: DictConfig, run_dir: Optional[Path] = None, inputs: Optional[
     """Run stage ``cfg.stage`` in ``run_dir`` (default: Hydra's, else a new one) on ``inputs``
     (name -> path; the rest resolved from the config and the output index); write ``config.yaml``
     and ``summary.json`` (with the process's peak memory); with ``record``, record its outputs as
-    the latest of this model. A stage that only orchestrates others in their own processes
-    (``ORCHESTRATOR = True``: iterate) is run without importing Lightning or torch here."""
+    the latest of this model. A stage that trains nothing (``USES_LIGHTNING = False``: iterate, whose
+    sub-stages run in their own processes, and the app) is run without importing Lightning here."""
     validate_config(cfg)  # before the heavy imports: a bad value fails at once
     module = stage_module(cfg.stage)
-    orchestrator = getattr(module, "ORCHESTRATOR", False)
-    rank_zero = True if orchestrator else _prepare_training_process(cfg)
+    rank_zero = _prepare_training_process(cfg) if getattr(module, "USES_LIGHTNING", True) else True
     run_dir = Path(run_dir) if run_dir is not None else current_run_dir(cfg)
     write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run directory: %s", run_dir.resolve())

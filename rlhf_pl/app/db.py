@@ -21,6 +21,7 @@ Tables:
 from __future__ import annotations
 
 import contextlib
+import logging
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -179,6 +180,7 @@ def default_url(output_root: str | Path) -> str:
     """``sqlite:///<output_root>/app/app.db`` (the directory is made)."""
     folder = Path(output_root).expanduser().absolute() / "app"
     folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o700)  # it holds password hashes and the session key
     return f"sqlite:///{folder / 'app.db'}"
 
 
@@ -225,6 +227,7 @@ def migrate(engine: Engine) -> None:
     from alembic import command
     from alembic.config import Config as AlembicConfig
 
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # no INFO line per plugin at every start
     config = AlembicConfig()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with engine.begin() as connection:

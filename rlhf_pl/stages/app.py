@@ -27,6 +27,7 @@ from rlhf_pl.stages import StageResult
 
 log = logging.getLogger(__name__)
 
+USES_LIGHTNING = False  # run_stage needs no Lightning here: the worker seeds its own generator (seed)
 INPUTS = {
     "policy": InputSpec("app.serve_from", stage="ppo", output="policy", marker="config.json",
                         fallback=(("sft", "model"),), required=False),

@@ -46,7 +46,7 @@ from rlhf_pl.stages import StageResult
 
 log = logging.getLogger(__name__)
 
-ORCHESTRATOR = True  # run_stage runs it without Lightning or torch: its sub-stages hold the models
+USES_LIGHTNING = False  # run_stage runs it without Lightning or torch: its sub-stages hold the models
 INPUTS = {"sft": InputSpec("iterate.sft_from", stage="sft", output="model", marker="config.json", required=False)}
 OUTPUT_OF = {"sft": "model", "collect": "comparisons", "rm": "reward_model", "ppo": "policy", "eval": "eval"}
 ROUNDS_FILE = "rounds.json"
