@@ -164,6 +164,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any, ready: Optional[Any] = None
         ready(host, port)
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down cleanly on Ctrl-C / SIGTERM, then re-raises the signal
+        log.info("feedback app stopped")
     finally:
         worker.stop()
         db.dispose()
