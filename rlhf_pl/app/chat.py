@@ -29,7 +29,7 @@ The two streaming routes answer ``application/x-ndjson``, one JSON object a line
 
 or, instead of ``done``, a last ``{"error": "<one sentence>"}`` (nothing stored). The deltas add up to
 the stored answer (leading and trailing white space, which the worker strips, is never sent; a NUL
-character, which PostgreSQL cannot store, is sent and stored as U+FFFD). Text sent in (content,
+character, which PostgreSQL cannot store, comes from the worker as U+FFFD). Text sent in (content,
 reason, title) with a NUL character or an unpaired surrogate is refused (422).
 ``truncated``: the answer ran into ``app.max_new_tokens``. A replayed answer (a retry, below) comes as
 one text event, and its ``start`` and ``done`` say ``"repeated": true`` (``done`` without ``truncated``,
@@ -143,12 +143,6 @@ def checked_text(name: str, text: str, limit: int, setting: Optional[str] = None
     except UnicodeEncodeError:
         raise HTTPException(422, f"{name}: contains an unpaired surrogate (not valid Unicode text)") from None
     return text
-
-
-def storable(text: str) -> str:
-    """Model text as it can be stored: a NUL character (a tiny or broken model emits them; PostgreSQL
-    text cannot hold them) becomes U+FFFD, like the bytes that are not UTF-8."""
-    return text.replace("\x00", "\ufffd")
 
 
 def title_from(content: str, limit: int = TITLE_CHARS) -> str:
@@ -442,14 +436,14 @@ async def answer_events(plan: Plan, stream: Stream, store: Callable[[str], dict[
         yield line(plan.start)
         async for event in stream:
             if "text" in event:
-                delta = trimmed.add(storable(event["text"]))
+                delta = trimmed.add(event["text"])
                 if delta:
                     yield line({"text": delta})
             elif "error" in event:
                 yield line({"error": str(event["error"])})
                 return
             elif event.get("done"):
-                text = storable(event["texts"][0]).strip()
+                text = event["texts"][0].strip()
                 if not text:
                     yield line({"error": EMPTY_ANSWER})
                     return

@@ -187,6 +187,11 @@ class InferenceWorker:
             rows += nxt.n
         return batch
 
+    def _decode(self, tokens: list[int]) -> str:
+        """Text as it can be stored anywhere: a NUL (random or broken models emit them; PostgreSQL text
+        cannot hold one) becomes U+FFFD, as bytes that are not UTF-8 do."""
+        return self.tokenizer.decode(tokens, skip_special_tokens=True).replace("\x00", "\ufffd")
+
     def _generate(self, batch: list[_Request]) -> None:
         if not batch:
             return
@@ -211,7 +216,7 @@ class InferenceWorker:
                     row.ended = True
                     continue
                 row.tokens.append(token)
-                text = self.tokenizer.decode(row.tokens, skip_special_tokens=True)
+                text = self._decode(row.tokens)
                 if not text.endswith("\ufffd"):  # a multi-byte character still incomplete: wait for its rest
                     delta, row.text = text[len(row.text):], text
                     if delta:
@@ -229,6 +234,6 @@ class InferenceWorker:
                 self.stats.cancelled += 1
                 continue
             own = [r for r in rows if r.request is request]
-            texts = [self.tokenizer.decode(r.tokens, skip_special_tokens=True).strip() for r in own]
+            texts = [self._decode(r.tokens).strip() for r in own]
             request.stream.put({"done": True, "texts": texts,
                                 "ended": [len(r.tokens) < request.max_new_tokens for r in own]})
