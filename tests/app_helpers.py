@@ -157,14 +157,14 @@ def login(client: Any, name: str, password: str = PASSWORD) -> Any:
     return client
 
 
-def make_worker(model: Any, tokenizer: Any, **kwargs: Any) -> Any:
-    """A started worker on ``model`` with the temperature-1 sampler."""
+def make_worker(model: Any, tokenizer: Any, sampler: Any = None, **kwargs: Any) -> Any:
+    """A started worker on ``model`` with ``sampler`` (default: the temperature-1 sampler)."""
     from rlhf_pl import registry
     from rlhf_pl.app.worker import InferenceWorker
 
     kwargs.setdefault("max_new_tokens", 16)
-    worker = InferenceWorker(model, tokenizer, registry.build_by_name("samplers", "temperature", temperature=1.0),
-                             **kwargs)
+    sampler = sampler or registry.build_by_name("samplers", "temperature", temperature=1.0)
+    worker = InferenceWorker(model, tokenizer, sampler, **kwargs)
     worker.start()
     return worker
 

@@ -13,11 +13,14 @@ from __future__ import annotations
 import os
 import shutil
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
 from app_helpers import PASSWORD, Harness, make_harness, make_worker, wait_until
+
+from rlhf_pl.plugins.samplers import NoEOSSampler
 
 
 def chromium_path() -> str:
@@ -56,10 +59,20 @@ def serve(harness: Harness) -> LiveApp:
     return LiveApp(f"http://127.0.0.1:{port}", harness, server, thread)
 
 
+class SlowSampler(NoEOSSampler):
+    """Never EOS (answers are never empty) and 10 ms per token, so a browser sees an answer stream in
+    many pieces rather than in one read."""
+
+    def sample(self, logits: Any, generator: Any = None) -> Any:
+        time.sleep(0.01)
+        return super().sample(logits, generator)
+
+
 @pytest.fixture()
 def live_app(tmp_path, tiny_model, tiny_tokenizer):
-    worker = make_worker(tiny_model, tiny_tokenizer, max_new_tokens=24)
-    app = serve(make_harness(f"sqlite:///{tmp_path / 'app.db'}", worker, policy="tiny-policy"))
+    worker = make_worker(tiny_model, tiny_tokenizer, SlowSampler(1.0, tiny_tokenizer.eos_token_id),
+                         max_new_tokens=40)
+    app = serve(make_harness(f"sqlite:///{tmp_path / 'app.db'}", worker, policy="tiny-policy", max_new_tokens=40))
     yield app
     app.stop()
 

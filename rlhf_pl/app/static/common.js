@@ -66,12 +66,14 @@ const rlhf = (() => {
 
   const key = () => (crypto.randomUUID ? crypto.randomUUID() : String(Date.now()) + Math.random().toString(16).slice(2)).replace(/[^A-Za-z0-9_-]/g, "");
 
-  document.addEventListener("DOMContentLoaded", () => {
-    for (const form of document.querySelectorAll("form[data-csrf-form]")) {
-      const input = document.createElement("input");
-      input.type = "hidden"; input.name = "csrf_token"; input.value = csrf();
-      form.appendChild(input);
-    }
+  // A plain <form data-csrf-form> (log out) is posted by fetch, so that it carries the CSRF header too.
+  document.addEventListener("submit", async (event) => {
+    const form = event.target.closest("form[data-csrf-form]");
+    if (!form) return;
+    event.preventDefault();
+    const response = await fetch(form.action, { method: "POST", credentials: "same-origin",
+                                                headers: { "X-CSRF-Token": csrf() } });
+    window.location = response.redirected ? response.url : form.dataset.next || "/login";
   });
 
   return { api, stream, flash, el, key, csrf };
