@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Optional
 
 from rlhf_pl.config import setting
 from rlhf_pl.registry import PluginSpec
@@ -90,8 +90,15 @@ RULE = PluginSpec(
 
 @dataclass
 class HumanLabelerConfig:
-    """People rank the completions through a file queue: tasks wait in ``<queue_dir>/pending``, answers
-    land in ``<queue_dir>/done`` and stay there, so re-running the same command picks them up."""
+    """People rank the completions. Two ways, chosen by ``database_url``:
+
+    - ``database_url: null`` — a file queue: tasks wait in ``<queue_dir>/pending``, answers land in
+      ``<queue_dir>/done`` and stay there, so re-running the same command picks them up.
+    - ``database_url`` set (``labeler.database_url=sqlite:///outputs/app/app.db``, or the
+      ``postgresql://…`` URL of the feedback app's database) — the tasks go to the feedback app's Rank
+      page, in queue ``queue``, each to ``overlap`` different labelers; their rankings are merged by
+      mean rank position. Rankings stay in the database: re-running picks them up too.
+    """
 
     # the queue directory; a relative path is relative to the current directory (Hydra does not chdir),
     # e.g. labeler.queue_dir='${paths.output_root}/label_queue' keeps it beside the runs
@@ -99,7 +106,12 @@ class HumanLabelerConfig:
     # seconds rank_batch waits for all answers before it fails naming what is still pending (answers are
     # kept); 0 = do not wait: use the answers already given, fail for the rest
     timeout_s: float = setting(3600.0, ge=0)
-    poll_s: float = setting(1.0, gt=0, le=60)  # seconds between two looks into <queue_dir>/done
+    poll_s: float = setting(1.0, gt=0, le=60)  # seconds between two looks into <queue_dir>/done (or the database)
+    # null: the file queue above; else the feedback app's database URL (sqlite:///<file> or postgresql://...)
+    database_url: Optional[str] = None
+    overlap: int = setting(1, ge=1, le=16)  # with database_url: labelers per task (each a different person)
+    # with database_url: the queue name the app shows; null: the run directory's name (else "collect")
+    queue: Optional[str] = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.queue_dir, str) and bool(self.queue_dir.strip()), "queue_dir", self.queue_dir,
@@ -107,6 +119,12 @@ class HumanLabelerConfig:
         _require(_is_number(self.timeout_s) and self.timeout_s >= 0, "timeout_s", self.timeout_s,
                  "a finite number >= 0")
         _require(_is_number(self.poll_s) and 0 < self.poll_s <= 60, "poll_s", self.poll_s, "in (0, 60]")
+        _require(self.database_url is None or (isinstance(self.database_url, str) and bool(self.database_url.strip())),
+                 "database_url", self.database_url, "null (the file queue) or a database URL such as "
+                 "sqlite:///outputs/app/app.db or postgresql://user@host/db")
+        _require(_is_int(self.overlap) and 1 <= self.overlap <= 16, "overlap", self.overlap, "an integer in [1, 16]")
+        _require(self.queue is None or (isinstance(self.queue, str) and 1 <= len(self.queue.strip()) <= 200),
+                 "queue", self.queue, "null or a name of 1 to 200 characters")
 
 
 HUMAN = PluginSpec(
