@@ -13,6 +13,7 @@ import re
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,8 +88,7 @@ def postgres_server(tmp_path_factory):
     if url:
         yield url
         return
-    folder = Path("/tmp") / f"rlhf_pl_pg_{os.getpid()}"
-    shutil.rmtree(folder, ignore_errors=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"rlhf_pl_pg_{os.getpid()}_", dir="/tmp"))  # short: a socket lives there
     server = PostgresServer(folder)
     try:
         yield server.url

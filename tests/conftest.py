@@ -1,7 +1,20 @@
-"""Shared fixtures: the tiny tokenizer and tiny random Llama (built once per test session)."""
+"""Shared fixtures: the tiny tokenizer and tiny random Llama (built once per test session); the
+feedback app's databases (``database_url``: SQLite and PostgreSQL, see tests/app_helpers.py)."""
 from __future__ import annotations
 
 import pytest
+from app_helpers import database_url, postgres_server  # noqa: F401  (fixtures, shared by every test file)
+
+
+@pytest.fixture(autouse=True)
+def cheap_password_hashes(monkeypatch):
+    """argon2 at its smallest cost for the accounts tests make (the default costs a few tenths of a
+    second per account and login); the app stage's own tests run with the real parameters."""
+    from argon2 import PasswordHasher
+
+    from rlhf_pl.app import security
+
+    monkeypatch.setattr(security, "_hasher", PasswordHasher(time_cost=1, memory_cost=64, parallelism=1))
 
 
 @pytest.fixture(scope="session")

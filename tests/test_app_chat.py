@@ -15,7 +15,7 @@ from typing import Any, Iterator
 
 import pytest
 import torch
-from app_helpers import database_url, login, make_harness, postgres_server, wait_until  # noqa: F401
+from app_helpers import login, make_harness, wait_until
 from sqlalchemy import func, select
 
 from rlhf_pl.app.db import Conversation, Message, Rating, Submission
@@ -66,15 +66,6 @@ def chat_worker(model: Any, tokenizer: Any, sampler: Any = None, **kwargs: Any) 
     return worker
 
 
-@pytest.fixture(autouse=True)
-def quick_password_hashes(monkeypatch):
-    """Cheap argon2 parameters for the test accounts (a verify uses the parameters in the hash): the
-    default ones cost a few tenths of a second per account and login on a busy 2-core machine."""
-    from argon2 import PasswordHasher
-
-    from rlhf_pl.app import security
-
-    monkeypatch.setattr(security, "_hasher", PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1))
 
 
 def harness_for(url: str, worker: Any, *users: str, **settings: Any) -> Any:
@@ -88,7 +79,7 @@ def harness_for(url: str, worker: Any, *users: str, **settings: Any) -> Any:
 
 
 @pytest.fixture()
-def app(database_url, tiny_model, tiny_tokenizer, one_thread):  # noqa: F811
+def app(database_url, tiny_model, tiny_tokenizer, one_thread):
     harness = harness_for(database_url, chat_worker(tiny_model, tiny_tokenizer))
     yield harness
     harness.close()
@@ -343,7 +334,7 @@ def test_message_length_is_bounded(app):
     assert rows(app, chat)[0][4] == longest
 
 
-def test_an_empty_answer_is_not_stored_and_nul_becomes_u_fffd(database_url, tiny_model, tiny_tokenizer,  # noqa: F811
+def test_an_empty_answer_is_not_stored_and_nul_becomes_u_fffd(database_url, tiny_model, tiny_tokenizer,
                                                                one_thread):
     sampler = FixedSampler(tiny_tokenizer.eos_token_id)  # first every answer ends at once
     harness = harness_for(database_url, chat_worker(tiny_model, tiny_tokenizer, sampler))
@@ -371,7 +362,7 @@ def test_an_empty_answer_is_not_stored_and_nul_becomes_u_fffd(database_url, tiny
         harness.close()
 
 
-def test_without_a_model_chat_answers_503(database_url):  # noqa: F811
+def test_without_a_model_chat_answers_503(database_url):
     harness = harness_for(database_url, None)
     try:
         alice = harness.client("alice")

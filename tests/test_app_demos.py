@@ -7,7 +7,7 @@ import json
 import random
 
 import pytest
-from app_helpers import database_url, make_harness, make_worker, postgres_server  # noqa: F401
+from app_helpers import make_harness, make_worker
 from sqlalchemy import func, select
 
 from rlhf_pl.app.db import Conversation, Message, User
@@ -146,7 +146,7 @@ def test_demonstration_record_is_an_sft_conversation():
 
 
 @pytest.fixture()
-def harness(database_url, tiny_model, tiny_tokenizer):  # noqa: F811
+def harness(database_url, tiny_model, tiny_tokenizer):
     h = make_harness(database_url, worker=make_worker(tiny_model, tiny_tokenizer, max_new_tokens=8),
                      suggestions=3, max_message_chars=60)
     h.add_user("ann")
@@ -311,7 +311,7 @@ def test_bad_suggestion_requests(harness):
     assert counts(harness) == (1, 0)
 
 
-def test_suggestions_without_a_model_answer_503(database_url):  # noqa: F811
+def test_suggestions_without_a_model_answer_503(database_url):
     h = make_harness(database_url)
     try:
         h.add_user("ann")

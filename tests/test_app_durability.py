@@ -7,7 +7,6 @@ import signal
 import threading
 
 import httpx
-from app_helpers import database_url, postgres_server  # noqa: F401
 from sqlalchemy import select
 from tool_loader import load_tool
 
@@ -50,7 +49,7 @@ def _stored(url: str) -> list[tuple[str, str]]:
     return [tuple(r) for r in rows]
 
 
-def test_kill_9_while_labelers_submit_loses_no_acknowledged_ranking(tmp_path, database_url):  # noqa: F811
+def test_kill_9_while_labelers_submit_loses_no_acknowledged_ranking(tmp_path, database_url):
     labelers = 4
     load.prepare(database_url, labelers, 400)
     server, base = load.start_server(tmp_path, database_url)

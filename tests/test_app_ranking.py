@@ -7,7 +7,7 @@ import random
 import threading
 
 import pytest
-from app_helpers import database_url, make_harness, make_worker, postgres_server  # noqa: F401
+from app_helpers import make_harness, make_worker
 from sqlalchemy import func, select
 
 from rlhf_pl.app import tasks
@@ -24,18 +24,10 @@ def record(i: int, k: int = 3) -> dict:
             "meta": {"answer": str(i + 1), "origin": f"p.jsonl:{i}"}}
 
 
-@pytest.fixture(autouse=True)
-def cheap_password_hashes(monkeypatch):
-    """argon2 with its smallest cost: these tests make many accounts; security is tested elsewhere."""
-    from argon2 import PasswordHasher
-
-    from rlhf_pl.app import security
-
-    monkeypatch.setattr(security, "_hasher", PasswordHasher(time_cost=1, memory_cost=64, parallelism=1))
 
 
 @pytest.fixture()
-def harness(database_url):  # noqa: F811
+def harness(database_url):
     h = make_harness(database_url)
     yield h
     h.close()
@@ -342,7 +334,7 @@ def test_routes_need_a_session_and_the_csrf_token(harness):
     assert stored(harness) == []
 
 
-def test_reasons_are_bounded(database_url):  # noqa: F811
+def test_reasons_are_bounded(database_url):
     h = make_harness(database_url, max_message_chars=12)
     try:
         c = users(h, "ann")
@@ -389,7 +381,7 @@ def _chat(session, user_id: int, kind: str, turns: list[tuple], policy: str = "c
 
 
 @pytest.fixture()
-def chat_harness(database_url, tiny_model, tiny_tokenizer):  # noqa: F811
+def chat_harness(database_url, tiny_model, tiny_tokenizer):
     h = make_harness(database_url, make_worker(tiny_model, tiny_tokenizer, max_new_tokens=8), policy="tiny-policy",
                      max_k=4, overlap=2)
     yield h

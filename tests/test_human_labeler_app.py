@@ -11,7 +11,7 @@ import threading
 import time
 
 import pytest
-from app_helpers import database_url, make_harness, postgres_server, wait_until  # noqa: F401
+from app_helpers import make_harness, wait_until
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
@@ -20,16 +20,6 @@ from rlhf_pl.data.formats import Message, Prompt, load_rankings
 from rlhf_pl.plugins.human_labeler import HumanLabeler, LabelsPendingError
 from rlhf_pl.plugins.labeler_specs import HumanLabelerConfig
 from rlhf_pl.plugins.labelers import LabelerError, make_task, rank_all
-
-
-@pytest.fixture(autouse=True)
-def cheap_password_hashes(monkeypatch):
-    """argon2 with its smallest cost: these tests make accounts; security is tested elsewhere."""
-    from argon2 import PasswordHasher
-
-    from rlhf_pl.app import security
-
-    monkeypatch.setattr(security, "_hasher", PasswordHasher(time_cost=1, memory_cost=64, parallelism=1))
 
 
 def _task(i: int):
@@ -84,7 +74,7 @@ def task_count(url: str) -> int:
         db.dispose()
 
 
-def test_two_labelers_rank_in_the_app_while_rank_batch_waits(database_url):  # noqa: F811
+def test_two_labelers_rank_in_the_app_while_rank_batch_waits(database_url):
     h = make_harness(database_url)
     try:
         for name in ANSWERS:
@@ -117,7 +107,7 @@ def test_two_labelers_rank_in_the_app_while_rank_batch_waits(database_url):  # n
         h.close()
 
 
-def test_a_timeout_names_what_is_pending_and_a_rerun_takes_the_rankings_given(database_url):  # noqa: F811
+def test_a_timeout_names_what_is_pending_and_a_rerun_takes_the_rankings_given(database_url):
     with pytest.raises(LabelsPendingError) as info:
         labeler(database_url, timeout_s=0).rank_batch(TASKS)  # on a fresh database: migrated, tasks added
     err = info.value
