@@ -6,7 +6,7 @@ import math
 from types import SimpleNamespace
 
 import pytest
-from app_helpers import PASSWORD, database_url, login, make_harness, postgres_server  # noqa: F401
+from app_helpers import PASSWORD, login, make_harness
 from sqlalchemy import select
 
 from rlhf_pl.app.db import Assignment, Conversation, Message, RankingRecord, Rating, Task, User
@@ -16,7 +16,7 @@ PAIRS_OF_3 = 3
 
 
 @pytest.fixture
-def harness(database_url):  # noqa: F811
+def harness(database_url):
     h = make_harness(database_url)
     h.add_user("root", "admin")
     h.add_user("ann", "labeler")

@@ -149,8 +149,10 @@ def test_rank_four_completions_with_a_tie_by_drag_and_drop_then_export_trains_th
     assert page.js_errors == []
 
     page.click("header button:has-text('Log out')")
+    page.wait_for_url(f"{live_app.url}/login")
     log_in(page, live_app.url, "root")
     page.goto(f"{live_app.url}/admin")
+    page.click("#tab-export")
     with page.expect_download() as download:
         page.click("#export-rankings-per-labeler")
     path = tmp_path / "rankings.jsonl"

@@ -10,7 +10,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
-from app_helpers import database_url, make_harness, postgres_server  # noqa: F401
+from app_helpers import make_harness
 from sqlalchemy import select
 
 from rlhf_pl.app import export
@@ -102,7 +102,7 @@ def build(db) -> dict[str, int]:
 
 
 @pytest.fixture
-def db(database_url):  # noqa: F811
+def db(database_url):
     harness = make_harness(database_url)
     yield harness.db
     harness.close()

@@ -111,7 +111,7 @@ async def first_token_times(base: str, chats: int) -> list[float]:
         await login(client, "labeler0")
         times = []
         for n in range(chats):
-            chat = (await client.post("/api/chats", json={"title": f"load {n}"})).json()
+            chat = (await client.post("/api/chats", json={"title": f"load {n}", "key": f"ttft-chat-{n}"})).json()
             started = time.perf_counter()
             async with client.stream("POST", f"/api/chats/{chat['id']}/messages",
                                      json={"content": f"What is {n} plus 2?", "key": f"ttft-{n}-{chat['id']}"}) as r:
