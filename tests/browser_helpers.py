@@ -5,7 +5,7 @@ Playwright's own browser download is not used: ``executable_path`` points at the
 machine without it fails these tests, saying how to install it: they are never skipped.
 
 Fixtures: ``live_app`` (a started uvicorn server on 127.0.0.1 with a worker on the tiny model and
-a fresh SQLite database; ``.url``, ``.harness``), ``browser`` (one Chromium per test session),
+a fresh SQLite database; ``.url``, ``.harness``), ``browser`` (one Chromium per test module),
 ``page`` (a fresh browser context per test). :func:`log_in` logs a page in.
 """
 from __future__ import annotations
@@ -77,8 +77,10 @@ def live_app(tmp_path, tiny_model, tiny_tokenizer):
     app.stop()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
+    """One Chromium per test module: Playwright's sync API keeps an event loop on this thread while it
+    runs, and later tests that call ``asyncio.run`` need it gone."""
     from playwright.sync_api import sync_playwright
 
     path = chromium_path()

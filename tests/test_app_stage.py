@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 
 import httpx
+import pytest
 from app_helpers import PASSWORD, csrf_of
+
+from rlhf_pl.errors import ConfigError, UserError
 
 CLI = [sys.executable, "-m", "rlhf_pl", "+stage=app", "experiment=quick"]
 
@@ -18,6 +21,16 @@ CLI = [sys.executable, "-m", "rlhf_pl", "+stage=app", "experiment=quick"]
 def _run(root: Path, *overrides: str, stdin: str = "") -> subprocess.CompletedProcess:
     return subprocess.run([*CLI, f"paths.output_root={root}", *overrides], input=stdin, capture_output=True,
                           text=True, timeout=180, env={**os.environ, "HYDRA_FULL_ERROR": "0"})
+
+
+def _cfg(root: Path, *overrides: str):
+    from hydra import compose, initialize_config_module
+
+    from rlhf_pl.config import register_configs
+
+    register_configs()
+    with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
+        return compose("config", ["+stage=app", "experiment=quick", f"paths.output_root={root}", *overrides])
 
 
 def test_add_user_stores_a_hash_and_never_prints_the_password(tmp_path):
@@ -30,25 +43,46 @@ def test_add_user_stores_a_hash_and_never_prints_the_password(tmp_path):
     assert PASSWORD not in done.stdout + done.stderr
     assert oct((tmp_path / "app").stat().st_mode & 0o777) == "0o700"
 
-    again = _run(tmp_path, "app.add_user=root", stdin=PASSWORD + "\n")
-    assert again.returncode == 2 and "error: app.add_user='root': the account 'root' exists already" in again.stderr
-    short = _run(tmp_path, "app.add_user=bob", stdin="short\n")
-    assert short.returncode == 2 and "at least 8 characters" in short.stderr
-    assert "Traceback" not in again.stderr + short.stderr
+
+def test_add_user_refuses_a_taken_name_and_a_short_password(tmp_path, monkeypatch):
+    import io
+
+    from rlhf_pl.stages.app import add_user, open_database
+
+    db = open_database(_cfg(tmp_path))
+    try:
+        monkeypatch.setattr("sys.stdin", io.StringIO(PASSWORD + "\n"))
+        add_user(_cfg(tmp_path, "app.add_user=root"), db)
+        for name, password, problem in (("root", PASSWORD, "app.add_user='root': the account 'root' exists already"),
+                                        ("bob", "short", "app.add_user='bob': the password must have at least 8")):
+            monkeypatch.setattr("sys.stdin", io.StringIO(password + "\n"))
+            with pytest.raises(UserError, match=re.escape(problem)):
+                add_user(_cfg(tmp_path, f"app.add_user={name}"), db)
+    finally:
+        db.dispose()
 
 
 def test_bad_database_urls_are_named(tmp_path):
-    mysql = _run(tmp_path, "app.database_url=mysql://x/y")
-    assert mysql.returncode == 2 and "backend 'mysql' is not supported" in mysql.stderr
-    unreachable = _run(tmp_path, "app.database_url=postgresql://nobody:secret@127.0.0.1:1/nowhere")
-    assert unreachable.returncode == 2 and "app.database_url: cannot open postgresql+psycopg://nobody:***@" \
-        in unreachable.stderr
-    assert "secret" not in unreachable.stderr  # the password of a URL is never shown
-    assert "Traceback" not in mysql.stderr + unreachable.stderr
+    from rlhf_pl.stages.app import open_database
+
+    mysql = _run(tmp_path, "app.database_url=mysql://x/y")  # from the command line: one line, exit 2
+    assert mysql.returncode == 2 and "error: app.database_url='mysql://x/y': backend 'mysql' is not supported; " \
+        "use sqlite:///<file> or postgresql://<user>@<host>/<db>" in mysql.stderr
+    assert "Traceback" not in mysql.stderr
+    with pytest.raises(ConfigError) as unreachable:
+        open_database(_cfg(tmp_path, "app.database_url=postgresql://nobody:secret@127.0.0.1:1/nowhere"))
+    assert "app.database_url: cannot open postgresql+psycopg://nobody:***@127.0.0.1:1/nowhere" in str(unreachable.value)
+    assert "secret" not in str(unreachable.value)  # the password of a URL is never shown
 
 
 def test_serves_the_model_prints_its_address_and_stops_on_ctrl_c(tmp_path):
-    assert _run(tmp_path, "app.add_user=ada", stdin=PASSWORD + "\n").returncode == 0
+    from rlhf_pl.app.security import create_user
+    from rlhf_pl.stages.app import open_database
+
+    db = open_database(_cfg(tmp_path))
+    with db.transaction() as session:
+        create_user(session, "ada", PASSWORD, "labeler")
+    db.dispose()
     server = subprocess.Popen([*CLI, f"paths.output_root={tmp_path}", "app.port=0"], stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True)
     try:

@@ -83,7 +83,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from rlhf_pl.app.common import RequestKey, once, own_conversation, worker_of
+from rlhf_pl.app.common import RequestKey, checked_text, once, own_conversation, worker_of
 from rlhf_pl.app.db import Conversation, Database, Message, Rating, Submission, User, utcnow
 from rlhf_pl.app.security import DB, CurrentUser, refuse
 from rlhf_pl.app.server import page
@@ -126,23 +126,6 @@ class SelectBody(BaseModel):
 class RatingBody(BaseModel):
     value: StrictInt
     reason: str = ""
-
-
-def checked_text(name: str, text: str, limit: int, setting: Optional[str] = None, *, blank: bool = False) -> str:
-    """``text`` if it has at most ``limit`` characters (and is not blank unless ``blank``), else 422 naming
-    the field, its length, the limit and the setting that makes it."""
-    if len(text) > limit:
-        where = f" ({setting})" if setting else ""
-        raise HTTPException(422, f"{name}: {len(text)} characters, at most {limit} are allowed{where}")
-    if not blank and not text.strip():
-        raise HTTPException(422, f"{name}: must not be empty")
-    if "\x00" in text:  # PostgreSQL cannot store it (SQLite could): refused on both
-        raise HTTPException(422, f"{name}: contains a NUL character (\\u0000); remove it")
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        raise HTTPException(422, f"{name}: contains an unpaired surrogate (not valid Unicode text)") from None
-    return text
 
 
 def title_from(content: str, limit: int = TITLE_CHARS) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Callable, Optional
 
 from fastapi import HTTPException, Request
-from pydantic import AfterValidator, StringConstraints
+from pydantic import StringConstraints
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -17,16 +17,30 @@ from rlhf_pl.app.worker import InferenceWorker
 RequestKey = Annotated[str, StringConstraints(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
-def _not_blank(text: str) -> str:
-    if not text.strip():
-        raise ValueError("must not be empty")
+def text_problem(text: str) -> Optional[str]:
+    """Why a text typed by a person cannot be stored as it is, or None: a NUL character (PostgreSQL text
+    cannot hold one; refused on SQLite too, so both behave alike) or an unpaired surrogate."""
+    if "\x00" in text:
+        return "contains a NUL character (\\u0000); remove it"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return "contains an unpaired surrogate (not valid Unicode text)"
+    return None
+
+
+def checked_text(name: str, text: str, limit: int, setting: Optional[str] = None, *, blank: bool = False) -> str:
+    """``text`` if it has at most ``limit`` characters, is not blank (unless ``blank``) and can be stored
+    (:func:`text_problem`), else 422 naming the field, its length, the limit and the setting that makes it."""
+    if len(text) > limit:
+        where = f" ({setting})" if setting else ""
+        raise HTTPException(422, f"{name}: {len(text)} characters, at most {limit} are allowed{where}")
+    if not blank and not text.strip():
+        raise HTTPException(422, f"{name}: must not be empty")
+    problem = text_problem(text)
+    if problem:
+        raise HTTPException(422, f"{name}: {problem}")
     return text
-
-
-def bounded_text(limit: int, *, blank: bool = False) -> Any:
-    """A str type of at most ``limit`` characters (and not blank unless ``blank``), for request models."""
-    constraints = StringConstraints(max_length=limit)
-    return Annotated[str, constraints] if blank else Annotated[str, constraints, AfterValidator(_not_blank)]
 
 
 def once(db: Any, user: User, key: str, work: Callable[[Session], dict[str, Any]]) -> dict[str, Any]:

@@ -48,6 +48,12 @@ KINDS = ("chat", "demonstration")
 TASK_SOURCES = ("collect", "chat")
 
 
+def storable(text: str) -> str:
+    """Model text as both databases can store it: a NUL (random or broken models emit them; PostgreSQL
+    text cannot hold one) becomes U+FFFD, as bytes that are not UTF-8 do."""
+    return text.replace("\x00", "\ufffd")
+
+
 def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 

@@ -45,7 +45,7 @@ from sqlalchemy import delete, select
 from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
-from rlhf_pl.app.common import RequestKey, once, own_conversation, worker_of
+from rlhf_pl.app.common import RequestKey, once, own_conversation, text_problem, worker_of
 from rlhf_pl.app.db import Conversation, Message, Rating, User, utcnow
 from rlhf_pl.app.security import DB, CurrentUser, refuse
 from rlhf_pl.app.server import page
@@ -159,6 +159,8 @@ def _check_turn(i: int, turn: dict[str, Any], max_chars: int) -> Turn:
     if len(content) > max_chars:
         raise ValueError(f"turn {i} ({role}): {len(content)} characters, more than the {max_chars} allowed "
                          "(app.max_message_chars)")
+    if text_problem(content):
+        raise ValueError(f"turn {i} ({role}): the text {text_problem(content)}")
     if suggestion is None:
         return Turn(role, content)
     if role != "assistant":
@@ -166,6 +168,8 @@ def _check_turn(i: int, turn: dict[str, Any], max_chars: int) -> Turn:
     if not isinstance(suggestion, str):
         raise ValueError(f"turn {i} (assistant): the suggestion must be a text or null, "
                          f"got {type(suggestion).__name__}")
+    if text_problem(suggestion):
+        raise ValueError(f"turn {i} (assistant): the suggestion {text_problem(suggestion)}")
     if len(suggestion) > max_chars:
         raise ValueError(f"turn {i} (assistant): the suggestion has {len(suggestion)} characters, more than the "
                          f"{max_chars} allowed (app.max_message_chars)")

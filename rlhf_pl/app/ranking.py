@@ -39,7 +39,7 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
 from rlhf_pl.app import tasks
-from rlhf_pl.app.common import RequestKey, once, worker_of
+from rlhf_pl.app.common import RequestKey, checked_text, once, worker_of
 from rlhf_pl.app.db import RankingRecord, Submission, Task
 from rlhf_pl.app.security import DB, AdminUser, CurrentUser, refuse
 from rlhf_pl.app.server import page
@@ -92,10 +92,8 @@ class FromChatsBody(BaseModel):
 
 
 def _check_reason(request: Request, reason: str) -> str:
-    limit = request.app.state.settings.max_message_chars
-    if len(reason) > limit:
-        raise HTTPException(422, f"reason: {len(reason)} characters, more than app.max_message_chars={limit}")
-    return reason
+    return checked_text("reason", reason, request.app.state.settings.max_message_chars, "app.max_message_chars",
+                        blank=True)
 
 
 def _answering(request: Request, user: Any, work: Callable[[], T]) -> T:

@@ -42,7 +42,17 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from rlhf_pl.app.agreement import check_groups
-from rlhf_pl.app.db import TASK_SOURCES, Assignment, Conversation, Database, RankingRecord, Task, User, utcnow
+from rlhf_pl.app.db import (
+    TASK_SOURCES,
+    Assignment,
+    Conversation,
+    Database,
+    RankingRecord,
+    Task,
+    User,
+    storable,
+    utcnow,
+)
 from rlhf_pl.data.formats import Message
 from rlhf_pl.plugins.labelers import ranking_problem
 
@@ -101,7 +111,7 @@ def check_record(record: Any, max_k: Optional[int]) -> dict[str, Any]:
         if not (isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)):
             raise BadRanking(f"task {task_id}: prompt message {i} must be {{role: one of {', '.join(ROLES)}, "
                              f"content: a string}}, got {m!r:.80}")
-        messages.append({"role": m["role"], "content": m["content"]})
+        messages.append({"role": m["role"], "content": storable(m["content"])})
     if messages[-1]["role"] != "user":
         raise BadRanking(f"task {task_id}: the prompt must end with a user message (the completions answer it), "
                          f"it ends with {messages[-1]['role']!r}")
@@ -113,7 +123,8 @@ def check_record(record: Any, max_k: Optional[int]) -> dict[str, Any]:
     meta = record.get("meta") or {}
     if not isinstance(meta, dict):
         raise BadRanking(f"task {task_id}: meta must be an object, got {meta!r:.80}")
-    return {"id": task_id, "prompt": messages, "completions": list(completions), "meta": dict(meta)}
+    # model text as it can be stored (a NUL becomes U+FFFD); rankings refer to completions by index
+    return {"id": task_id, "prompt": messages, "completions": [storable(c) for c in completions], "meta": dict(meta)}
 
 
 def _insert(session: Session) -> Callable[..., Any]:

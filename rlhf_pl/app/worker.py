@@ -26,6 +26,7 @@ from typing import Any, AsyncIterator, Callable, Optional, Sequence
 
 import torch
 
+from rlhf_pl.app.db import storable
 from rlhf_pl.data.chat import tokenize_prompt
 from rlhf_pl.data.collate import pad_left
 from rlhf_pl.data.formats import Message
@@ -188,9 +189,7 @@ class InferenceWorker:
         return batch
 
     def _decode(self, tokens: list[int]) -> str:
-        """Text as it can be stored anywhere: a NUL (random or broken models emit them; PostgreSQL text
-        cannot hold one) becomes U+FFFD, as bytes that are not UTF-8 do."""
-        return self.tokenizer.decode(tokens, skip_special_tokens=True).replace("\x00", "\ufffd")
+        return storable(self.tokenizer.decode(tokens, skip_special_tokens=True))
 
     def _generate(self, batch: list[_Request]) -> None:
         if not batch:

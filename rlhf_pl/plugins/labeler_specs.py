@@ -19,9 +19,10 @@ answer-matching rule)::
 
 rounded to ``decimals`` places; equal rounded scores are ties.
 
-The ``human`` labeler (:class:`HumanLabelerConfig`) writes each task to ``<queue_dir>/pending/<id>.json``
-and waits for people to answer into ``<queue_dir>/done/<id>.json`` (the feedback app, or
-``python -m rlhf_pl.plugins.label_queue <queue_dir>``); see :class:`rlhf_pl.plugins.human_labeler.HumanLabeler`.
+The ``human`` labeler (:class:`HumanLabelerConfig`) hands each task to people: with ``database_url``
+to the feedback app's database (its Rank page, ``overlap`` labelers per task, rankings merged), else
+to a file queue, ``<queue_dir>/pending/<id>.json``, answered into ``<queue_dir>/done/<id>.json``
+(``python -m rlhf_pl.plugins.label_queue <queue_dir>``); see :class:`rlhf_pl.plugins.human_labeler.HumanLabeler`.
 """
 from __future__ import annotations
 
@@ -129,5 +130,5 @@ class HumanLabelerConfig:
 
 HUMAN = PluginSpec(
     "human", HumanLabelerConfig, "rlhf_pl.plugins.human_labeler:HumanLabeler",
-    "people rank through a file queue (<queue_dir>/pending -> done); answer: python -m rlhf_pl.plugins.label_queue",
+    "people rank: in the feedback app (labeler.database_url=<its database>) or a file queue (<queue_dir>)",
 )
