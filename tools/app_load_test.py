@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import random
 import re
 import statistics
 import subprocess
@@ -87,15 +88,23 @@ async def login(client: httpx.AsyncClient, name: str) -> None:
     client.headers["X-CSRF-Token"] = (await client.get("/api/me")).json()["csrf"]
 
 
-async def labeler(base: str, name: str, count: int, latencies: list[float]) -> dict[str, Any]:
-    """Log in and rank ``count`` tasks; returns the acknowledged task ids and the client (still open)."""
+async def logged_in(base: str, name: str) -> httpx.AsyncClient:
     client = httpx.AsyncClient(base_url=base, timeout=60, follow_redirects=True)
     await login(client, name)
+    return client
+
+
+async def labeler(client: httpx.AsyncClient, name: str, count: int, think_s: float,
+                  latencies: list[float]) -> dict[str, Any]:
+    """Rank ``count`` tasks, reading each for a random 0..2·``think_s`` seconds (seeded by the name)
+    first; returns the acknowledged task ids and the client (still open)."""
+    rng = random.Random(name)
     acknowledged: list[str] = []
     for n in range(count):
         task = (await client.get("/api/tasks/next")).json()["task"]
         if task is None:
             break
+        await asyncio.sleep(rng.uniform(0, 2 * think_s))
         body = {"ranking": [[2], [0, 1], [3]], "all_bad": False, "key": f"{name}-{n}-{task['id']}"}
         started = time.perf_counter()
         response = await client.post(f"/api/tasks/{task['id']}/ranking", json=body)
@@ -157,9 +166,11 @@ async def check(base: str, results: list[dict[str, Any]], expected: int, url: st
 
 async def run(args: argparse.Namespace, base: str, url: str) -> dict[str, Any]:
     latencies: list[float] = []
-    started = time.perf_counter()
-    results = await asyncio.gather(*(labeler(base, f"labeler{i}", args.per_labeler, latencies)
-                                     for i in range(args.labelers)))
+    names = [f"labeler{i}" for i in range(args.labelers)]
+    clients = await asyncio.gather(*(logged_in(base, name) for name in names))  # everyone first logs in ...
+    started = time.perf_counter()  # ... then all rank at once
+    results = await asyncio.gather(*(labeler(client, name, args.per_labeler, args.think_s, latencies)
+                                     for client, name in zip(clients, names)))
     load_s = time.perf_counter() - started
     try:
         problems = await check(base, results, args.labelers * args.per_labeler, url)
@@ -167,7 +178,8 @@ async def run(args: argparse.Namespace, base: str, url: str) -> dict[str, Any]:
         for result in results:
             await result["client"].aclose()
     ttft = await first_token_times(base, args.chats) if args.chats else []
-    figures = {"labelers": args.labelers, "per_labeler": args.per_labeler, "submitted": len(latencies),
+    figures = {"labelers": args.labelers, "per_labeler": args.per_labeler, "think_s": args.think_s,
+               "submitted": len(latencies),
                "load_s": round(load_s, 2), "submit_p50_ms": round(1000 * percentile(latencies, 0.5), 1),
                "submit_p95_ms": round(1000 * percentile(latencies, 0.95), 1),
                "submit_mean_ms": round(1000 * statistics.fmean(latencies), 1), "problems": problems,
@@ -182,6 +194,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--labelers", type=int, default=50)
     parser.add_argument("--per-labeler", type=int, default=20)
+    parser.add_argument("--think-s", type=float, default=0.0,
+                        help="mean seconds a labeler reads a task before submitting (0: back to back, a stress test)")
     parser.add_argument("--chats", type=int, default=20, help="chat answers whose first token is timed (0: none)")
     parser.add_argument("--database-url", default=None, help="default: a SQLite file in the fresh output root")
     parser.add_argument("--timeout", type=float, default=600.0, help="stop the whole run after this many seconds")

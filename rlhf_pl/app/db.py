@@ -31,6 +31,7 @@ from sqlalchemy import (
     Boolean,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
@@ -126,6 +127,7 @@ class Task(Base):
     """A ranking task: ``prompt`` (messages up to the model-written message) and its K ``completions``."""
 
     __tablename__ = "tasks"
+    __table_args__ = (Index("ix_tasks_order", "created_at", "id"),)  # handing out oldest first walks it
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # the collect stage's task id, or "chat-<n>-<m>"
     source: Mapped[str] = mapped_column(String(16))  # one of TASK_SOURCES
@@ -141,7 +143,8 @@ class Assignment(Base):
     """A task given to one labeler; ``state``: open | done | skipped."""
 
     __tablename__ = "assignments"
-    __table_args__ = (UniqueConstraint("task_id", "user_id"),)
+    __table_args__ = (UniqueConstraint("task_id", "user_id"),
+                      Index("ix_assignments_task_state", "task_id", "state"))  # a task's live slots
 
     id: Mapped[int] = mapped_column(primary_key=True)
     task_id: Mapped[str] = mapped_column(ForeignKey("tasks.id"), index=True)
