@@ -55,6 +55,7 @@ def usage() -> str:
         "  python -m rlhf_pl +stage=iterate                  # the whole recipe: SFT, 2 RLHF rounds, the eval table",
         "  python -m rlhf_pl +stage=iterate experiment=quick # the same with a tiny random model, about a minute",
         "  python -m rlhf_pl +stage=sft                      # one stage: SFT of SmolLM2-135M on the embedded data",
+        "  python -m rlhf_pl +stage=app                      # the feedback web app (accounts: app.add_user=<name>)",
         "  python -m rlhf_pl +stage=sft --cfg job            # print the composed config",
         "  python -m rlhf_pl --help                          # config groups and their options",
     ]
