@@ -21,7 +21,7 @@ from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.sessions import SessionMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from rlhf_pl.app import security
 from rlhf_pl.app.db import Database, User
@@ -62,50 +62,26 @@ def page(request: Request, name: str, user: Optional[User], status_code: int = 2
                                       status_code=status_code)
 
 
-class BodyLimit:
-    """Refuse request bodies larger than ``limit`` bytes with 413, by Content-Length or while streaming."""
+def too_large(method: str, path: str, limit_kb: int) -> JSONResponse:
+    log.warning("refused %s %s (413): body over %d KiB", method, path, limit_kb)
+    return JSONResponse({"error": f"request body over {limit_kb} KiB (app.max_request_kb)"}, status_code=413)
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+
+class DeclaredSizeLimit:
+    """413 for a request whose Content-Length is over the limit, before anything reads it, as JSON like
+    every other error (FastAPI's ``max_body_size`` answers that case in plain text; it still counts the
+    bytes of bodies that declare no length)."""
+
+    def __init__(self, app: ASGIApp, limit_kb: int) -> None:
+        self.app, self.limit_kb = app, limit_kb
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        headers = dict(scope.get("headers") or [])
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.limit:
-            await self._refuse(scope, send)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._refuse(scope, send)
-
-    async def _refuse(self, scope: Scope, send: Send) -> None:
-        log.warning("refused %s %s (413): body over %d bytes", scope.get("method"), scope.get("path"), self.limit)
-        response = JSONResponse({"error": f"request body over {self.limit // 1024} KiB (app.max_request_kb)"},
-                                status_code=413)
-        await response({"type": "http"}, _no_receive, send)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _no_receive() -> Message:
-    return {"type": "http.disconnect"}
+        if scope["type"] == "http":
+            length = dict(scope.get("headers") or []).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.limit_kb * 1024:
+                await too_large(scope["method"], scope["path"], self.limit_kb)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 def _wants_page(request: Request) -> bool:
@@ -131,11 +107,13 @@ def create_app(db: Database, settings: AppSettings, worker: Optional[InferenceWo
     app.add_middleware(SessionMiddleware, secret_key=settings.secret_key, session_cookie=SESSION_COOKIE,
                        max_age=int(settings.session_hours * 3600), same_site="strict",
                        https_only=settings.secure_cookies)
-    app.add_middleware(BodyLimit, limit=settings.max_request_kb * 1024)
+    app.add_middleware(DeclaredSizeLimit, limit_kb=settings.max_request_kb)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        if exc.status_code == 413:  # a body without Content-Length that grew over the limit
+            return too_large(request.method, request.url.path, settings.max_request_kb)
         if exc.status_code == 401 and _wants_page(request):
             return RedirectResponse(f"/login?next={request.url.path}", status_code=303)
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code)
@@ -148,7 +126,7 @@ def create_app(db: Database, settings: AppSettings, worker: Optional[InferenceWo
     def login_page(request: Request, next: str = "/") -> Response:
         return page(request, "login.html", None, next=_safe_next(next), error=None)
 
-    @app.post("/login")
+    @app.post("/login", max_body_size=settings.max_request_kb * 1024)
     def login(request: Request, username: str = Form(""), password: str = Form(""), csrf_token: str = Form(""),
               next: str = Form("/")) -> Response:
         if not security.csrf_ok(request, csrf_token):
@@ -163,7 +141,7 @@ def create_app(db: Database, settings: AppSettings, worker: Optional[InferenceWo
             log.info("login: %s (%s)", user.username, user.role)
         return RedirectResponse(_safe_next(next), status_code=303)
 
-    @app.post("/logout")
+    @app.post("/logout", max_body_size=settings.max_request_kb * 1024)
     def logout(request: Request, user: CurrentUser) -> Response:
         request.session.clear()
         return RedirectResponse("/login", status_code=303)
@@ -186,8 +164,10 @@ def create_app(db: Database, settings: AppSettings, worker: Optional[InferenceWo
     def favicon() -> Response:
         return Response(status_code=204)
 
+    # FastAPI's own body limit on every route counts the bytes of a body that declares no length (413
+    # through the handler above); one that declares too many is refused before routing (DeclaredSizeLimit)
     for module in (chat, demos, ranking, admin):
-        app.include_router(module.router)
+        app.include_router(module.router, max_body_size=settings.max_request_kb * 1024)
     return app
 
 
