@@ -7,6 +7,7 @@ A machine without either fails these tests, saying how to install it: they are n
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -14,10 +15,11 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import pytest
 
@@ -178,6 +180,26 @@ def make_harness(url: str, worker: Any = None, **settings: Any) -> Harness:
     settings.setdefault("secret_key", "k" * 64)
     app = create_app(db, AppSettings(**settings), worker)
     return Harness(app, db, worker)
+
+
+@contextlib.contextmanager
+def live_server(asgi_app: Any) -> Iterator[str]:
+    """Serve ``asgi_app`` with uvicorn in a thread on a free loopback port (the app stage's own
+    listening socket, TCP_NODELAY set); yields the base URL and stops the server afterwards."""
+    import uvicorn
+
+    from rlhf_pl.stages.app import listen
+
+    sock = listen("127.0.0.1", 0)
+    server = uvicorn.Server(uvicorn.Config(asgi_app, log_level="warning", access_log=False, lifespan="off"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn", daemon=True)
+    thread.start()
+    try:
+        wait_until(lambda: server.started, 30, "the app server to start")
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
 
 
 def wait_until(condition: Any, timeout: float = 30.0, what: str = "condition") -> None:

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from app_helpers import PASSWORD, Harness, make_harness, make_worker, wait_until
+from app_helpers import PASSWORD, Harness, live_server, make_harness, make_worker
 
 from rlhf_pl.plugins.samplers import NoEOSSampler
 
@@ -35,28 +34,6 @@ def chromium_path() -> str:
 class LiveApp:
     url: str
     harness: Harness
-    server: Any
-    thread: threading.Thread
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.harness.close()
-
-
-def serve(harness: Harness) -> LiveApp:
-    """Run ``harness.app`` on uvicorn in a thread, on a free loopback port; returns once it listens."""
-    import uvicorn
-
-    from rlhf_pl.stages.app import listen
-
-    sock = listen("127.0.0.1", 0)
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(harness.app, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "the app server to start")
-    return LiveApp(f"http://127.0.0.1:{port}", harness, server, thread)
 
 
 class SlowSampler(NoEOSSampler):
@@ -72,9 +49,12 @@ class SlowSampler(NoEOSSampler):
 def live_app(tmp_path, tiny_model, tiny_tokenizer):
     worker = make_worker(tiny_model, tiny_tokenizer, SlowSampler(1.0, tiny_tokenizer.eos_token_id),
                          max_new_tokens=40)
-    app = serve(make_harness(f"sqlite:///{tmp_path / 'app.db'}", worker, policy="tiny-policy", max_new_tokens=40))
-    yield app
-    app.stop()
+    harness = make_harness(f"sqlite:///{tmp_path / 'app.db'}", worker, policy="tiny-policy", max_new_tokens=40)
+    try:
+        with live_server(harness.app) as url:
+            yield LiveApp(url, harness)
+    finally:
+        harness.close()
 
 
 @pytest.fixture(scope="module")

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
-import threading
 import time
 from typing import Any, Iterator
 
 import pytest
 import torch
-from app_helpers import login, make_harness, wait_until
+from app_helpers import live_server, login, make_harness, wait_until
 from sqlalchemy import func, select
 
 from rlhf_pl.app.db import Conversation, Message, Rating, Submission
@@ -469,25 +468,6 @@ def test_the_page_lists_own_chats_escaped(app):
 
 
 # --- a live server ----------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def live_server(asgi_app: Any) -> Iterator[str]:
-    """Serve ``asgi_app`` with uvicorn on a free loopback port in a thread; yields its base URL."""
-    import uvicorn
-    from app_helpers import _free_port
-
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(asgi_app, host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off"))
-    thread = threading.Thread(target=server.run, name="uvicorn", daemon=True)
-    thread.start()
-    try:
-        wait_until(lambda: server.started, 30, "the server to start")
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @contextlib.contextmanager
