@@ -83,8 +83,26 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from rlhf_pl.app.common import RequestKey, checked_text, once, own_conversation, worker_of
-from rlhf_pl.app.db import Conversation, Database, Message, Rating, Submission, User, utcnow
+from rlhf_pl.app.common import (
+    RequestKey,
+    checked_text,
+    once,
+    own_conversation,
+    stored_result,
+    worker_of,
+)
+from rlhf_pl.app.db import (
+    Conversation,
+    Database,
+    Message,
+    Rating,
+    User,
+    by_position,
+    chosen,
+    once_more_on_conflict,
+    selected_path,
+    utcnow,
+)
 from rlhf_pl.app.security import DB, CurrentUser, refuse
 from rlhf_pl.app.server import page
 from rlhf_pl.app.worker import GenerationError, InferenceWorker, Stream
@@ -134,25 +152,7 @@ def title_from(content: str, limit: int = TITLE_CHARS) -> str:
     return line if len(line) <= limit else line[: limit - 1].rstrip() + "…"
 
 
-# --- the shape of a chat (pure: lists of Message rows) ----------------------------------------------
-
-
-def by_position(messages: list[Message]) -> dict[int, list[Message]]:
-    """Alternatives per position, positions and alternatives in order."""
-    grouped: dict[int, list[Message]] = {}
-    for message in sorted(messages, key=lambda m: (m.position, m.alternative)):
-        grouped.setdefault(message.position, []).append(message)
-    return grouped
-
-
-def chosen(alternatives: list[Message]) -> Message:
-    """The selected alternative (the newest if, against the invariant, none is)."""
-    return next((m for m in alternatives if m.selected), alternatives[-1])
-
-
-def selected_path(messages: list[Message]) -> list[Message]:
-    """The conversation as it goes on: the selected alternative of every position, in order."""
-    return [chosen(alternatives) for alternatives in by_position(messages).values()]
+# --- the shape of a chat (pure: lists of Message rows; by_position and selected_path: rlhf_pl.app.db) --
 
 
 def answerable(messages: list[Message]) -> Optional[int]:
@@ -353,9 +353,8 @@ def plan_regenerate(db: Database, request: Request, user: User, conversation_id:
     start = {"start": True, "position": position}
     with db.sessions() as session:
         own_conversation(request, session, user, conversation_id, KIND)
-        earlier = session.scalar(select(Submission).where(Submission.user_id == user.id, Submission.key == key))
-        if earlier is not None:
-            result = earlier.result
+        result = stored_result(session, user, key)
+        if result is not None:
             if (result.get("kind"), result.get("conversation_id"), result.get("position")) != (
                     "chat-answer", conversation_id, position):
                 raise key_reused(key)
@@ -612,24 +611,22 @@ def rate(request: Request, message_id: int, body: RatingBody, user: CurrentUser)
     if body.value not in (1, -1):
         raise HTTPException(422, f"value: {body.value} is not a rating; use 1 (thumbs up) or -1 (thumbs down)")
     db = request.app.state.db
-    for attempt in range(2):  # a concurrent first rating of the same message: the second insert becomes an update
-        try:
-            with db.transaction() as session:
-                message = own_message(request, session, user, message_id)
-                if message.role != "assistant":
-                    raise HTTPException(422, f"message {message_id} is a {message.role} message; only the "
-                                             "assistant's answers are rated")
-                rating = session.scalar(select(Rating).where(Rating.message_id == message_id,
-                                                             Rating.user_id == user.id))
-                if rating is None:
-                    session.add(Rating(message_id=message_id, user_id=user.id, value=body.value, reason=reason))
-                else:
-                    rating.value, rating.reason, rating.created_at = body.value, reason, utcnow()
-            return {"message_id": message_id, "value": body.value, "reason": reason}
-        except IntegrityError:
-            if attempt:
-                raise
-    raise AssertionError("unreachable")
+
+    def upsert() -> dict[str, Any]:
+        with db.transaction() as session:
+            message = own_message(request, session, user, message_id)
+            if message.role != "assistant":
+                raise HTTPException(422, f"message {message_id} is a {message.role} message; only the "
+                                         "assistant's answers are rated")
+            rating = session.scalar(select(Rating).where(Rating.message_id == message_id, Rating.user_id == user.id))
+            if rating is None:
+                session.add(Rating(message_id=message_id, user_id=user.id, value=body.value, reason=reason))
+            else:
+                rating.value, rating.reason, rating.created_at = body.value, reason, utcnow()
+        return {"message_id": message_id, "value": body.value, "reason": reason}
+
+    # a concurrent first rating of the same message: the second insert becomes an update
+    return once_more_on_conflict(upsert)
 
 
 def export_record(conversation: Conversation, messages: list[Message], ratings: dict[int, Rating]) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""What the app's areas share: idempotent submissions, the worker, bounded text, ownership checks."""
+"""What the app's areas share: idempotent submissions, the worker, checked text, ownership checks."""
 from __future__ import annotations
 
 from typing import Annotated, Any, Callable, Optional
@@ -43,28 +43,34 @@ def checked_text(name: str, text: str, limit: int, setting: Optional[str] = None
     return text
 
 
+def stored_result(session: Session, user: User, key: str) -> Optional[dict[str, Any]]:
+    """The result stored under ``(user, key)`` by :func:`once`, or None."""
+    found = session.scalar(select(Submission).where(Submission.user_id == user.id, Submission.key == key))
+    return None if found is None else dict(found.result)
+
+
 def once(db: Any, user: User, key: str, work: Callable[[Session], dict[str, Any]]) -> dict[str, Any]:
     """Run ``work`` and store its result under ``(user, key)`` in one transaction; a request repeating
-    ``key`` gets the stored result without running ``work`` again (also when both race: the unique
-    key lets one commit, the other reads what it stored)."""
-    def stored() -> Optional[dict[str, Any]]:
+    ``key`` gets the stored result (with ``repeated: True``) without running ``work`` again (also when
+    both race: the unique key lets one commit, the other reads what it stored)."""
+    def previous() -> Optional[dict[str, Any]]:
         with db.sessions() as session:
-            found = session.scalar(select(Submission).where(Submission.user_id == user.id, Submission.key == key))
-            return None if found is None else dict(found.result, repeated=True)
+            found = stored_result(session, user, key)
+        return None if found is None else dict(found, repeated=True)
 
-    previous = stored()
-    if previous is not None:
-        return previous
+    earlier = previous()
+    if earlier is not None:
+        return earlier
     try:
         with db.transaction() as session:
             result = work(session)
             session.add(Submission(user_id=user.id, key=key, result=result))
         return result
     except IntegrityError:
-        previous = stored()
-        if previous is None:
+        earlier = previous()
+        if earlier is None:
             raise
-        return previous
+        return earlier
 
 
 def worker_of(request: Request) -> InferenceWorker:
@@ -81,3 +87,4 @@ def own_conversation(request: Request, session: Session, user: User, conversatio
     if conversation is None or conversation.user_id != user.id or conversation.kind != kind:
         raise refuse(request, 404, f"no {kind} {conversation_id} of yours", user)
     return conversation
+

@@ -10,7 +10,8 @@ Tables:
 - ``users``: accounts (``admin`` or ``labeler``), argon2 password hashes.
 - ``conversations`` / ``messages``: chats with the served policy and written demonstrations. A
   message is one alternative at one position: a regenerated answer is a new alternative at the
-  same position, and ``selected`` marks the one the conversation goes on from.
+  same position, and ``selected`` marks the one the conversation goes on from
+  (:func:`selected_path`).
 - ``ratings``: a user's thumbs up (+1) / down (−1) on an assistant message, with a reason.
 - ``tasks`` / ``assignments`` / ``rankings``: ranking tasks (K completions of a conversation cut
   before a model-written message), who they are given to (each to ``overlap`` different
@@ -24,7 +25,7 @@ import contextlib
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from sqlalchemy import (
     JSON,
@@ -40,10 +41,12 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, relationship, sessionmaker
 
 from rlhf_pl.errors import ConfigError
 
+T = TypeVar("T")
 ROLES = ("admin", "labeler")
 KINDS = ("chat", "demonstration")
 TASK_SOURCES = ("collect", "chat")
@@ -182,6 +185,27 @@ class Submission(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+# --- the shape of a conversation (pure: lists of Message rows) -------------------------------------
+
+
+def by_position(messages: list[Message]) -> dict[int, list[Message]]:
+    """Alternatives per position, positions and alternatives in order."""
+    grouped: dict[int, list[Message]] = {}
+    for message in sorted(messages, key=lambda m: (m.position, m.alternative)):
+        grouped.setdefault(message.position, []).append(message)
+    return grouped
+
+
+def chosen(alternatives: list[Message]) -> Message:
+    """The selected alternative (the newest if, against the invariant, none is)."""
+    return next((m for m in alternatives if m.selected), alternatives[-1])
+
+
+def selected_path(messages: list[Message]) -> list[Message]:
+    """The conversation as it goes on: the selected alternative of every position, in order."""
+    return [chosen(alternatives) for alternatives in by_position(messages).values()]
+
+
 # --- the engine -----------------------------------------------------------------------------------
 
 
@@ -242,6 +266,16 @@ def migrate(engine: Engine) -> None:
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.upgrade(config, "head")
+
+
+def once_more_on_conflict(work: Callable[[], T]) -> T:
+    """``work()`` (which runs its own transaction), run again if a racing request hit a unique key first:
+    the second run sees what the winner stored (the same labeler asking twice at once, a first rating
+    of a message made twice)."""
+    try:
+        return work()
+    except IntegrityError:
+        return work()
 
 
 class Database:

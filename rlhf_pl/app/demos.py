@@ -46,7 +46,7 @@ from sqlalchemy.orm import Session, selectinload
 from starlette.concurrency import run_in_threadpool
 
 from rlhf_pl.app.common import RequestKey, once, own_conversation, text_problem, worker_of
-from rlhf_pl.app.db import Conversation, Message, Rating, User, utcnow
+from rlhf_pl.app.db import Conversation, Message, Rating, User, selected_path, utcnow
 from rlhf_pl.app.security import DB, CurrentUser, refuse
 from rlhf_pl.app.server import page
 from rlhf_pl.app.worker import GenerationError
@@ -192,11 +192,6 @@ def _iso(moment: Optional[datetime]) -> Optional[str]:
     return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).isoformat()
 
 
-def _turns_of(conversation: Conversation) -> list[Message]:
-    """The conversation's messages in order (the selected alternative of each position)."""
-    return [m for m in sorted(conversation.messages, key=lambda m: (m.position, m.alternative)) if m.selected]
-
-
 def demonstration_record(conversation: Conversation, author: str) -> dict[str, Any]:
     """The SFT conversation record of a demonstration (its messages must be loadable: an open session
     or eagerly loaded), which :func:`rlhf_pl.data.formats.parse_conversation` accepts as it is.
@@ -207,7 +202,7 @@ def demonstration_record(conversation: Conversation, author: str) -> dict[str, A
     same after a JSON round trip. Raises ValueError for a demonstration that was never saved (no
     messages): there is nothing to train on.
     """
-    turns = _turns_of(conversation)
+    turns = selected_path(conversation.messages)
     if not turns:
         raise ValueError(f"demonstration {conversation.id} has no saved turns")
     from_suggestion = [i for i, m in enumerate(turns) if m.source == "suggestion"]
@@ -230,13 +225,14 @@ def demo_view(conversation: Conversation) -> dict[str, Any]:
         "id": conversation.id, "title": conversation.title,
         "created_at": _iso(conversation.created_at), "updated_at": _iso(conversation.updated_at),
         "messages": [{"position": m.position, "role": m.role, "content": m.content, "source": m.source,
-                      "suggestion": m.suggestion, "edit_distance": m.edit_distance} for m in _turns_of(conversation)],
+                      "suggestion": m.suggestion, "edit_distance": m.edit_distance}
+                     for m in selected_path(conversation.messages)],
     }
 
 
 def demo_summary(conversation: Conversation) -> dict[str, Any]:
     """One row of the demonstrations list."""
-    turns = _turns_of(conversation)
+    turns = selected_path(conversation.messages)
     return {"id": conversation.id, "title": conversation.title, "turns": len(turns),
             "assistant_turns": sum(m.role == "assistant" for m in turns),
             "from_suggestion": sum(m.source == "suggestion" for m in turns),

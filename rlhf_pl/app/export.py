@@ -40,7 +40,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from rlhf_pl.app import chat, demos
 from rlhf_pl.app.agreement import check_groups, merge
-from rlhf_pl.app.db import Conversation, Message, RankingRecord, Rating, Task, User
+from rlhf_pl.app.db import Conversation, Message, RankingRecord, Rating, Task, User, by_position, selected_path
 from rlhf_pl.data import formats
 
 log = logging.getLogger("rlhf_pl.app.export")
@@ -104,7 +104,7 @@ def demonstration_exports(conversations: Iterable[Conversation], usernames: Mapp
     """SFT records of the demonstrations (drafts without an assistant turn left out)."""
     out = Export()
     for conversation in sorted(conversations, key=lambda c: c.id):
-        if not any(m.role == "assistant" and _filled(m.content) for m in chat.selected_path(conversation.messages)):
+        if not any(m.role == "assistant" and _filled(m.content) for m in selected_path(conversation.messages)):
             out.left_out["no_assistant_turn"] += 1
             continue
         record = demos.demonstration_record(conversation, usernames.get(conversation.user_id, "?"))
@@ -229,7 +229,7 @@ def pairwise_exports(conversations: Iterable[Conversation], ratings: Iterable[Ra
     out = Export()
     for conversation in sorted(conversations, key=lambda c: c.id):
         messages = sorted(conversation.messages, key=lambda m: (m.position, m.alternative))
-        for position, alternatives in chat.by_position(messages).items():
+        for position, alternatives in by_position(messages).items():
             if len(alternatives) < 2 or any(m.role != "assistant" for m in alternatives):
                 continue
             prompt = chat.prompt_before(messages, position)

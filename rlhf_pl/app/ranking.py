@@ -36,11 +36,10 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 
 from rlhf_pl.app import tasks
-from rlhf_pl.app.common import RequestKey, checked_text, once, worker_of
-from rlhf_pl.app.db import RankingRecord, Submission, Task
+from rlhf_pl.app.common import RequestKey, checked_text, once, stored_result, worker_of
+from rlhf_pl.app.db import RankingRecord, Task, once_more_on_conflict
 from rlhf_pl.app.security import DB, AdminUser, CurrentUser, refuse
 from rlhf_pl.app.server import page
 
@@ -113,13 +112,7 @@ def _submit(request: Request, user: Any, key: str, work: Callable[[Any], dict[st
     the same task that committed first makes the unique key fail: then the retry returns its answer."""
     db = request.app.state.db
 
-    def run() -> dict[str, Any]:
-        try:
-            return once(db, user, key, work)
-        except IntegrityError:
-            return once(db, user, key, work)
-
-    return _answering(request, user, run)
+    return _answering(request, user, lambda: once_more_on_conflict(lambda: once(db, user, key, work)))
 
 
 @router.get("/rank")
@@ -182,9 +175,8 @@ async def tasks_from_chats(request: Request, user: AdminUser, body: FromChatsBod
 
     def stored() -> Optional[dict[str, Any]]:  # a retried request: its tasks exist, sample nothing again
         with db.sessions() as session:
-            found = session.scalar(select(Submission).where(Submission.user_id == user.id,
-                                                            Submission.key == body.key))
-            return None if found is None else dict(found.result, repeated=True)
+            found = stored_result(session, user, body.key)
+        return None if found is None else dict(found, repeated=True)
 
     previous = await asyncio.to_thread(stored)
     if previous is not None:

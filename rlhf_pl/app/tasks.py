@@ -23,8 +23,7 @@ rankings, each by a different labeler:
   finished when it has ``overlap`` of them.
 
 Callers hold the transaction (``Database.transaction()``): one call, one transaction. :func:`claim_next`
-and :func:`retry_on_conflict` run one for you and retry once when a racing request of the same
-labeler hit a unique key first.
+runs one for you and retries once when a racing request of the same labeler hit a unique key first.
 """
 from __future__ import annotations
 
@@ -34,11 +33,10 @@ import random
 import re
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload
 
 from rlhf_pl.app.agreement import check_groups
@@ -50,6 +48,8 @@ from rlhf_pl.app.db import (
     RankingRecord,
     Task,
     User,
+    once_more_on_conflict,
+    selected_path,
     storable,
     utcnow,
 )
@@ -63,7 +63,6 @@ ROLES = ("system", "user", "assistant")
 MAX_ID = 64  # Task.id's column width
 CHAT_ID = re.compile(r"^chat-(\d+)-(\d+)$")
 IN_CHUNK = 500  # ids per IN (...) list
-T = TypeVar("T")
 
 
 class TaskNotFound(LookupError):
@@ -212,20 +211,14 @@ def next_task(session: Session, user: User) -> Optional[Task]:
                 return session.get(Task, task_id)
 
 
-def retry_on_conflict(db: Database, work: Callable[[Session], T]) -> T:
-    """``work`` in one transaction; once more in a new one if a racing request hit a unique key first
-    (the same labeler asking twice at once: the retry sees what the winner stored)."""
-    try:
-        with db.transaction() as session:
-            return work(session)
-    except IntegrityError:
-        with db.transaction() as session:
-            return work(session)
-
-
 def claim_next(db: Database, user: User) -> Optional[Task]:
-    """:func:`next_task` in its own transaction (retried once after a racing request of the same user)."""
-    return retry_on_conflict(db, lambda session: next_task(session, user))
+    """:func:`next_task` in its own transaction, retried once in a new one when a racing request of the
+    same user hit the (task, user) key first: the retry sees what the winner stored."""
+    def claim() -> Optional[Task]:
+        with db.transaction() as session:
+            return next_task(session, user)
+
+    return once_more_on_conflict(claim)
 
 
 def own_assignment(session: Session, user: User, task_id: str, *, lock: bool = False) -> Assignment:
@@ -361,20 +354,11 @@ class ChatCut:
     chat_policy: Optional[str]
 
 
-def selected_messages(conversation: Conversation) -> list[Any]:
-    """The conversation as it goes on: at each position the selected alternative (the newest if several)."""
-    by_position: dict[int, Any] = {}
-    for message in conversation.messages:
-        if message.selected:
-            by_position[message.position] = message
-    return [by_position[p] for p in sorted(by_position)]
-
-
 def pick_model_turn(conversation: Conversation, seed: int) -> Optional[ChatCut]:
     """One model-written assistant turn that answers a user turn, picked with ``random.Random`` seeded by
     (seed, conversation id) — the same pick whichever other chats exist; None when there is none.
     (Collect's ``pick_turn`` picks among all assistant turns: it cannot know which ones a model wrote.)"""
-    messages = selected_messages(conversation)
+    messages = selected_path(conversation.messages)
     turns = [i for i in range(1, len(messages)) if messages[i].role == "assistant"
              and messages[i].source == "model" and messages[i - 1].role == "user"]
     if not turns:

@@ -108,13 +108,10 @@ class LabelsPendingError(LabelerError):
 
 def default_queue() -> str:
     """The app queue's name when ``labeler.queue`` is null: the Hydra run directory's name, else ``collect``."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
+    from hydra.core.hydra_config import HydraConfig
 
-        if HydraConfig.initialized():
-            return Path(HydraConfig.get().runtime.output_dir).name[:200]
-    except (ImportError, ValueError):
-        pass
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir).name[:200]
     return "collect"
 
 
