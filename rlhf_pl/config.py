@@ -415,6 +415,7 @@ class Config:
     reward_head: Any = None
     kl_controller: Any = None
     labeler: Any = None
+    generation: Any = MISSING  # how samples are generated (rlhf_pl.generation): hf | static
 
 
 def register_configs() -> None:

@@ -31,6 +31,7 @@ KINDS: dict[str, str] = {
     "samplers": "sampler",
     "precision": "precision",
     "labelers": "labeler",
+    "generation": "generation",
 }
 GROUP_PREFIX = "rlhf_pl."
 

@@ -161,3 +161,40 @@ QLORA = PluginSpec(
     "qlora", QLoRAPrecisionConfig, "rlhf_pl.precision:QLoRA",
     "LoRA adapters on a 4-bit NF4 base; frozen models NF4",
 )
+
+# --- generation backends (rlhf_pl.generation) ------------------------------------------------
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
+
+
+@dataclass
+class HFGenerationConfig:
+    """No settings: the sampling loop on transformers' ``DynamicCache`` (one cached step per token)."""
+
+
+@dataclass
+class StaticGenerationConfig:
+    """A KV cache preallocated for prompt + new tokens (transformers' ``StaticLayer``), the decode step
+    compiled with ``torch.compile``."""
+
+    compile: bool = True  # compile the decode step (false: the same static-cache loop, run eagerly)
+    # torch.compile mode: default | reduce-overhead (CUDA graphs; on the CPU as default) | max-autotune |
+    # max-autotune-no-cudagraphs
+    mode: str = setting("default", choices=COMPILE_MODES)
+    # cache length = prompt + max_new_tokens rounded up to a multiple of this: prompts of lengths within one
+    # bucket share a compiled graph (a larger bucket recompiles less and attends over more empty slots)
+    cache_bucket: int = setting(64, ge=1)
+    # distinct compiled decode graphs (batch rows × cache length × dtype) per model; one more is an error
+    # naming this key, never a silent fall-back to eager
+    recompile_limit: int = setting(16, ge=1)
+
+
+HF_GENERATION = PluginSpec(
+    "hf", HFGenerationConfig, "rlhf_pl.generation:HFGeneration",
+    "transformers' DynamicCache, one eager cached step per token",
+)
+STATIC_GENERATION = PluginSpec(
+    "static", StaticGenerationConfig, "rlhf_pl.generation:StaticGeneration",
+    "preallocated static KV cache, decode step compiled with torch.compile",
+)
