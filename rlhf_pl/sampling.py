@@ -6,7 +6,8 @@ Two levels:
 
 - :func:`sample`: one batch of LEFT-padded prompt tensors → :class:`Completions` (tensors: the
   sequences, the response mask cut at EOS or a stop string, whether each ended; the scores when a
-  scorer is given). The sampler plugin draws the tokens (:func:`rlhf_pl.models.generate.generate`).
+  scorer is given). The sampler plugin draws the tokens; the generation backend
+  (:mod:`rlhf_pl.generation`, ``generation=hf|static``, built by :func:`build_backend`) runs the model.
 - :func:`sample_texts`: ``n`` completions of each of a list of tokenized prompts, batched by
   prompt length, with progress → one list of :class:`Sample` (decoded text, tokens, ended,
   reward) per prompt. The ``n`` completions of a prompt share one prefill of it
@@ -24,8 +25,10 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
+from rlhf_pl import registry
 from rlhf_pl.data.collate import pad_left
-from rlhf_pl.models.generate import generate
+from rlhf_pl.generation import GenerationBackend, HFGeneration
+from rlhf_pl.plugins.specs import HFGenerationConfig
 from rlhf_pl.runtime import weights_cast_once
 
 log = logging.getLogger(__name__)
@@ -33,6 +36,13 @@ log = logging.getLogger(__name__)
 #: ``scorer(sequences (b, t), attention_mask (b, t)) -> RewardOutput`` with (b,) fields, read at the
 #: last attended token. :class:`rlhf_pl.models.reward.RewardModel` is one; tests inject rule-based ones.
 Scorer = Callable[[Tensor, Tensor], Any]
+
+HF = HFGeneration(HFGenerationConfig())  # the backend when a caller passes none
+
+
+def build_backend(cfg: Any) -> GenerationBackend:
+    """The generation backend a composed config selects (``cfg.generation``: ``generation=hf|static``)."""
+    return registry.build("generation", cfg.generation)
 
 
 class Completions(NamedTuple):
@@ -80,16 +90,19 @@ def cut_at_stop_strings(response: Tensor, mask: Tensor, tokenizer: Any,
 @torch.no_grad()
 def sample(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Any, max_new_tokens: int, tokenizer: Any, *,
            stop_strings: Sequence[str] = (), generator: Optional[torch.Generator] = None,
-           scorer: Optional[Scorer] = None, num_samples: int = 1) -> Completions:
+           scorer: Optional[Scorer] = None, num_samples: int = 1,
+           backend: Optional[GenerationBackend] = None) -> Completions:
     """Sample ``num_samples`` (K) completions per prompt row, cut each at EOS or the first stop
     string, and score them with ``scorer`` if given. The K completions of a prompt share its prefill
     (:func:`rlhf_pl.models.generate.generate`); row ``i·K + j`` is sample ``j`` of prompt ``i``.
+    ``backend``: the generation backend (None: ``generation=hf``).
     Under autocast each weight is cast once for the whole generation (the weights are fixed while
     sampling). Shapes: prompt_ids, prompt_mask (b, p) on the model's device -> :class:`Completions`
     with b·K rows (the prompt repeated; the scorer scores all b·K)."""
     with weights_cast_once(prompt_ids.device):
-        gen = generate(model, prompt_ids, prompt_mask, sampler, max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                       pad_token_id=tokenizer.pad_token_id, generator=generator, num_samples=num_samples)
+        gen = (backend or HF).generate(model, prompt_ids, prompt_mask, sampler, max_new_tokens,
+                                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+                                       generator=generator, num_samples=num_samples)
     mask, stopped = cut_at_stop_strings(gen.response, gen.response_mask, tokenizer, stop_strings)
     prompt_mask = prompt_mask.long().repeat_interleave(num_samples, dim=0)  # (b·K, p)
     completions = Completions(gen.sequences, torch.cat([prompt_mask, mask], dim=1), gen.prompt_length, mask,
@@ -120,13 +133,14 @@ def model_device(model: Any) -> torch.device:
 def sample_texts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], n: int, sampler: Any,
                  max_new_tokens: int, *, batch_size: int = 16, stop_strings: Sequence[str] = (),
                  generator: Optional[torch.Generator] = None, scorer: Optional[Scorer] = None,
-                 progress: Optional[str] = None) -> list[list[Sample]]:
+                 progress: Optional[str] = None, backend: Optional[GenerationBackend] = None) -> list[list[Sample]]:
     """``n`` completions of each tokenized prompt (chat-templated ids ending with the generation
     prompt), about ``batch_size`` sequences at a time: a batch holds ``max(1, batch_size // n)``
     distinct prompts, each prefilled once and then sampled ``n`` times (``sample(..., num_samples=n)``).
     Prompts are sorted by length (stable) so that a batch pads little. ``progress``: a label to show
-    a progress bar over the sequences (a log line per batch when stderr is not a terminal). Returns
-    one list of ``n`` samples per prompt, in prompt order."""
+    a progress bar over the sequences (a log line per batch when stderr is not a terminal).
+    ``backend``: the generation backend (None: ``generation=hf``). Returns one list of ``n`` samples
+    per prompt, in prompt order."""
     if n < 1 or batch_size < 1:
         raise ValueError(f"n={n} and batch_size={batch_size} must be >= 1")
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -138,7 +152,8 @@ def sample_texts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], n
             batch = order[start:start + per_batch]
             ids, mask = pad_left([list(prompts[i]) for i in batch], tokenizer.pad_token_id)
             out = sample(model, ids.to(device), mask.to(device), sampler, max_new_tokens, tokenizer,
-                         stop_strings=stop_strings, generator=generator, scorer=scorer, num_samples=n)
+                         stop_strings=stop_strings, generator=generator, scorer=scorer, num_samples=n,
+                         backend=backend)
             rows = len(batch) * n  # row r is sample r % n of prompt batch[r // n]
             rewards = out.scores.rewards.float().tolist() if out.scores is not None else [None] * rows
             for row, text in enumerate(out.texts(tokenizer)):

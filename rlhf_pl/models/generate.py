@@ -13,13 +13,18 @@ prompts run through the model once, then the last logits, the mask and the KV ca
 ``b·K`` rows (row ``i·K + j`` is sample ``j`` of prompt ``i``, as ``repeat_interleave``) and decoding
 goes on from there.
 
+The loop (sampling, EOS, masks, ``on_token``) is the same for every generation backend
+(:mod:`rlhf_pl.generation`); how the model is called — the KV cache — is a :class:`Decoder`:
+:class:`DynamicCacheDecoder` here (transformers' ``DynamicCache``, growing by one column per token),
+a static preallocated cache with a compiled step in ``generation=static``.
+
 Shapes: ``b`` batch, ``p`` prompt length (padded), ``n`` generated tokens, ``t = p + n``,
 ``v`` vocabulary, ``K`` samples per prompt.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import torch
 from torch import Tensor
@@ -103,6 +108,41 @@ def response_mask_from_tokens(response: Tensor, eos_token_id: int) -> Tensor:
     return (eos_before == 0).long()
 
 
+class Decoder(Protocol):
+    """How one generation calls the model: the prompts once, then one cached step per new token."""
+
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int) -> Tensor:
+        """Run the b distinct prompts once and make the KV cache of their b·K rows (row i·K + j: sample j
+        of prompt i). Shapes: prompt_ids, prompt_mask (b, p) -> last-token logits (b·K, v) float32."""
+        ...
+
+    def step(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """Feed one token per row. Shapes: tokens (b·K,), mask (b·K, p + s) over every token fed so far,
+        these included -> their next-token logits (b·K, v) float32."""
+        ...
+
+
+class DynamicCacheDecoder:
+    """``generation=hf``'s decoder: the model's own ``DynamicCache``, created by the prefill, repeated
+    to b·K rows with ``batch_repeat_interleave`` and grown by one column per step."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.cache = model, None
+
+    def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int) -> Tensor:
+        """(b, p), (b, p) -> (b·K, v) float32."""
+        logits, cache = _step(self.model, prompt_ids, prompt_mask, None, keep_last=True)  # the model makes the cache
+        if num_samples > 1:
+            logits, cache = logits.repeat_interleave(num_samples, dim=0), _repeat_cache(cache, num_samples)
+        self.cache = cache
+        return logits
+
+    def step(self, tokens: Tensor, mask: Tensor) -> Tensor:
+        """(b·K,), (b·K, p + s) -> (b·K, v) float32."""
+        logits, self.cache = _step(self.model, tokens.unsqueeze(-1), mask, self.cache, keep_last=True)
+        return logits
+
+
 @torch.no_grad()
 def generate(
     model: Any,
@@ -116,6 +156,7 @@ def generate(
     *,
     num_samples: int = 1,
     on_token: Optional[OnToken] = None,
+    decoder: Optional[Decoder] = None,
 ) -> Generation:
     """Sample up to ``max_new_tokens`` tokens per prompt with the KV cache, ``num_samples`` (K) per prompt.
 
@@ -131,6 +172,9 @@ def generate(
     ``on_token(tokens, ended)``, if given, is called after every step with that step's tokens (b·K,)
     and the rows ended so far (b·K,) bool; it may return a (b·K,) bool tensor of rows to end now
     (a streaming caller stops cancelled requests this way) or None.
+
+    ``decoder``: how the model is called (:class:`Decoder`, made for this call); None is
+    :class:`DynamicCacheDecoder` of ``model``.
     """
     _check_prompt(prompt_ids, prompt_mask)
     if max_new_tokens < 1:
@@ -140,8 +184,9 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        return _sample_loop(model, prompt_ids, prompt_mask.long(), sampler, max_new_tokens,
-                            eos_token_id, pad_token_id, generator, num_samples, on_token)
+        return _sample_loop(decoder if decoder is not None else DynamicCacheDecoder(model), prompt_ids,
+                            prompt_mask.long(), sampler, max_new_tokens, eos_token_id, pad_token_id, generator,
+                            num_samples, on_token)
     finally:
         model.train(was_training)
 
@@ -157,17 +202,16 @@ def _repeat_cache(cache: Any, repeats: int) -> Any:
     return cache
 
 
-def _sample_loop(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
+def _sample_loop(decoder: Decoder, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator],
                  num_samples: int = 1, on_token: Optional[OnToken] = None) -> Generation:
-    """Prefill the prompts, repeat the result K = ``num_samples`` times if K > 1, then one cached step
-    per token. prompt_ids, prompt_mask (b, p) -> Generation with b·K rows."""
+    """Prefill the prompts (the decoder repeats the result K = ``num_samples`` times), then one cached
+    step per token. prompt_ids, prompt_mask (b, p) -> Generation with b·K rows."""
     p = prompt_ids.shape[1]
+    logits = decoder.prefill(prompt_ids, prompt_mask, num_samples)  # (b·K, v)
     mask, tokens = prompt_mask, []
-    logits, cache = _step(model, prompt_ids, mask, None, keep_last=True)  # the model creates its cache
-    if num_samples > 1:  # (b, ·) -> (b·K, ·), sample j of prompt i in row i·K + j
-        logits, mask = logits.repeat_interleave(num_samples, dim=0), mask.repeat_interleave(num_samples, dim=0)
-        prompt_ids, cache = prompt_ids.repeat_interleave(num_samples, dim=0), _repeat_cache(cache, num_samples)
+    if num_samples > 1:  # (b, p) -> (b·K, p), sample j of prompt i in row i·K + j
+        mask, prompt_ids = mask.repeat_interleave(num_samples, dim=0), prompt_ids.repeat_interleave(num_samples, dim=0)
     ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     for step in range(max_new_tokens):
         next_tokens = sampler.sample(logits, generator=generator)  # (b,)
@@ -179,7 +223,7 @@ def _sample_loop(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: S
             ended = ended | stop.to(ended.device)
         if bool(ended.all()) or step == max_new_tokens - 1:
             break
-        logits, cache = _step(model, next_tokens.unsqueeze(-1), mask, cache, keep_last=True)
+        logits = decoder.step(next_tokens, mask)
     response = torch.stack(tokens, dim=-1)  # (b, n)
     return Generation(
         sequences=torch.cat([prompt_ids, response], dim=-1),
