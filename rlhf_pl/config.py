@@ -34,12 +34,13 @@ import math
 import typing
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue
 
 from rlhf_pl.errors import ConfigError
+from rlhf_pl.strategies import composition_problem
 
 RULES = ("choices", "ge", "gt", "le", "lt", "length", "min_length")  # the field-metadata vocabulary
 # Choices used by several fields, or too long to spell out on their field's line.
@@ -125,6 +126,8 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Any = "auto"
     strategy: str = "auto"
+    # options of trainer.strategy=fsdp | deepspeed (rlhf_pl.strategies.STRATEGY_OPTIONS; docs/scaling.md)
+    strategy_options: Dict[str, Any] = field(default_factory=dict)
     num_nodes: int = setting(1, ge=1)
     max_epochs: int = setting(1, ge=-1)  # -1: no limit
     max_steps: int = setting(-1, ge=-1)  # -1: no limit
@@ -561,7 +564,8 @@ def _heads_divide_hidden(cfg: DictConfig) -> str | None:
     return f"model.tiny.hidden_size={hidden} must be a multiple of model.tiny.num_heads={heads}"
 
 
-CROSS_FIELD_RULES: tuple[Callable[[DictConfig], Optional[str]], ...] = (_minibatches_divide_batch, _heads_divide_hidden)
+CROSS_FIELD_RULES: tuple[Callable[[DictConfig], Optional[str]], ...] = (_minibatches_divide_batch, _heads_divide_hidden,
+                                                                         composition_problem)
 
 
 # --- helpers ------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig
 
 from rlhf_pl.errors import NonFiniteLossError
+from rlhf_pl.strategies import build_strategy
 
 
 def make_trainer(
@@ -44,7 +45,7 @@ def make_trainer(
     kwargs: dict[str, Any] = dict(
         accelerator=t.accelerator,
         devices=t.devices,
-        strategy=t.strategy,
+        strategy=build_strategy(t),  # a name, or a configured FSDP/DeepSpeed strategy (rlhf_pl.strategies)
         num_nodes=t.num_nodes,
         max_epochs=t.max_epochs,
         max_steps=t.max_steps,
