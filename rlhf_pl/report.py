@@ -49,9 +49,10 @@ class SampleLog:
         self.sections: list[str] = []
 
     def add(self, rows: Sequence[dict[str, Any]], heading: str, step: int, trainer: Any = None) -> str:
-        """Write ``rows`` under ``heading``; returns the table. Nothing is written for no rows."""
+        """Write ``rows`` under ``heading``; returns the table. Nothing is written for no rows, nor on a
+        data-parallel rank other than 0."""
         table = markdown_table(rows)
-        if not table:
+        if not table or (trainer is not None and not trainer.is_global_zero):
             return table
         self.sections.append(f"## {heading}\n\n{table}\n")
         write_text(self.path, f"# {self.title}\n\n" + "\n".join(self.sections))

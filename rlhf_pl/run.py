@@ -21,8 +21,9 @@ from typing import Any, Mapping, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from rlhf_pl import outputs
+from rlhf_pl import distributed, outputs
 from rlhf_pl.config import validate_config
+from rlhf_pl.distributed import is_rank_zero
 from rlhf_pl.io import write_json, write_text
 from rlhf_pl.stages import StageResult, stage_module
 
@@ -50,9 +51,12 @@ def run_stage(cfg: DictConfig, run_dir: Optional[Path] = None, inputs: Optional[
     sub-stages run in their own processes, and the app) is run without importing Lightning here."""
     validate_config(cfg)  # before the heavy imports: a bad value fails at once
     module = stage_module(cfg.stage)
-    rank_zero = _prepare_training_process(cfg) if getattr(module, "USES_LIGHTNING", True) else True
+    if getattr(module, "USES_LIGHTNING", True):
+        _prepare_training_process(cfg)
+    rank_zero = is_rank_zero()  # data parallel: the other ranks write no file of their own (rlhf_pl.distributed)
     run_dir = Path(run_dir) if run_dir is not None else current_run_dir(cfg)
-    write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero:
+        write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     log.info("run directory: %s", run_dir.resolve())
     started = time.perf_counter()
     result: StageResult = module.run(cfg, run_dir, outputs.Inputs(cfg, module.INPUTS, inputs), **stage_kwargs)
@@ -60,27 +64,27 @@ def run_stage(cfg: DictConfig, run_dir: Optional[Path] = None, inputs: Optional[
     result.metrics["peak_rss_mib"] = peak_rss_mib()
     result.metrics.update({f"{name}_dir": str(path) for name, path in result.outputs.items()})
     summary = {"stage": cfg.stage, "model": cfg.model.name, "run_dir": str(run_dir.resolve()), **result.metrics}
-    write_json(run_dir / "summary.json", summary)
-    if record and rank_zero:
-        outputs.record(cfg, cfg.stage, result.outputs)
+    if rank_zero:
+        write_json(run_dir / "summary.json", summary)
+        if record:
+            outputs.record(cfg, cfg.stage, result.outputs)
     scalars = {k: v for k, v in result.metrics.items() if not isinstance(v, (list, dict))}
     log.info("summary: %s", json.dumps(scalars, default=str))
     return result
 
 
-def _prepare_training_process(cfg: DictConfig) -> bool:
-    """Quiet library logging, retain freed memory (``retain_freed_memory``), seed everything; return
-    whether this process is rank 0 (the one that records outputs)."""
+def _prepare_training_process(cfg: DictConfig) -> None:
+    """Quiet library logging, retain freed memory (``retain_freed_memory``), seed everything, and have
+    data-parallel ranks started as copies of this Hydra job (:func:`rlhf_pl.distributed.install`)."""
     import lightning as L
-    from lightning.pytorch.utilities import rank_zero_only
 
     _quiet_library_logging()
+    distributed.install()
     if cfg.retain_freed_memory:
         from rlhf_pl.runtime import retain_freed_memory
 
         retain_freed_memory()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    return rank_zero_only.rank == 0
 
 
 def peak_rss_mib() -> Optional[float]:

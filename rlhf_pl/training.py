@@ -1,12 +1,16 @@
-"""What every training stage builds the same way: the Lightning trainer and the finite-loss guard."""
+"""What every training stage builds the same way: the Lightning trainer, the finite-loss guard and
+the data-parallel mean of a loss."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NamedTuple
 
+import torch
 from omegaconf import DictConfig
+from torch import Tensor
 
+from rlhf_pl.distributed import check_launchable
 from rlhf_pl.errors import NonFiniteLossError
 from rlhf_pl.strategies import build_strategy
 
@@ -73,7 +77,9 @@ def make_trainer(
     else:
         kwargs.update(gradient_clip_val=t.gradient_clip_val, accumulate_grad_batches=t.accumulate_grad_batches)
     kwargs.update(overrides)
-    return L.Trainer(**kwargs)
+    trainer = L.Trainer(**kwargs)
+    check_launchable(trainer)
+    return trainer
 
 
 def check_finite_loss(loss: Any, *, stage: str, step: int, lr: float, lr_key: str) -> None:
@@ -84,3 +90,32 @@ def check_finite_loss(loss: Any, *, stage: str, step: int, lr: float, lr_key: st
         raise NonFiniteLossError(
             f"{stage}: the loss is {value} at step {step} with learning rate {lr:.3g} ({lr_key}); training stopped "
             f"and no model was exported or recorded. Lower {lr_key} and run again.")
+
+
+class GlobalMean(NamedTuple):
+    """A mean over the items of every data-parallel rank (see :func:`global_mean`)."""
+
+    loss: Tensor  # scalar, with grad: backpropagate this one (DDP's gradient average then gives ∇ value)
+    value: Tensor  # scalar, detached: Σ totals / Σ counts over the ranks (what to log)
+    count: Tensor  # scalar: Σ counts over the ranks
+
+
+def global_mean(total: Tensor, count: Tensor | float) -> GlobalMean:
+    """The mean of per-item losses over all ranks, when each rank holds ``total`` (their sum on this
+    rank) and ``count`` (how many it has).
+
+    DDP averages the ranks' gradients, so the mean of per-rank means is what it would optimise; that
+    weights an item on a rank with few items (tokens, comparison pairs) more than one on a busy rank,
+    and differs from one process on the same global batch. Scaling this rank's sum by
+    ``W / Σ counts`` (W ranks in the process group; 1 without one) makes the averaged gradient that of
+    Σ totals / Σ counts: W processes with batch b compute what one process with batch W·b does. One
+    all-reduce of two numbers per call.
+    Shapes: total scalar (with grad), count scalar -> :class:`GlobalMean`.
+    """
+    from rlhf_pl.distributed import world_size
+    from rlhf_pl.rl.masked import all_reduce_sum
+
+    count = torch.as_tensor(count, dtype=torch.float32, device=total.device)
+    sums = all_reduce_sum(torch.stack([total.detach().float(), count]))  # (2,) summed over ranks
+    denominator = sums[1].clamp(min=1)
+    return GlobalMean(total * (world_size() / denominator), sums[0] / denominator, sums[1])

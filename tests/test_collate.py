@@ -116,10 +116,37 @@ def test_sampler_without_shuffle_is_sorted_in_order():
 def test_sampler_shards_across_replicas():
     lengths = lengths_of(103)
     shards = [list(LengthGroupedBatchSampler(lengths, batch_size=4, seed=0, num_replicas=3, rank=r)) for r in range(3)]
-    assert [len(s) for s in shards] == [9, 9, 9]  # 26 batches padded to 27
-    assert {i for s in shards for b in s for i in b} == set(range(103))
+    assert [len(s) for s in shards] == [9, 9, 9]  # ceil(103 / 12) global batches of 3 · 4
+    every = [i for s in shards for b in s for i in b]
+    assert sorted(every) == list(range(103))  # disjoint shards covering everything (103 = 8·12 + 7: no fill-up)
     with pytest.raises(ValueError, match=r"rank must be in \[0, num_replicas=2\), got 2"):
         LengthGroupedBatchSampler(lengths, 4, 0, num_replicas=2, rank=2)
+
+
+def test_replicas_step_through_the_batches_of_one_process_with_the_global_batch():
+    """W ranks with batch b: step i of all ranks together = step i of one process with batch b·W."""
+    lengths = lengths_of(90)
+    for epoch in (0, 1):
+        one = LengthGroupedBatchSampler(lengths, batch_size=8, seed=5)
+        ranks = [LengthGroupedBatchSampler(lengths, batch_size=4, seed=5, num_replicas=2, rank=r) for r in (0, 1)]
+        for sampler in (one, *ranks):
+            sampler.set_epoch(epoch)
+        together = [sorted(a + b) for a, b in zip(*(list(r) for r in ranks))]
+        assert together == [sorted(batch) for batch in one]
+    first, second = (list(LengthGroupedBatchSampler(lengths, 4, 5, num_replicas=2, rank=0)) for _ in range(2))
+    assert first == second  # deterministic
+    moved = LengthGroupedBatchSampler(lengths, 4, 5, num_replicas=2, rank=0)
+    moved.set_epoch(1)
+    assert list(moved) != first  # a new order per epoch
+
+
+def test_a_last_global_batch_smaller_than_the_replicas_is_filled_up():
+    shards = [list(LengthGroupedBatchSampler([1] * 5, batch_size=2, seed=0, shuffle=False, num_replicas=2, rank=r))
+              for r in (0, 1)]
+    assert shards == [[[0, 2], [4]], [[1, 3], [4]]]  # index 4 alone: both ranks get it, none is empty
+    dropped = LengthGroupedBatchSampler([1] * 5, batch_size=2, seed=0, shuffle=False, num_replicas=2, rank=1,
+                                        drop_last=True)
+    assert list(dropped) == [[1, 3]] and len(dropped) == 1
 
 
 def test_dataloader_with_sampler_and_collator(tiny_tokenizer):

@@ -119,7 +119,7 @@ def test_the_model_trains_in_training_mode_so_dropout_and_checkpointing_act(tiny
     examples = [tokenize_conversation(loaded.tokenizer, c.messages)
                 for c in load_conversations("embedded:demonstrations", limit=2)]
     batch = SFTCollator(loaded.tokenizer.pad_token_id)(examples)
-    first, second = module.token_loss(batch)[0], module.token_loss(batch)[0]
+    first, second = module.token_loss_sum(batch)[0], module.token_loss_sum(batch)[0]
     assert not torch.equal(first, second)  # dropout is active: two passes differ
 
 

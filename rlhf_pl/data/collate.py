@@ -93,10 +93,15 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
 
     With ``group=False`` the mega-batch sort is skipped (plain shuffled or in-order batches).
 
-    For data-parallel training give ``num_replicas`` and ``rank``: every rank gets the same number of
-    batches (the last ones are repeated from the start to fill up, or left out with ``drop_last``).
-    Lightning cannot inject its distributed sampler into a batch sampler, so the stages shard with
-    these two arguments and build their trainers with ``use_distributed_sampler=False``.
+    For data-parallel training give ``num_replicas`` (W) and ``rank``: the batches above are cut
+    with ``batch_size · W`` indices (global batches) and each rank takes every W-th index of each
+    (``global[rank::W]``; a length-sorted global batch so gives every rank similar lengths). So W
+    processes with ``batch_size`` b step through exactly the batches one process with b·W does, and
+    every rank has the same number of batches. A last global batch with fewer than W indices is
+    filled up with its own first indices (no rank gets an empty batch); ``drop_last`` drops an
+    incomplete global batch instead. Lightning cannot inject its distributed sampler into a batch
+    sampler, so the stages shard with these two arguments and build their trainers with
+    ``use_distributed_sampler=False``.
     """
 
     MEGA_BATCH_FACTOR = 50
@@ -119,39 +124,38 @@ class LengthGroupedBatchSampler(Sampler[list[int]]):
         """Choose the epoch whose order ``__iter__`` yields (each epoch a different shuffle)."""
         self.epoch = epoch
 
-    def _num_batches_total(self) -> int:
-        n = len(self.lengths)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+    @property
+    def global_batch_size(self) -> int:
+        return self.batch_size * self.num_replicas
 
     def __len__(self) -> int:
-        total = self._num_batches_total()
-        return total // self.num_replicas if self.drop_last else math.ceil(total / self.num_replicas)
+        """Batches per epoch: the same on every rank (the number of global batches)."""
+        n, size = len(self.lengths), self.global_batch_size
+        return n // size if self.drop_last else math.ceil(n / size)
 
-    def _all_batches(self) -> list[list[int]]:
-        """Every batch of this epoch, in order, before splitting across replicas."""
+    def _global_batches(self) -> list[list[int]]:
+        """Every global batch (``batch_size · num_replicas`` indices) of this epoch, in order."""
         g = torch.Generator().manual_seed(self.seed + self.epoch)
-        n = len(self.lengths)
+        n, size = len(self.lengths), self.global_batch_size
         order = torch.randperm(n, generator=g).tolist() if self.shuffle else list(range(n))
-        mega = self.MEGA_BATCH_FACTOR * self.batch_size
+        mega = self.MEGA_BATCH_FACTOR * size
         batches: list[list[int]] = []
         for start in range(0, n, mega):
             chunk = order[start : start + mega]
             if self.group:
                 chunk = sorted(chunk, key=lambda i: -self.lengths[i])
-            batches += [chunk[j : j + self.batch_size] for j in range(0, len(chunk), self.batch_size)]
+            batches += [chunk[j : j + size] for j in range(0, len(chunk), size)]
         if self.drop_last:
-            batches = [b for b in batches if len(b) == self.batch_size]
+            batches = [b for b in batches if len(b) == size]
         if self.shuffle:
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:
-        batches = self._all_batches()
-        per_rank = len(self)
-        needed = per_rank * self.num_replicas
-        if needed > len(batches) and batches:
-            batches = batches + [batches[i % len(batches)] for i in range(needed - len(batches))]
-        yield from batches[self.rank : needed : self.num_replicas]
+        for batch in self._global_batches():
+            if len(batch) < self.num_replicas:  # fill up so that no rank gets an empty batch
+                batch = batch + [batch[i % len(batch)] for i in range(self.num_replicas - len(batch))]
+            yield batch[self.rank :: self.num_replicas]
 
 
 def batched_loader(dataset: Sequence[Any], lengths: Sequence[int], collate_fn: Callable[[list[Any]], Any],

@@ -31,6 +31,25 @@ def all_reduce_sum(t: Tensor) -> Tensor:
     return t
 
 
+def all_reduce_max(t: Tensor) -> Tensor:
+    """Element-wise maximum over DDP ranks; ``t`` itself without a process group. Shape: any -> the same."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return t
+
+
+def token_share(mask: Tensor, world_size: int, all_reduce: AllReduce | None = None) -> Tensor:
+    """W · (this rank's valid tokens) / (valid tokens of all W ranks): 1 in one process (exactly).
+
+    A rank's token mean times its share, averaged over the ranks (DDP averages gradients), is the
+    mean over every rank's tokens: what one process computes on all their rows together.
+    Shape: mask (b, n) -> scalar float32.
+    """
+    mine = mask.float().sum()
+    total = all_reduce(mine.clone()) if all_reduce is not None else mine
+    return mine * world_size / total.clamp(min=1)
+
+
 def valid_only(x: Tensor, mask: Tensor) -> Tensor:
     """``x`` on valid entries, 0 elsewhere, selected (not multiplied) so inf/NaN padding is dropped.
 
@@ -172,16 +191,16 @@ def global_mean(x: Tensor, all_reduce: AllReduce | None = None) -> Tensor:
     return total[0] / total[1]
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, all_reduce: AllReduce | None = None) -> Tensor:
     """1 − Var[R − V] / Var[R] over valid tokens (1: perfect critic, ≤ 0: no better than a constant).
 
     Both variances are the biased ones over the same tokens (the N vs N−1 factor cancels). NaN
     when the returns have zero variance (explained variance is undefined there).
 
     Shape:
-        values, returns, mask: (b, n); returns a scalar.
+        values, returns, mask: (b, n); returns a scalar. ``all_reduce``: over the tokens of all ranks.
     """
-    var_returns = masked_var(returns, mask, unbiased=False)
-    var_residual = masked_var(returns - values, mask, unbiased=False)
+    var_returns = masked_var(returns, mask, unbiased=False, all_reduce=all_reduce)
+    var_residual = masked_var(returns - values, mask, unbiased=False, all_reduce=all_reduce)
     nan = torch.full_like(var_returns, float("nan"))
     return torch.where(var_returns > 0, 1.0 - var_residual / var_returns, nan).detach()

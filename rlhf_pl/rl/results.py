@@ -70,6 +70,27 @@ def mean_stats(steps: Sequence[MinibatchStats]) -> MinibatchStats:
     return MinibatchStats(**{name: v.max() if name == "max_abs_log_ratio" else v.mean() for name, v in stacked.items()})
 
 
+# token means over a minibatch: scaled by the rank's token share (rlhf_pl.rl.masked.token_share) before reducing
+SHARE_SCALED = ("loss", "policy_loss", "value_loss", "policy_clip_frac", "value_clip_frac", "approx_kl", "ratio_mean",
+                "kl_loss")
+
+
+def scale_by_share(stats: MinibatchStats, share: Tensor) -> MinibatchStats:
+    """The token-mean fields of one rank's step times its token share (:func:`rlhf_pl.rl.masked.token_share`):
+    their sum over the ranks is then the mean over every rank's tokens. Shapes: scalars."""
+    return stats._replace(**{name: getattr(stats, name) * share for name in SHARE_SCALED})
+
+
+def across_ranks(stats: MinibatchStats, world_size: int, all_reduce: AllReduce, all_reduce_max: AllReduce
+                 ) -> MinibatchStats:
+    """One step's stats over all ranks: the token-mean fields (scaled by :func:`scale_by_share`) summed,
+    ``ptx_loss`` averaged over the ranks' demonstration batches, ``max_abs_log_ratio`` the maximum."""
+    summed = all_reduce(torch.stack([getattr(stats, name).float() for name in SHARE_SCALED + ("ptx_loss",)]))
+    fields = dict(zip(SHARE_SCALED, summed[:-1]))
+    return MinibatchStats(**fields, ptx_loss=summed[-1] / world_size,
+                          max_abs_log_ratio=all_reduce_max(stats.max_abs_log_ratio.float().clone()))
+
+
 @dataclass(frozen=True)
 class PPOStats:
     """What one update logs, plots and checkpoints; plain floats (nan: not measured in this run)."""
@@ -113,7 +134,7 @@ def ppo_stats(r: Rollout, adv: Advantages, steps: Sequence[MinibatchStats], *, u
               lrs: Sequence[float], rollout_seconds: float, train_seconds: float,
               all_reduce: AllReduce | None = None) -> PPOStats:
     """The statistics of update ``update`` (1-based) as floats; means are over the episodes / valid
-    tokens of all ranks (explained variance and the minibatch losses are this rank's). ``lrs``:
+    tokens of all ranks (the minibatch losses too, once reduced by :func:`across_ranks`). ``lrs``:
     the policy's and the critic's learning rates."""
     mask = r.mask
     per_estimator = {e: valid_only(kl_estimate(r.logprobs, r.ref_logprobs, e), mask).sum(1) for e in KL_ESTIMATORS}
@@ -130,7 +151,7 @@ def ppo_stats(r: Rollout, adv: Advantages, steps: Sequence[MinibatchStats], *, u
         approx_kl=float(avg.approx_kl), approx_kl_first=float(first.approx_kl),
         max_abs_log_ratio_first=float(first.max_abs_log_ratio),
         policy_clip_frac=float(avg.policy_clip_frac), value_clip_frac=float(avg.value_clip_frac),
-        explained_variance=float(explained_variance(r.values, adv.returns, mask)),
+        explained_variance=float(explained_variance(r.values, adv.returns, mask, all_reduce)),
         response_length=mean(mask.sum(1).float()),
         eos_rate=mean(r.ended.float()), advantage_mean=float(adv.raw_mean), advantage_std=float(adv.raw_std),
         return_mean=token_mean(adv.returns), value_mean=token_mean(r.values),

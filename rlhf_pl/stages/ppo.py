@@ -70,6 +70,7 @@ from rlhf_pl.data.batches import (
 )
 from rlhf_pl.data.collate import trim_left_padding
 from rlhf_pl.data.formats import Prompt
+from rlhf_pl.distributed import gather_objects
 from rlhf_pl.errors import ConfigError
 from rlhf_pl.models.generate import GreedySampler
 from rlhf_pl.models.loading import save_pretrained_atomic
@@ -80,9 +81,17 @@ from rlhf_pl.precision import build_for_stage
 from rlhf_pl.report import SampleLog, tensorboard_writer
 from rlhf_pl.rl.advantages import Advantages, compute_advantages
 from rlhf_pl.rl.kl import kl_loss, sequence_kl
-from rlhf_pl.rl.masked import all_reduce_sum, masked_mean, valid_only
+from rlhf_pl.rl.masked import all_reduce_max, all_reduce_sum, masked_mean, token_share, valid_only
 from rlhf_pl.rl.ppo import ValueLossOutput, minibatch_rows, policy_loss, value_loss
-from rlhf_pl.rl.results import MinibatchStats, PolicyTerms, PPOStats, Rollout, ppo_stats
+from rlhf_pl.rl.results import (
+    MinibatchStats,
+    PolicyTerms,
+    PPOStats,
+    Rollout,
+    across_ranks,
+    ppo_stats,
+    scale_by_share,
+)
 from rlhf_pl.rl.scores import PromptBaselines, RunningMoments, process_scores
 from rlhf_pl.rl.summary import plot_run, summarise, trend_text
 from rlhf_pl.sampling import Completions, Scorer, sample, score
@@ -235,16 +244,18 @@ class PPOModule(L.LightningModule):
         optimizers, schedulers = self.optimizers(), self.lr_schedulers()
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
+        # data parallel: token means weighted by this rank's share of the minibatch's tokens (1 in one process)
+        share = token_share(rollout.mask[rows], self.trainer.world_size, all_reduce_sum)
         terms = self.policy_objective(rollout, adv, rows, beta, step)
         check_finite_loss(terms.loss, stage="ppo", step=self.rollouts_done + 1, lr=self.ppo.policy_optim.lr,
                           lr_key="ppo.policy_optim.lr")
-        self.manual_backward(terms.loss)
+        self.manual_backward(terms.loss * share)
         vf, total = terms.vf, terms.loss.detach()
         if vf is None:
             vf = self.critic_objective(rollout, adv, rows)
             check_finite_loss(vf.loss, stage="ppo", step=self.rollouts_done + 1, lr=self.ppo.critic_optim.lr,
                               lr_key="ppo.critic_optim.lr")
-            self.manual_backward(self.ppo.vf_coef * vf.loss)
+            self.manual_backward(self.ppo.vf_coef * vf.loss * share)
             total = total + self.ppo.vf_coef * vf.loss.detach()
         for optimizer in optimizers:
             if self.ppo.max_grad_norm is not None:
@@ -253,8 +264,9 @@ class PPOModule(L.LightningModule):
         for scheduler in schedulers:
             scheduler.step()
         pg = terms.pg
-        return MinibatchStats(total, pg.loss.detach(), vf.loss.detach(), pg.clip_frac, vf.clip_frac, pg.approx_kl,
-                              pg.ratio_mean, terms.max_abs_log_ratio, terms.kl_loss, terms.ptx_loss)
+        stats = MinibatchStats(total, pg.loss.detach(), vf.loss.detach(), pg.clip_frac, vf.clip_frac, pg.approx_kl,
+                               pg.ratio_mean, terms.max_abs_log_ratio, terms.kl_loss, terms.ptx_loss)
+        return across_ranks(scale_by_share(stats, share), self.trainer.world_size, all_reduce_sum, all_reduce_max)
 
     def policy_objective(self, rollout: Rollout, adv: Advantages, rows: Tensor, beta: float, step: int) -> PolicyTerms:
         """The policy's loss on one minibatch: pg (− entropy bonus + β·KL loss + γ_ptx·NLL), plus
@@ -338,7 +350,9 @@ class PPOModule(L.LightningModule):
             self.timings[phase] += time.perf_counter() - started
 
     def save_checkpoint(self) -> Path | None:
-        """Everything a resumed run needs (:mod:`rlhf_pl.checkpoint`), on rank 0."""
+        """Everything a resumed run needs (:mod:`rlhf_pl.checkpoint`), written by rank 0; the RNG states
+        of every rank (each samples its own tokens) are gathered into it."""
+        rng = gather_objects(rng_state(self.generator))
         if not self.trainer.is_global_zero:
             return None
         state = {
@@ -348,7 +362,7 @@ class PPOModule(L.LightningModule):
             "schedulers": [sch.state_dict() for sch in self.lr_schedulers()],
             "kl_controller": self.kl_controller.state_dict(), "score_moments": asdict(self.moments),
             "reference_baseline": self.baseline.state_dict() if self.baseline is not None else {},
-            "rng": rng_state(self.generator), "history": self.history, "samples_md": self.samples.sections,
+            "rng": rng, "history": self.history, "samples_md": self.samples.sections,
             "sources": self.sources, "ppo": asdict(self.ppo), "seed": self.seed,
         }
         path = write_checkpoint(self.run_dir, state, {"rollouts_done": self.rollouts_done, "updates": self.ppo.updates})
@@ -373,6 +387,16 @@ class PPOModule(L.LightningModule):
         if hasattr(loop, "_batches_that_stepped"):  # logger steps continue from the checkpoint's update
             loop._batches_that_stepped = self.rollouts_done
         log.info("resumed after update %d of %d", self.rollouts_done, self.ppo.updates)
+
+    def rank_rng_state(self, saved: list[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
+        """This rank's RNG states from a checkpoint (one per rank; a single dict: written by one process).
+        A different number of processes would continue with other samples than the interrupted run."""
+        states = saved if isinstance(saved, list) else [saved]
+        if len(states) != self.trainer.world_size:
+            raise ConfigError(f"+resume: the checkpoint was written by {len(states)} data-parallel "
+                              f"process(es), this run has {self.trainer.world_size}; resume with "
+                              f"trainer.devices={len(states)} (× trainer.num_nodes) to continue the same run")
+        return states[self.trainer.global_rank]
 
     # --- Lightning plumbing: modes, optimizers, data, resume ------------------------------------
 
@@ -416,7 +440,7 @@ class PPOModule(L.LightningModule):
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         """RNG states are restored here, after Lightning created the data iterator (which draws a seed)."""
         if self._resume_state is not None:
-            restore_rng_state(self._resume_state["rng"], self.generator)
+            restore_rng_state(self.rank_rng_state(self._resume_state["rng"]), self.generator)
             self._resume_state = None
 
 
@@ -466,8 +490,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, precision: Any, callbacks: Seq
     checkpoints itself (a Lightning one would duplicate them and include the frozen models)."""
     from lightning.pytorch.callbacks import ModelCheckpoint
 
+    # DDP: one training_step backpropagates the policy's and the critic's losses separately, minibatch by minibatch,
+    # so each backward reaches only some parameters; DDP must look for the unused ones at every backward
+    strategy = {"ddp": "ddp_find_unused_parameters_true"}.get(cfg.trainer.strategy, cfg.trainer.strategy)
     trainer = make_trainer(cfg, run_dir, precision, callbacks=callbacks, manual_optimization=True, max_epochs=1,
-                           max_steps=-1, log_every_n_steps=1, limit_train_batches=None, use_distributed_sampler=False)
+                           max_steps=-1, log_every_n_steps=1, limit_train_batches=None, use_distributed_sampler=False,
+                           strategy=strategy)
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")  # frozen models
     return trainer
@@ -507,9 +535,10 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any, *, scorer: Scorer | None = 
     trainer.fit(module)
 
     kl_target = getattr(kl_controller, "target", None)
-    plot_run(module.history, run_dir / "ppo_curves.png", f"PPO {cfg.model.name} ({kl_name} KL controller)", kl_target)
     out_dir = run_dir / "policy"
     if trainer.is_global_zero:
+        plot_run(module.history, run_dir / "ppo_curves.png", f"PPO {cfg.model.name} ({kl_name} KL controller)",
+                 kl_target)
         save_pretrained_atomic(precision.export(module.policy), models.tokenizer, out_dir)  # lora/qlora: merged
     summary = summarise(module.history, final_beta=float(kl_controller.value), kl_controller=kl_name,
                         kl_target=kl_target, kl_estimator=ppo.kl_estimator, updates=module.rollouts_done)

@@ -43,10 +43,11 @@ from rlhf_pl.outputs import InputSpec, index_path, model_config_at
 from rlhf_pl.plugins.reward_heads import HeadChoice, resolve_head
 from rlhf_pl.precision import build_for_stage
 from rlhf_pl.report import plot_curves
+from rlhf_pl.rl.masked import all_reduce_sum
 from rlhf_pl.rl.ranking import RankingLossOutput, all_pairs, group_positions, kwise_ranking_loss
 from rlhf_pl.sampling import model_device, sample_texts
 from rlhf_pl.stages import StageResult
-from rlhf_pl.training import check_finite_loss, make_trainer
+from rlhf_pl.training import check_finite_loss, global_mean, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -224,25 +225,31 @@ class RewardModelModule(L.LightningModule):
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: RankingBatch, batch_idx: int) -> Tensor:
+        """The ranking loss averaged over the prompts (with a pair) of every rank's batch; accuracy and
+        margin averaged over every rank's pairs (:func:`global_mean`)."""
         result = ranking_loss(self(batch.input_ids, batch.attention_mask), batch)
-        check_finite_loss(result.loss, stage="rm", step=self.global_step, lr=self.optim.lr, lr_key="rm.optim.lr")
+        pairs = batch.pair_index.shape[0]
+        prompts_with_pairs = int((torch.bincount(batch.pair_prompt, minlength=batch.n_prompts) > 0).sum())
+        loss = global_mean(result.loss * prompts_with_pairs, prompts_with_pairs)  # loss = Σ / prompts
+        check_finite_loss(loss.value, stage="rm", step=self.global_step, lr=self.optim.lr, lr_key="rm.optim.lr")
+        accuracy = global_mean(result.accuracy * pairs, pairs).value
         n = batch.n_prompts
-        self.log("train/loss", result.loss, prog_bar=True, batch_size=n)
-        self.log("train/accuracy", result.accuracy, prog_bar=True, batch_size=n)
-        self.log("train/margin", result.margin, batch_size=n)
-        self._pairs_seen += int(batch.pair_index.shape[0])
-        return result.loss
+        self.log("train/loss", loss.value, prog_bar=True, batch_size=n)
+        self.log("train/accuracy", accuracy, prog_bar=True, batch_size=n)
+        self.log("train/margin", global_mean(result.margin * pairs, pairs).value, batch_size=n)
+        self.history["train/loss"][0].append(self.global_step)
+        self.history["train/loss"][1].append(float(loss.value))
+        self.history["train/accuracy"][0].append(self.global_step)
+        self.history["train/accuracy"][1].append(float(accuracy))
+        return loss.loss
 
     def on_train_batch_end(self, outputs: Any, batch: RankingBatch, batch_idx: int) -> None:
+        """Comparisons per second of all ranks together."""
         elapsed = time.perf_counter() - self._step_started
         self._train_seconds += elapsed
-        self.log("train/comparisons_per_s", batch.pair_index.shape[0] / max(elapsed, 1e-9), batch_size=batch.n_prompts)
-        if outputs is not None:
-            self.history["train/loss"][0].append(self.global_step)
-            self.history["train/loss"][1].append(float(outputs["loss"]))
-            self.history["train/accuracy"][0].append(self.global_step)
-            accuracy = self.trainer.callback_metrics.get("train/accuracy", math.nan)
-            self.history["train/accuracy"][1].append(float(accuracy))
+        pairs = int(all_reduce_sum(torch.tensor(float(batch.pair_index.shape[0]))))
+        self._pairs_seen += pairs
+        self.log("train/comparisons_per_s", pairs / max(elapsed, 1e-9), batch_size=batch.n_prompts)
 
     def validation_step(self, batch: RankingBatch, batch_idx: int) -> None:
         out = self(batch.input_ids, batch.attention_mask)
@@ -418,7 +425,7 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
         1.0 if rm.normalise_std else None,
         fitted_on=reference_name,
     )
-    if any(len(xs) for xs, _ in module.history.values()):
+    if trainer.is_global_zero and any(len(xs) for xs, _ in module.history.values()):
         plot_curves(module.history, run_dir / "reward_model.png", title=f"RM {cfg.model.name} ({head.name} head)")
 
     out_dir = run_dir / "reward_model"

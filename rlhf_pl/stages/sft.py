@@ -33,10 +33,11 @@ from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_ato
 from rlhf_pl.optim import build_optimizer
 from rlhf_pl.precision import build_for_stage
 from rlhf_pl.report import SampleLog, plot_curves
+from rlhf_pl.rl.masked import all_reduce_sum
 from rlhf_pl.runtime import attention_kernel
 from rlhf_pl.sampling import model_device, sample_texts
 from rlhf_pl.stages import StageResult
-from rlhf_pl.training import check_finite_loss, make_trainer
+from rlhf_pl.training import check_finite_loss, global_mean, make_trainer
 
 log = logging.getLogger(__name__)
 
@@ -66,40 +67,41 @@ class SFTModule(L.LightningModule):
         with attention_kernel(input_ids.shape[1], input_ids.device, self.model):
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def token_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """Mean token loss over the batch's assistant tokens, and how many there were."""
+    def token_loss_sum(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+        """Sum of the token losses over the batch's assistant tokens, and how many there were."""
         logits = self(batch["input_ids"], batch["attention_mask"])  # (b, t, v)
         labels = batch["labels"][:, 1:]  # (b, t-1): token t+1 predicted at t
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="sum"
         )
-        n_tokens = int((labels != -100).sum())
-        return loss / max(n_tokens, 1), n_tokens
+        return loss, int((labels != -100).sum())
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, n_trained = self.token_loss(batch)
-        check_finite_loss(loss, stage="sft", step=self.global_step, lr=self.optim.lr, lr_key="sft.optim.lr")
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/ppl", torch.exp(loss.detach().clamp(max=20)))
-        self.log("train/trained_tokens", float(n_trained), reduce_fx="sum")
-        self._tokens_seen += int(batch["attention_mask"].sum())
-        return loss
+        """The mean token loss over the assistant tokens of every rank's batch (:func:`global_mean`)."""
+        total, n_trained = self.token_loss_sum(batch)
+        loss = global_mean(total, n_trained)
+        check_finite_loss(loss.value, stage="sft", step=self.global_step, lr=self.optim.lr, lr_key="sft.optim.lr")
+        self.log("train/loss", loss.value, prog_bar=True)
+        self.log("train/ppl", torch.exp(loss.value.clamp(max=20)))
+        self.log("train/trained_tokens", float(loss.count), reduce_fx="sum")
+        self.history["train/loss"][0].append(self.global_step)
+        self.history["train/loss"][1].append(float(loss.value))
+        return loss.loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Tokens per second of all ranks together."""
         elapsed = time.perf_counter() - self._step_started
         self._train_seconds += elapsed
-        tokens = int(batch["attention_mask"].sum())
-        self.log("train/tokens_per_s", tokens / max(elapsed, 1e-9), prog_bar=True)
-        if outputs is not None:
-            self.history["train/loss"][0].append(self.global_step)
-            self.history["train/loss"][1].append(float(outputs["loss"]))
+        tokens = all_reduce_sum(torch.tensor(float(batch["attention_mask"].sum())))
+        self._tokens_seen += int(tokens)
+        self.log("train/tokens_per_s", float(tokens) / max(elapsed, 1e-9), prog_bar=True)
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        loss, n_tokens = self.token_loss(batch)
-        self.val_loss.update(loss, weight=n_tokens)
+        total, n_tokens = self.token_loss_sum(batch)
+        self.val_loss.update(total / max(n_tokens, 1), weight=n_tokens)  # torchmetrics sums over the ranks
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
@@ -175,14 +177,13 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any = None) -> StageResult:
                              train=False, group_by_length=False)
     trainer.fit(module, train_loader, val_loader if val_examples else None)
 
-    sampler = registry.build("samplers", cfg.sampler)
-    rows = (sample_answers(module.model, tokenizer, val_convs[: stage.num_samples], sampler, stage.max_new_tokens)
-            if stage.num_samples and val_convs else [])
-    _write_samples(run_dir, trainer, rows)
-    plot_curves(module.history, run_dir / "loss.png", title=f"SFT {cfg.model.name}")
-
     out_dir = run_dir / "model"
-    if trainer.is_global_zero:
+    if trainer.is_global_zero:  # data parallel: the ranks hold the same weights; rank 0 writes
+        sampler = registry.build("samplers", cfg.sampler)
+        rows = (sample_answers(module.model, tokenizer, val_convs[: stage.num_samples], sampler, stage.max_new_tokens)
+                if stage.num_samples and val_convs else [])
+        _write_samples(run_dir, trainer, rows)
+        plot_curves(module.history, run_dir / "loss.png", title=f"SFT {cfg.model.name}")
         save_pretrained_atomic(precision.export(module.model), tokenizer, out_dir)  # lora/qlora: merged
     metrics = trainer.callback_metrics
     val_loss = float(metrics["val/loss"]) if "val/loss" in metrics else math.nan
