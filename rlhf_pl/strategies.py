@@ -12,7 +12,9 @@ it is, except two that take options:
     not sharded: the precision plugin holds them (bf16 linears, …) and each process keeps a copy.
     Own roots rather than one root around the LightningModule because PPO steps its optimizers
     inside ``training_step``: a backward inside the root's forward leaves FSDP's state stuck.
-    Options: ``sharding_strategy`` (FULL_SHARD = ZeRO-3, SHARD_GRAD_OP = ZeRO-2, NO_SHARD, HYBRID_SHARD),
+    Frozen models with int8/nf4 weights are fine (FSDP never flattens them); ``qlora`` is not (its
+    trained base is NF4). Options: ``sharding_strategy`` (FULL_SHARD = ZeRO-3, SHARD_GRAD_OP = ZeRO-2,
+    NO_SHARD, HYBRID_SHARD),
     ``activation_checkpointing`` (recompute each trained decoder layer in backward), ``state_dict_type``
     (Lightning checkpoints: ``full`` on rank 0 or ``sharded``), ``cpu_offload`` (parameters in CPU RAM).
 ``deepspeed``
@@ -46,9 +48,12 @@ STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
         "offload_parameters": (False, True),
     },
 }
-# bitsandbytes' int8/nf4 parameters are not plain tensors that FSDP/ZeRO can flatten and shard
-UNSHARDABLE_PRECISIONS = ("qlora", "int8-frozen", "nf4-frozen")
-SHARDABLE = "precision=fp32, precision=bf16-mixed, precision=fp16-mixed (CUDA), precision=lora"
+# bitsandbytes' int8/nf4 parameters cannot be flattened into FSDP's or ZeRO's shards ("Cannot flatten integer dtype
+# tensors"): a trained model with them (qlora) cannot be sharded. FSDP leaves the frozen models alone, so their
+# int8/nf4 weights are fine there; DeepSpeed's engine takes (and casts) the whole module.
+UNSHARDABLE_PRECISIONS = {"fsdp": ("qlora",), "deepspeed": ("qlora", "int8-frozen", "nf4-frozen")}
+SHARDABLE = {"fsdp": "precision=fp32, bf16-mixed, fp16-mixed (CUDA), int8-frozen, nf4-frozen (ppo), lora (sft, rm)",
+             "deepspeed": "precision=fp32, bf16-mixed, fp16-mixed, lora"}
 CPU_PRESET = {"ddp": "trainer=ddp_cpu (DDP over CPU processes, gloo)",
               "fsdp": "trainer=fsdp_cpu (FSDP over CPU processes, gloo)",
               "deepspeed": "trainer=fsdp_cpu (sharded over CPU processes) or trainer=ddp_cpu; DeepSpeed has no CPU "
@@ -186,6 +191,29 @@ def fsdp_classes() -> tuple[type, type]:
     return TrainedModelsFSDP, RootClippingPrecision
 
 
+def full_state_dict(model: Any) -> dict[str, Any]:
+    """``model``'s whole state dict, also when it is an FSDP root of :class:`TrainedModelsFSDP`: then
+    collective (every rank must call it) and the full tensors land on rank 0 only (others get ``{}``).
+    Keys are the unwrapped model's (``unwrapped(model).load_state_dict`` takes them). On GPUs the
+    tensors are gathered into CPU memory; on CPU processes without that offload, which crashes FSDP."""
+    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not isinstance(model, FSDP):
+        return model.state_dict()
+    offload = model.compute_device.type != "cpu"
+    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                              FullStateDictConfig(offload_to_cpu=offload, rank0_only=True)):
+        return model.state_dict()
+
+
+def unwrapped(model: Any) -> Any:
+    """The model inside an FSDP root (e.g. to ``save_pretrained(..., state_dict=full_state_dict(root))``)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return model.module if isinstance(model, FSDP) else model
+
+
 # --- composition checks ------------------------------------------------------------------------------
 
 
@@ -260,13 +288,14 @@ def check_deepspeed_installed(cfg: DictConfig) -> Optional[str]:
 
 
 def check_sharded_precision(cfg: DictConfig) -> Optional[str]:
-    """FSDP/DeepSpeed cannot shard bitsandbytes' 8/4-bit parameters."""
+    """FSDP/DeepSpeed cannot shard bitsandbytes' 8/4-bit parameters (see :data:`UNSHARDABLE_PRECISIONS`)."""
     strategy, precision = _strategy(cfg), _precision_name(cfg)
-    if strategy not in SHARDED or precision not in UNSHARDABLE_PRECISIONS:
+    if precision not in UNSHARDABLE_PRECISIONS.get(strategy, ()):
         return None
-    return (f"trainer.strategy={strategy} with precision={precision}: bitsandbytes' 8-bit/4-bit parameters cannot "
-            f"be flattened and sharded by {strategy}; with trainer.strategy={strategy} use {SHARDABLE}, or keep "
-            f"precision={precision} with trainer=ddp (GPU) / trainer=ddp_cpu")
+    held = "the trained models' 4-bit base" if precision == "qlora" else "the frozen models' 8/4-bit weights"
+    return (f"trainer.strategy={strategy} with precision={precision}: bitsandbytes' integer parameters ({held}) "
+            f"cannot be flattened into {strategy}'s shards; with trainer.strategy={strategy} use "
+            f"{SHARDABLE[strategy]}, or keep precision={precision} with trainer=ddp (GPU) / trainer=ddp_cpu")
 
 
 def check_sharded_ppo(cfg: DictConfig) -> Optional[str]:

@@ -49,7 +49,7 @@ def fit(mode: str, devices: int, out: Path) -> None:
     from torch import nn
     from torch.utils.data import DataLoader, Subset, TensorDataset
 
-    from rlhf_pl.strategies import build_strategy
+    from rlhf_pl.strategies import build_strategy, full_state_dict, unwrapped
 
     class Critic(nn.Module):
         def __init__(self) -> None:
@@ -65,6 +65,10 @@ def fit(mode: str, devices: int, out: Path) -> None:
             self.automatic_optimization = mode == "auto"
             self.policy, self.critic = _tiny_lm(0), Critic() if mode == "manual" else None
             self.reference = _tiny_lm(0).requires_grad_(False).eval()
+            if mode == "manual":  # as precision=int8-frozen holds PPO's frozen models: FSDP must leave it alone
+                from rlhf_pl.models.adapters import quantize_linears_
+
+                quantize_linears_(self.reference, "int8")
             self.norms: list[float] = []
 
         def training_step(self, batch, _):
@@ -120,6 +124,8 @@ def fit(mode: str, devices: int, out: Path) -> None:
                 result["weights"][name] = _clean({k: v.detach().clone() for k, v in model.named_parameters()})
         else:
             result["weights"][name] = {k: v.detach().clone() for k, v in model.named_parameters()}
+    result["full_state"] = {name: full_state_dict(model) for name, model in trained.items()}  # collective
+    result["unwrapped"] = {name: type(unwrapped(model)).__name__ for name, model in trained.items()}
     result["reference"] = {"type": type(module.reference).__name__, "state": module.reference.state_dict(),
                            "device": str(next(module.reference.parameters()).device)}
     result["norms"] = module.norms
@@ -163,18 +169,24 @@ def _max_diff(a: dict, b: dict) -> float:
 
 
 def test_fsdp_cpu_manual_optimisation_two_processes_equal_one(two_process_runs, tmp_path):
+    import torch
+
     two, one = _run_fit("manual", two_process_runs, tmp_path)
     assert two["roots"] == {"policy": "FullyShardedDataParallel", "critic": "FullyShardedDataParallel"}
     # each process holds about half of each trained model
     full = {name: sum(v.numel() for v in w.values()) for name, w in one["weights"].items()}
     for name, numel in two["local_numel"].items():
         assert numel < 0.6 * full[name]
-    # the frozen reference is not sharded: a plain module with its whole state on the process's device
+    # the frozen reference (int8 linears) is not sharded: a plain module, its whole state on the process's device
     assert two["reference"]["type"] == "LlamaForCausalLM" and two["reference"]["device"] == "cpu"
+    assert two["reference"]["state"]["model.layers.0.self_attn.q_proj.weight"].dtype == torch.int8
     assert _max_diff(two["reference"]["state"], one["reference"]["state"]) == 0
     assert min(one["norms"]) > CLIP  # every step clipped: a per-shard norm would have given other weights
     for name in ("policy", "critic"):
         assert _max_diff(two["weights"][name], one["weights"][name]) < 1e-5, name
+        # the gathered state dict for exports: the unwrapped model's keys, whole tensors
+        assert _max_diff(two["full_state"][name], one["full_state"][name]) < 1e-5, name
+    assert two["unwrapped"] == {"policy": "LlamaForCausalLM", "critic": "Critic"}
     ckpt = two_process_runs / "manual_2.ckpt"
     assert sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
 
@@ -254,10 +266,13 @@ def test_composition_checks_name_keys_values_and_choices(monkeypatch):
 
     base = ("experiment=quick", "trainer=fsdp_cpu")
     msg = _problem("+stage=sft", *base, "precision=qlora")
-    assert "trainer.strategy=fsdp with precision=qlora" in msg and "precision=bf16-mixed" in msg
-    assert "trainer=ddp" in msg
-    assert "precision=nf4-frozen" in _problem("+stage=ppo", *base, "precision=nf4-frozen")
-    assert "precision=int8-frozen" in _problem("+stage=ppo", *base, "precision=int8-frozen")
+    assert msg.startswith("trainer.strategy=fsdp with precision=qlora: bitsandbytes' integer parameters (the trained "
+                          "models' 4-bit base) cannot be flattened")
+    assert "precision=fp32, bf16-mixed" in msg and "trainer=ddp" in msg
+    from rlhf_pl.config import validate_config
+
+    for frozen in ("int8-frozen", "nf4-frozen"):  # FSDP leaves the frozen models whole: allowed
+        validate_config(_compose("+stage=ppo", *base, f"precision={frozen}"))
     msg = _problem("+stage=ppo", *base, "precision=lora")
     assert "precision=lora and +stage=ppo" in msg and "trainer=ddp" in msg
     assert "ppo.critic=shared" in _problem("+stage=ppo", *base, "ppo.critic=shared")
@@ -285,8 +300,8 @@ def test_composition_checks_name_keys_values_and_choices(monkeypatch):
                         else real_find_spec(name, *a))
     msg = _problem("+stage=ppo", "trainer=deepspeed")
     assert "takes one optimizer" in msg and "use trainer=fsdp for PPO" in msg
-    from rlhf_pl.config import validate_config
-
+    assert "precision=qlora" in _problem("+stage=sft", "trainer=deepspeed", "precision=qlora")
+    assert "the frozen models' 8/4-bit weights" in _problem("+stage=ppo", "trainer=deepspeed", "precision=nf4-frozen")
     validate_config(_compose("+stage=rm", "trainer=deepspeed", "trainer.strategy_options.stage=3"))
 
 

@@ -50,8 +50,10 @@ USABLE = 0.9  # of it for the models and activations: CUDA context, NCCL buffers
 GPU_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 STRATEGIES = ("ddp", "zero2", "zero3", "zero3-all")
 PRECISIONS = ("fp32", "bf16-mixed", "int8-frozen", "nf4-frozen", "lora", "qlora")
-# what the presets refuse (rlhf_pl.strategies): bitsandbytes precisions and PPO's lora under sharding
-REFUSED = {(s, p) for s in ("zero2", "zero3", "zero3-all") for p in ("int8-frozen", "nf4-frozen", "lora", "qlora")}
+# what the presets refuse (rlhf_pl.strategies): PPO's lora and qlora under sharding; and sharding int8/nf4 frozen
+# models, which zero3-all would do
+REFUSED = ({(s, p) for s in ("zero2", "zero3", "zero3-all") for p in ("lora", "qlora")}
+           | {("zero3-all", "int8-frozen"), ("zero3-all", "nf4-frozen")})
 MODELS = ("policy", "critic", "reference", "reward model")
 
 
