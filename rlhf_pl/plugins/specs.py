@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import List
 
 from rlhf_pl.config import setting
+from rlhf_pl.errors import ConfigError
 from rlhf_pl.registry import PluginSpec
 
 # --- samplers (rlhf_pl.samplers) -------------------------------------------------------------
@@ -166,6 +167,9 @@ QLORA = PluginSpec(
 
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's modes
+# torch.compile backends: inductor generates fused kernels; aot_eager captures the same graph (same guards, the
+# parameters as graph inputs) and runs it with eager kernels: no code generation, compiles in a fraction of the time
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 @dataclass
@@ -179,8 +183,9 @@ class StaticGenerationConfig:
     compiled with ``torch.compile``."""
 
     compile: bool = True  # compile the decode step (false: the same static-cache loop, run eagerly)
-    # torch.compile mode: default | reduce-overhead (CUDA graphs; on the CPU as default) | max-autotune |
-    # max-autotune-no-cudagraphs
+    backend: str = setting("inductor", choices=COMPILE_BACKENDS)  # torch.compile backend: inductor | aot_eager
+    # torch.compile mode (inductor only): default | reduce-overhead (CUDA graphs; on the CPU as default) |
+    # max-autotune | max-autotune-no-cudagraphs
     mode: str = setting("default", choices=COMPILE_MODES)
     # cache length = prompt + max_new_tokens rounded up to a multiple of this: prompts of lengths within one
     # bucket share a compiled graph (a larger bucket recompiles less and attends over more empty slots)
@@ -188,6 +193,18 @@ class StaticGenerationConfig:
     # distinct compiled decode graphs (batch rows × cache length × dtype) per model; one more is an error
     # naming this key, never a silent fall-back to eager
     recompile_limit: int = setting(16, ge=1)
+
+    def __post_init__(self) -> None:
+        for key, choices in (("backend", COMPILE_BACKENDS), ("mode", COMPILE_MODES)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"generation.{key}={getattr(self, key)!r}: choose one of: {', '.join(choices)}")
+        for key in ("cache_bucket", "recompile_limit"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"generation.{key}={value!r}: must be an integer >= 1")
+        if self.backend != "inductor" and self.mode != "default":
+            raise ConfigError(f"generation.mode={self.mode!r} is a mode of the inductor backend; with "
+                              f"generation.backend={self.backend!r} use generation.mode=default")
 
 
 HF_GENERATION = PluginSpec(
