@@ -91,11 +91,15 @@ def test_ppo_memory_and_what_fits():
 def test_time_per_phase_reproduces_the_profile_and_scales():
     at_profile = sm.scaled_seconds("135M", **sm.PROFILE_SETTING)
     assert at_profile == pytest.approx(sm.CPU_PROFILE)
-    longer = sm.scaled_seconds("135M", **{**sm.PROFILE_SETTING, "new_tokens": 64})
     flops = sm.phase_flops("135M", **sm.PROFILE_SETTING)
     prefill = flops["prefill"] / (flops["reference"] / sm.CPU_PROFILE["reference"])
-    # decode steps are memory-bound at 8 prompts: twice the tokens, twice the decode time
-    assert longer["generation"] - prefill == pytest.approx(2 * (sm.CPU_PROFILE["generation"] - prefill))
+    step = (sm.CPU_PROFILE["generation"] - prefill) / 32
+    # decode steps are memory-bound at 8 prompts: time per step ∝ bytes read (weights + KV cache at the mean context)
+    longer = sm.scaled_seconds("135M", **{**sm.PROFILE_SETTING, "new_tokens": 64})
+    arch = sm.ARCHITECTURES["135M"]
+    bytes_at = lambda context: 2 * SMOL_TOTAL + 2 * 30 * 192 * 2 * 8 * context  # noqa: E731
+    assert sm.decode_step_bytes("135M", 8, 62 + 16) == bytes_at(78) == 2 * SMOL_TOTAL + sm.kv_cache_bytes(arch, 8, 78)
+    assert longer["generation"] - prefill == pytest.approx(64 * step * bytes_at(62 + 32) / bytes_at(78))
     seven = sm.scaled_seconds("7B", **sm.PROFILE_SETTING)
     assert seven["optimisation"] / sm.CPU_PROFILE["optimisation"] == pytest.approx(
         sm.phase_flops("7B", **sm.PROFILE_SETTING)["optimisation"] / flops["optimisation"])

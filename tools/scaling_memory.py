@@ -268,31 +268,44 @@ def phase_flops(size: str, prompts: int, prompt_length: int, new_tokens: int, ep
             "values": trunk, "optimisation": 3.0 * (lm + trunk) * epochs}
 
 
+def decode_step_bytes(size: str, prompts: int, context: int) -> float:
+    """What one decode step reads: the bf16 weights once, and the KV cache of ``prompts`` rows of
+    ``context`` tokens."""
+    arch = ARCHITECTURES[size]
+    return 2.0 * param_counts(arch).total + kv_cache_bytes(arch, prompts, context)
+
+
+def _mean_context(setting: dict[str, int]) -> int:
+    return setting["prompt_length"] + setting["new_tokens"] // 2
+
+
 def scaled_seconds(size: str, **setting: int) -> dict[str, float]:
     """Seconds per phase for ``size`` at ``setting`` on the profiled CPU. Forward and training phases
     run at the FLOP rate they reached in :data:`CPU_PROFILE` (135M): time = FLOPs / rate. Generation
     = prefill at the reference pass's rate + one decode step per new token, each step the slower of
-    (a) the profile's step time scaled by the weights read (parameter count: a step reads every
-    weight for a few rows) and (b) its FLOPs at the forward rate (large batches)."""
+    (a) the bytes it reads (:func:`decode_step_bytes`, at the mean context) at the byte rate of the
+    profile's steps (a step reads every weight for a few rows: memory-bound) and (b) its FLOPs at the
+    forward rate (large batches)."""
     base = phase_flops("135M", **PROFILE_SETTING)
     rate = {phase: base[phase] / seconds for phase, seconds in CPU_PROFILE.items() if phase != "generation"}
-    prefill_s = base["prefill"] / rate["reference"]
-    step_s = (CPU_PROFILE["generation"] - prefill_s) / PROFILE_SETTING["new_tokens"]
+    step_s = (CPU_PROFILE["generation"] - base["prefill"] / rate["reference"]) / PROFILE_SETTING["new_tokens"]
+    byte_rate = decode_step_bytes("135M", PROFILE_SETTING["prompts"], _mean_context(PROFILE_SETTING)) / step_s
     flops = phase_flops(size, **setting)
-    weights = param_counts(ARCHITECTURES[size]).total / param_counts(ARCHITECTURES["135M"]).total
-    decode_step = max(step_s * weights, flops["decode"] / setting["new_tokens"] / rate["reference"])
-    out = {"generation": flops["prefill"] / rate["reference"] + decode_step * setting["new_tokens"]}
+    step = max(decode_step_bytes(size, setting["prompts"], _mean_context(setting)) / byte_rate,
+               flops["decode"] / setting["new_tokens"] / rate["reference"])
+    out = {"generation": flops["prefill"] / rate["reference"] + step * setting["new_tokens"]}
     out.update({phase: flops[phase] / rate[phase] for phase in CPU_PROFILE if phase != "generation"})
     return out
 
 
 def gpu_seconds(size: str, **setting: int) -> dict[str, float]:
     """The same phases on one H100-class GPU by roofline (assumptions: :data:`GPU_PEAK_FLOPS` at
-    :data:`GPU_MFU`; a decode step at least reads the bf16 weights once at :data:`GPU_BANDWIDTH_USE`
-    of :data:`GPU_BANDWIDTH`). No measurement behind it: it shows the shape, not the figures."""
+    :data:`GPU_MFU`; a decode step reads :func:`decode_step_bytes` at :data:`GPU_BANDWIDTH_USE` of
+    :data:`GPU_BANDWIDTH`, or takes its FLOPs' time if longer). No measurement behind it and no
+    per-step launch overhead in it: a lower bound for generation, for the shape, not the figures."""
     flops = phase_flops(size, **setting)
     rate = GPU_PEAK_FLOPS * GPU_MFU
-    read = 2.0 * param_counts(ARCHITECTURES[size]).total / (GPU_BANDWIDTH * GPU_BANDWIDTH_USE)
+    read = decode_step_bytes(size, setting["prompts"], _mean_context(setting)) / (GPU_BANDWIDTH * GPU_BANDWIDTH_USE)
     step = max(read, flops["decode"] / setting["new_tokens"] / rate)
     out = {"generation": flops["prefill"] / rate + step * setting["new_tokens"]}
     out.update({phase: flops[phase] / rate for phase in CPU_PROFILE if phase != "generation"})
