@@ -333,6 +333,16 @@ def check_fsdp_settings(cfg: DictConfig) -> Optional[str]:
     return None
 
 
+def check_deepspeed_settings(cfg: DictConfig) -> Optional[str]:
+    """ZeRO offloads the weights only at stage 3 (stage 2 keeps them whole on every GPU)."""
+    options = _options(cfg.trainer)
+    if _strategy(cfg) != "deepspeed" or not options.get("offload_parameters") or options.get("stage", 2) == 3:
+        return None
+    return (f"trainer.strategy_options.offload_parameters=true with trainer.strategy_options.stage="
+            f"{options.get('stage', 2)}: only ZeRO stage 3 partitions (and so can offload) the weights; set "
+            "trainer.strategy_options.stage=3, or offload_optimizer=true at stage 2")
+
+
 def check_nodes(cfg: DictConfig) -> Optional[str]:
     """Several nodes need a cluster environment Lightning recognises, set up by the launcher."""
     nodes = OmegaConf.select(cfg, "trainer.num_nodes", default=1)
@@ -368,5 +378,5 @@ def cluster_environment() -> Optional[str]:
 
 CHECKS: tuple[Callable[[DictConfig], Optional[str]], ...] = (
     check_options, check_cuda, check_deepspeed_installed, check_sharded_precision, check_sharded_ppo,
-    check_fsdp_settings, check_nodes,
+    check_fsdp_settings, check_deepspeed_settings, check_nodes,
 )

@@ -302,7 +302,10 @@ def test_composition_checks_name_keys_values_and_choices(monkeypatch):
     assert "takes one optimizer" in msg and "use trainer=fsdp for PPO" in msg
     assert "precision=qlora" in _problem("+stage=sft", "trainer=deepspeed", "precision=qlora")
     assert "the frozen models' 8/4-bit weights" in _problem("+stage=ppo", "trainer=deepspeed", "precision=nf4-frozen")
-    validate_config(_compose("+stage=rm", "trainer=deepspeed", "trainer.strategy_options.stage=3"))
+    validate_config(_compose("+stage=rm", "trainer=deepspeed", "trainer.strategy_options.stage=3",
+                             "trainer.strategy_options.offload_parameters=true"))
+    msg = _problem("+stage=rm", "trainer=deepspeed", "trainer.strategy_options.offload_parameters=true")
+    assert "offload_parameters=true with trainer.strategy_options.stage=2: only ZeRO stage 3" in msg
 
 
 def test_several_nodes_need_a_cluster_environment(monkeypatch):
