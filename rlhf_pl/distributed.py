@@ -49,27 +49,48 @@ def job_overrides(task: Sequence[str]) -> list[str]:
 
 
 def install() -> None:
-    """Make Lightning start the other ranks with :func:`child_command` (idempotent). Lightning looks the
-    function up in its launcher module at launch time, so replacing it there is enough."""
-    from lightning.pytorch.strategies.launchers import subprocess_script
+    """Make Lightning (Trainer and Fabric) start the other ranks with :func:`child_command` (idempotent).
+    Lightning looks the function up in its launcher modules at launch time, so replacing it there is enough."""
+    from lightning.fabric.strategies.launchers import subprocess_script as fabric_launcher
+    from lightning.pytorch.strategies.launchers import subprocess_script as trainer_launcher
 
-    subprocess_script._hydra_subprocess_cmd = child_command
+    trainer_launcher._hydra_subprocess_cmd = fabric_launcher._hydra_subprocess_cmd = child_command
+
+
+def launch_processes(trainer_cfg: Any) -> Any:
+    """For a stage that samples without a Lightning trainer (collect): the data-parallel processes that
+    ``trainer.*`` asks for, started by Lightning Fabric (the same strategies and cluster environments as the
+    trainer's), with the process group ready; None when that is one process."""
+    import lightning as L
+
+    fabric = L.Fabric(accelerator=trainer_cfg.accelerator, devices=trainer_cfg.devices, strategy=trainer_cfg.strategy,
+                      num_nodes=trainer_cfg.num_nodes)
+    if fabric.world_size == 1:
+        return None
+    _refuse_outside_rlhf_pl(fabric._strategy.launcher, fabric.world_size, trainer_cfg.strategy)
+    fabric.launch()
+    return fabric
 
 
 def check_launchable(trainer: Any) -> None:
     """Refuse a multi-process trainer whose other ranks Lightning would start by re-running a command line
     that is not this project's (pytest, a notebook): they would run that program instead."""
+    _refuse_outside_rlhf_pl(getattr(trainer.strategy, "launcher", None), trainer.num_devices,
+                            type(trainer.strategy).__name__)
+
+
+def _refuse_outside_rlhf_pl(launcher: Any, processes: int, strategy: str) -> None:
     from hydra.core.hydra_config import HydraConfig
+    from lightning.fabric.strategies.launchers.subprocess_script import _SubprocessScriptLauncher as FabricLauncher
     from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 
-    launcher = getattr(trainer.strategy, "launcher", None)
-    if (isinstance(launcher, _SubprocessScriptLauncher) and trainer.num_devices > 1 and is_rank_zero()
+    if (isinstance(launcher, (_SubprocessScriptLauncher, FabricLauncher)) and processes > 1 and is_rank_zero()
             and not HydraConfig.initialized()):
         raise ConfigError(
-            f"trainer.strategy={trainer.strategy.strategy_name!r} with trainer.devices={trainer.num_devices} starts "
-            "the other processes by running the command line again, and this process was not started by "
-            "`python -m rlhf_pl` (its command line: " + " ".join(sys.argv[:3]) + " …); run the stage with "
-            "`python -m rlhf_pl +stage=<name> trainer=ddp_cpu ...`, or use trainer.devices=1 here")
+            f"trainer.strategy={strategy!r} with {processes} processes starts the other processes by running the "
+            "command line again, and this process was not started by `python -m rlhf_pl` (its command line: "
+            + " ".join(sys.argv[:3]) + " …); run the stage with `python -m rlhf_pl +stage=<name> trainer=ddp_cpu "
+            "...`, or use trainer.devices=1 here")
 
 
 def gather_objects(obj: Any) -> list[Any]:

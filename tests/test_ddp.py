@@ -204,3 +204,44 @@ def test_a_checkpoint_of_two_processes_is_not_resumed_by_one(probed_ppo, ppo_inp
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "written by 2 data-parallel process(es), this run has 1" in proc.stderr
     assert "trainer.devices=2" in proc.stderr and time.monotonic() - started < 240
+
+
+def test_collect_on_two_processes_ranks_every_prompt_once(sft_runs, tmp_path):
+    from hydra import compose, initialize_config_module
+
+    from rlhf_pl.config import register_configs
+    from rlhf_pl.stages.collect import load_items
+
+    overrides = ["+stage=collect", f"collect.policy_from={sft_runs['one'] / 'model'}", "collect.num_prompts=12"]
+    run_dir = run(tmp_path, *overrides, "trainer=ddp_cpu")
+    assert_rank_zero_files_only(tmp_path, run_dir, "collect")
+    register_configs()
+    with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
+        cfg = compose("config", [*SMALL, *overrides])
+    c = cfg.collect
+    items = load_items(list(c.sources), split=cfg.data.split, limit=cfg.data.limit, seed=cfg.seed,
+                       num_prompts=c.num_prompts)
+    where = {(item.source, item.turn): i for i, item in enumerate(items)}
+    records = [json.loads(line) for line in (run_dir / "comparisons.jsonl").read_text().splitlines()]
+    indices = [where[(r["provenance"]["source"], r["provenance"]["turn"])] for r in records]
+    assert indices == sorted(set(indices))  # each prompt once, in the order of one process
+    assert {i % 2 for i in indices} == {0, 1}  # rank 1's prompts (the odd ones) are there, ranked by rank 0
+    s = summary(run_dir)
+    assert s["prompts"] == 12 and s["rankings"] + s["all_tie"] + s["fewer_than_2_distinct"] == 12
+    assert all(len(r["completions"]) == c.k for r in records)
+
+
+def test_data_parallel_outside_python_m_rlhf_pl_is_refused(tmp_path):
+    """From pytest, Lightning would start rank 1 by running pytest's command line again: refused, with the way out."""
+    from hydra import compose, initialize_config_module
+
+    from rlhf_pl.config import register_configs
+    from rlhf_pl.errors import ConfigError
+    from rlhf_pl.run import run_stage
+
+    register_configs()
+    with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
+        cfg = compose("config", [*SMALL, "+stage=sft", "trainer=ddp_cpu", f"paths.output_root={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"with 2 processes .* not started by `python -m rlhf_pl`"):
+        run_stage(cfg)
+    assert not (tmp_path / "index.json").exists()

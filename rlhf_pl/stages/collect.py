@@ -39,6 +39,7 @@ from rlhf_pl.data.formats import (
     check_rankings,
     load_prompts_or_conversations,
 )
+from rlhf_pl.distributed import gather_objects, launch_processes
 from rlhf_pl.errors import ConfigError
 from rlhf_pl.io import write_jsonl
 from rlhf_pl.models.loading import load_model_and_tokenizer
@@ -131,15 +132,16 @@ class Pool:
         return [i for i in range(n_prompts) for _ in range(self.k - len(self.kept.get(i, [])))]
 
 
-def sample_pool(model: Any, tokenizer: Any, items: list[Item], cfg: DictConfig, sampler: Any) -> Pool:
+def sample_pool(model: Any, tokenizer: Any, items: list[Item], cfg: DictConfig, sampler: Any, seed: int) -> Pool:
     """k distinct non-empty completions per item where the policy gives them: the first round samples
-    all k of a prompt from one prefill, later rounds replace empty and duplicate ones."""
+    all k of a prompt from one prefill, later rounds replace empty and duplicate ones; ``seed`` seeds the
+    sampling generator."""
     c = cfg.collect
     originals = [item.original if c.include_original else None for item in items]
     pool = Pool(c.k)
     pool.add([Sample(i, text.strip(), (), True) for i, text in enumerate(originals) if text])
     prompt_ids = [tokenize_prompt(tokenizer, item.prompt.messages)[-cfg.data.max_prompt_length:] for item in items]
-    generator = torch.Generator(device=model_device(model)).manual_seed(cfg.seed)
+    generator = torch.Generator(device=model_device(model)).manual_seed(seed)
     first = sample_texts(model, tokenizer, prompt_ids, c.k - (1 if c.include_original else 0), sampler,
                          c.max_new_tokens, batch_size=c.batch_size, generator=generator, progress="sampling")
     pool.add([s for per_prompt in first for s in per_prompt])
@@ -150,6 +152,17 @@ def sample_pool(model: Any, tokenizer: Any, items: list[Item], cfg: DictConfig, 
         again = sample_texts(model, tokenizer, [prompt_ids[i] for i in todo], 1, sampler, c.max_new_tokens,
                              batch_size=c.batch_size, generator=generator, progress=f"resampling (round {round_no})")
         pool.add([s[0]._replace(prompt_index=i) for i, s in zip(todo, again)])
+    return pool
+
+
+def merged(parts: list[tuple[list[int], Pool]], k: int) -> Pool:
+    """One pool over all prompts from the ranks' pools, each over the prompts ``indices`` (local index i
+    is prompt ``indices[i]``)."""
+    pool = Pool(k)
+    for indices, part in parts:
+        for i, samples in part.kept.items():
+            pool.kept[indices[i]] = [s._replace(prompt_index=indices[i]) for s in samples]
+        pool.empty, pool.duplicates = pool.empty + part.empty, pool.duplicates + part.duplicates
     return pool
 
 
@@ -202,10 +215,20 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     log.info("%d prompts from %s; policy %s; k=%d; labeler %s", len(items), ", ".join(c.sources), policy, c.k,
              labeler_name)
 
+    # data parallel (trainer=ddp_cpu, ...): rank r samples prompts r, r + W, ...; rank 0 ranks and writes them all
+    fabric = launch_processes(cfg.trainer)
+    rank, world = (fabric.global_rank, fabric.world_size) if fabric is not None else (0, 1)
+    mine = list(range(rank, len(items), world))
     model, tokenizer, _ = load_model_and_tokenizer(cfg.model if base else model_config_at(cfg.model, policy))
+    if fabric is not None and fabric.device.type != "cpu":
+        model = model.to(fabric.device)
     model = precision.prepare_frozen(model.eval())
     with inference_autocast(precision, model_device(model)):
-        pool = sample_pool(model, tokenizer, items, cfg, registry.build("samplers", cfg.sampler))
+        part = sample_pool(model, tokenizer, [items[i] for i in mine], cfg, registry.build("samplers", cfg.sampler),
+                           seed=cfg.seed + rank)
+    pool = merged(gather_objects((mine, part)), c.k)
+    if rank != 0:
+        return StageResult({}, {"rank": rank})
 
     counts: Counter[str] = Counter()
     labelled = []
