@@ -190,8 +190,8 @@ class StaticGenerationConfig:
     # cache length = prompt + max_new_tokens rounded up to a multiple of this: prompts of lengths within one
     # bucket share a compiled graph (a larger bucket recompiles less and attends over more empty slots)
     cache_bucket: int = setting(64, ge=1)
-    # distinct compiled decode graphs (batch rows × cache length × dtype) per model; one more is an error
-    # naming this key, never a silent fall-back to eager
+    # compiled decode graphs in the process (one per model structure × batch rows × cache length × dtype); one
+    # more is an error naming this key, never a silent fall-back to eager
     recompile_limit: int = setting(16, ge=1)
 
     def __post_init__(self) -> None:
