@@ -33,8 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.cache_utils import Cache, DynamicCache, StaticLayer, get_layer_types_and_kwargs
 
-from rlhf_pl.config import choices_of
-from rlhf_pl.errors import ConfigError, UserError
+from rlhf_pl.errors import UserError
 from rlhf_pl.models.adapters import PolicyReference, adapters_disabled
 from rlhf_pl.models.generate import Generation, OnToken, _step, generate
 from rlhf_pl.plugins.samplers import Sampler
@@ -191,16 +190,12 @@ class StaticGeneration:
     """``generation=static``: preallocated static KV cache, decode step compiled with ``torch.compile``."""
 
     def __init__(self, config: StaticGenerationConfig) -> None:
-        if config.mode not in choices_of(StaticGenerationConfig, "mode"):
-            raise ConfigError(f"generation.mode={config.mode!r} is not one of "
-                              f"{', '.join(choices_of(StaticGenerationConfig, 'mode'))}")
-        for key in ("cache_bucket", "recompile_limit"):
-            value = getattr(config, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"generation.{key}={value!r} must be an integer >= 1")
+        config.__post_init__()  # a ConfigError naming the key (also for a config changed after it was built)
         self.config = config
-        self.step_fn: Callable[..., Tensor] = (torch.compile(decode_step, mode=config.mode, dynamic=False)
-                                               if config.compile else decode_step)
+        self.step_fn: Callable[..., Tensor] = decode_step
+        if config.compile:
+            self.step_fn = torch.compile(decode_step, backend=config.backend, dynamic=False,
+                                         mode=config.mode if config.backend == "inductor" else None)
 
     def generate(self, model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator] = None, *,
@@ -219,7 +214,8 @@ class StaticGeneration:
 
     @contextlib.contextmanager
     def _graph_limit(self) -> Iterator[None]:
-        """At most ``recompile_limit`` compiled graphs per model; one more is an error, not eager code."""
+        """At most ``recompile_limit`` compiled decode graphs in this process (dynamo's limit per code
+        object); one more is an error, never a silent fall-back to eager code."""
         if not self.config.compile:
             yield
             return
@@ -231,11 +227,12 @@ class StaticGeneration:
                 yield
         except FailOnRecompileLimitHit as err:
             raise GenerationError(
-                f"generation=static compiled generation.recompile_limit={self.config.recompile_limit} decode graphs "
-                f"for one model (one per batch rows × cache length × dtype); raise generation.recompile_limit or "
-                f"generation.cache_bucket={self.config.cache_bucket}, or keep batch sizes fixed") from err
+                f"generation=static needs more than generation.recompile_limit={self.config.recompile_limit} "
+                f"compiled decode graphs in this process (one per model structure × batch rows × cache length × "
+                f"dtype); raise generation.recompile_limit, or a larger generation.cache_bucket (now "
+                f"{self.config.cache_bucket}), or keep batch sizes fixed") from err
 
     def __repr__(self) -> str:
         c = self.config
-        return (f"StaticGeneration(compile={c.compile}, mode={c.mode!r}, cache_bucket={c.cache_bucket}, "
-                f"recompile_limit={c.recompile_limit})")
+        return (f"StaticGeneration(compile={c.compile}, backend={c.backend!r}, mode={c.mode!r}, "
+                f"cache_bucket={c.cache_bucket}, recompile_limit={c.recompile_limit})")
