@@ -357,6 +357,20 @@ def check_nodes(cfg: DictConfig) -> Optional[str]:
             "set MASTER_ADDR, MASTER_PORT and NODE_RANK on every node")
 
 
+def check_slurm_tasks(cfg: DictConfig) -> Optional[str]:
+    """Inside a SLURM job, Lightning wants one task per device and the job's node count."""
+    if "SLURM_NTASKS" not in os.environ or cluster_environment() != "SLURMEnvironment":
+        return None
+    devices, nodes = OmegaConf.select(cfg, "trainer.devices"), OmegaConf.select(cfg, "trainer.num_nodes", default=1)
+    tasks, job_nodes = os.environ.get("SLURM_NTASKS_PER_NODE"), os.environ.get("SLURM_NNODES")
+    if tasks is not None and tasks.isdigit() and devices != int(tasks):
+        return (f"trainer.devices={devices!r} in a SLURM job with --ntasks-per-node={tasks}: Lightning runs one "
+                f"process per SLURM task, so set trainer.devices={tasks}")
+    if job_nodes is not None and job_nodes.isdigit() and nodes != int(job_nodes):
+        return f"trainer.num_nodes={nodes} in a SLURM job with --nodes={job_nodes}: set trainer.num_nodes={job_nodes}"
+    return None
+
+
 def cluster_environment() -> Optional[str]:
     """The cluster environment Lightning's Trainer would pick for this process (its own detection,
     in its order: torchrun/TorchElastic, SLURM, LSF, MPI), ``"LightningEnvironment"`` when the
@@ -378,5 +392,5 @@ def cluster_environment() -> Optional[str]:
 
 CHECKS: tuple[Callable[[DictConfig], Optional[str]], ...] = (
     check_options, check_cuda, check_deepspeed_installed, check_sharded_precision, check_sharded_ppo,
-    check_fsdp_settings, check_deepspeed_settings, check_nodes,
+    check_fsdp_settings, check_deepspeed_settings, check_nodes, check_slurm_tasks,
 )

@@ -312,7 +312,8 @@ def test_several_nodes_need_a_cluster_environment(monkeypatch):
     from rlhf_pl.config import validate_config
     from rlhf_pl.strategies import cluster_environment
 
-    for var in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", "MASTER_ADDR", "NODE_RANK", "LSB_JOBID"):
+    for var in ("TORCHELASTIC_RUN_ID", "SLURM_NTASKS", "SLURM_JOB_NAME", "MASTER_ADDR", "NODE_RANK", "LSB_JOBID",
+                "SLURM_NTASKS_PER_NODE", "SLURM_NNODES"):
         monkeypatch.delenv(var, raising=False)
     assert cluster_environment() is None
     msg = _problem("+stage=sft", "experiment=quick", "trainer=fsdp_cpu", "trainer.num_nodes=2")
@@ -329,6 +330,13 @@ def test_several_nodes_need_a_cluster_environment(monkeypatch):
                        "SLURM_NODEID": "0", "SLURM_NODELIST": "n[0-1]"}.items():
         monkeypatch.setenv(var, value)
     assert cluster_environment() == "SLURMEnvironment"
+    monkeypatch.setenv("SLURM_NTASKS_PER_NODE", "2")
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    validate_config(_compose("+stage=sft", "experiment=quick", "trainer=fsdp_cpu", "trainer.num_nodes=2"))
+    msg = _problem("+stage=sft", "experiment=quick", "trainer=fsdp_cpu", "trainer.devices=4", "trainer.num_nodes=2")
+    assert msg == ("trainer.devices=4 in a SLURM job with --ntasks-per-node=2: Lightning runs one process per SLURM "
+                   "task, so set trainer.devices=2")
+    assert "set trainer.num_nodes=2" in _problem("+stage=sft", "experiment=quick", "trainer=fsdp_cpu")
     monkeypatch.setenv("SLURM_JOB_NAME", "interactive")  # Lightning's way to opt out of SLURM detection
     monkeypatch.setenv("NODE_RANK", "1")
     assert cluster_environment() == "LightningEnvironment"  # MASTER_ADDR + NODE_RANK: a manual launch
