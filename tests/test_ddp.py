@@ -245,3 +245,11 @@ def test_data_parallel_outside_python_m_rlhf_pl_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"with 2 processes .* not started by `python -m rlhf_pl`"):
         run_stage(cfg)
     assert not (tmp_path / "index.json").exists()
+
+
+def test_iterate_on_more_than_one_process_is_refused_before_the_loop(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "rlhf_pl", *SMALL, "+stage=iterate", "trainer=ddp_cpu",
+                           f"paths.output_root={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "trainer.devices=2" in proc.stderr and "+stage=<collect|rm|ppo|eval> trainer=ddp_cpu" in proc.stderr
+    assert not list(tmp_path.glob("runs/*/round_*"))  # nothing of the loop ran

@@ -80,6 +80,7 @@ class SubStage:
 
 
 def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
+    check_one_process(cfg.trainer)
     root, cfg = loop_root(cfg, run_dir)
     it = cfg.iterate
     lineage = Lineage(root)
@@ -119,6 +120,18 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     metrics = {"rounds": it.rounds, "run": str(root), "memory": lineage.memory,
                **{k: v for k, v in (last_eval.metrics if last_eval else {}).items() if k == "objective"}}
     return StageResult({"policy": policy, "reward_model": reward_model, "rounds": root / ROUNDS_FILE}, metrics)
+
+
+def check_one_process(trainer: DictConfig) -> None:
+    """Refuse data parallel before the loop starts: Lightning starts a stage's other ranks by running the
+    command line again (rlhf_pl.distributed), which for a sub-stage would be the whole loop."""
+    devices = trainer.devices
+    many = (isinstance(devices, int) and devices > 1) or (not isinstance(devices, (int, str)) and len(devices) > 1)
+    if many or trainer.num_nodes > 1:
+        raise ConfigError(f"+stage=iterate with trainer.devices={devices} trainer.num_nodes={trainer.num_nodes}: "
+                          "the loop runs each sub-stage in a process of its own and cannot start data-parallel "
+                          "ranks for it; run iterate on one process (e.g. trainer=cpu), or a round's stages one by "
+                          "one with python -m rlhf_pl +stage=<collect|rm|ppo|eval> trainer=ddp_cpu")
 
 
 def loop_root(cfg: DictConfig, run_dir: Path) -> tuple[Path, DictConfig]:
