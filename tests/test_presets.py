@@ -102,6 +102,7 @@ def fit(mode: str, devices: int, out: Path) -> None:
             return opts + ([torch.optim.AdamW(self.critic.parameters(), lr=1e-2)] if self.critic else [])
 
     trainer_cfg = OmegaConf.load(CONF / "trainer" / "fsdp_cpu.yaml")
+    trainer_cfg.strategy_options.activation_checkpointing = mode == "auto"  # recompute: the same numbers
     strategy = build_strategy(trainer_cfg) if devices > 1 else "auto"
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy=strategy, max_epochs=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -129,6 +130,7 @@ def fit(mode: str, devices: int, out: Path) -> None:
     result["reference"] = {"type": type(module.reference).__name__, "state": module.reference.state_dict(),
                            "device": str(next(module.reference.parameters()).device)}
     result["norms"] = module.norms
+    result["checkpointed"] = sorted(type(m).__name__ for m in module.modules() if "Checkpoint" in type(m).__name__)
     if devices > 1:
         trainer.save_checkpoint(out.with_suffix(".ckpt"))  # Lightning's, sharded (the preset's state_dict_type)
     if trainer.global_rank == 0:
@@ -136,8 +138,9 @@ def fit(mode: str, devices: int, out: Path) -> None:
 
 
 def _clean(state: dict) -> dict:
-    """Parameter names without FSDP's wrapper prefixes."""
-    return {k.replace("_fsdp_wrapped_module.", ""): v for k, v in state.items()}
+    """Parameter names without FSDP's and activation checkpointing's wrapper prefixes."""
+    return {k.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", ""): v
+            for k, v in state.items()}
 
 
 # --- tests ---------------------------------------------------------------------------------------------
@@ -191,11 +194,14 @@ def test_fsdp_cpu_manual_optimisation_two_processes_equal_one(two_process_runs, 
     assert sorted(p.name for p in ckpt.iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp", "meta.pt"]
 
 
-def test_fsdp_cpu_automatic_optimisation_with_gradient_clipping_equals_one_process(two_process_runs, tmp_path):
+def test_fsdp_cpu_automatic_optimisation_with_clipping_and_checkpointing_equals_one_process(two_process_runs, tmp_path):
     two, one = _run_fit("auto", two_process_runs, tmp_path)
     assert two["roots"] == {"policy": "FullyShardedDataParallel"}
+    # activation_checkpointing=true: each of the policy's 2 decoder layers (not the frozen reference's) recomputed
+    assert two["checkpointed"] == ["CheckpointWrapper", "CheckpointWrapper"] and one["checkpointed"] == []
     assert min(one["norms"]) > CLIP
     assert _max_diff(two["weights"]["policy"], one["weights"]["policy"]) < 1e-5
+    assert _max_diff(two["full_state"]["policy"], one["full_state"]["policy"]) < 1e-5  # wrapper-free keys
 
 
 def _compose(*overrides: str, hydra: bool = False):
