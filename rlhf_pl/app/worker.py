@@ -4,11 +4,11 @@ The web server's event loop never runs the model. A handler calls :meth:`Inferen
 (non-blocking) and iterates the returned :class:`Stream` (``async for event in stream``). The
 worker thread takes the first waiting request, waits up to ``batch_window_s`` for more, and
 generates for all of them together (up to ``max_batch`` sequences: a request for ``n`` samples
-brings ``n`` rows) with :func:`rlhf_pl.models.generate.generate`; after every decoding step it hands
-each row's new text to its request's stream (thread-safe, through the event loop). Requests that
-arrive meanwhile wait for the next batch. A cancelled stream (:meth:`Stream.cancel`: the client
-closed its tab) ends its rows at the next step; a batch whose rows are all cancelled or finished
-stops there.
+brings ``n`` rows) with the generation backend (``generation=hf|static``, :mod:`rlhf_pl.generation`);
+after every decoding step it hands each row's new text to its request's stream (thread-safe,
+through the event loop). Requests that arrive meanwhile wait for the next batch. A cancelled stream
+(:meth:`Stream.cancel`: the client closed its tab) ends its rows at the next step; a batch whose
+rows are all cancelled or finished stops there.
 
 Torch releases the GIL inside its kernels, so the event loop keeps serving while the worker
 generates. Shapes: ``b`` rows in a batch, ``p`` the longest prompt.
@@ -30,8 +30,7 @@ from rlhf_pl.app.db import storable
 from rlhf_pl.data.chat import tokenize_prompt
 from rlhf_pl.data.collate import pad_left
 from rlhf_pl.data.formats import Message
-from rlhf_pl.models.generate import generate
-from rlhf_pl.sampling import model_device
+from rlhf_pl.sampling import HF, model_device
 
 log = logging.getLogger("rlhf_pl.app.worker")
 
@@ -114,10 +113,11 @@ class InferenceWorker:
 
     def __init__(self, model: Any, tokenizer: Any, sampler: Any, *, max_batch: int = 8, batch_window_s: float = 0.02,
                  max_new_tokens: int = 96, seed: int = 0,
-                 autocast: Callable[[], Any] = contextlib.nullcontext) -> None:
+                 autocast: Callable[[], Any] = contextlib.nullcontext, backend: Any = None) -> None:
         self.model, self.tokenizer, self.sampler = model.eval(), tokenizer, sampler
         self.max_batch, self.batch_window_s, self.max_new_tokens = max_batch, batch_window_s, max_new_tokens
         self.autocast = autocast
+        self.backend = backend or HF  # generation=hf|static (rlhf_pl.generation)
         self.device = model_device(model)
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.stats = WorkerStats()
@@ -225,7 +225,7 @@ class InferenceWorker:
             return stop
 
         with self.autocast():
-            generate(self.model, ids.to(self.device), mask.to(self.device), self.sampler,
+            self.backend.generate(self.model, ids.to(self.device), mask.to(self.device), self.sampler,
                      max(r.max_new_tokens for r in batch), eos, self.tokenizer.pad_token_id, self.generator,
                      on_token=on_token)
         for request in batch:

@@ -96,7 +96,7 @@ def build_worker(cfg: DictConfig, inputs: Any) -> tuple[Any, str]:
     from rlhf_pl.app.worker import InferenceWorker
     from rlhf_pl.models.loading import load_model_and_tokenizer
     from rlhf_pl.precision import build_for_stage, inference_autocast
-    from rlhf_pl.sampling import model_device
+    from rlhf_pl.sampling import build_backend, model_device
 
     precision = build_for_stage(cfg, "app", frozen=("policy",))
     model_cfg, label = served_policy(cfg, inputs)
@@ -105,7 +105,8 @@ def build_worker(cfg: DictConfig, inputs: Any) -> tuple[Any, str]:
     device = model_device(model)
     worker = InferenceWorker(model, tokenizer, registry.build("samplers", cfg.sampler), max_batch=cfg.app.max_batch,
                              batch_window_s=cfg.app.batch_window_ms / 1000, max_new_tokens=cfg.app.max_new_tokens,
-                             seed=cfg.seed, autocast=lambda: inference_autocast(precision, device))
+                             seed=cfg.seed, autocast=lambda: inference_autocast(precision, device),
+                             backend=build_backend(cfg))
     return worker, label
 
 

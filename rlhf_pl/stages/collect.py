@@ -47,7 +47,7 @@ from rlhf_pl.outputs import InputSpec, model_config_at
 from rlhf_pl.plugins.labelers import make_task, rank_all
 from rlhf_pl.precision import build_for_stage, inference_autocast
 from rlhf_pl.report import SampleLog
-from rlhf_pl.sampling import Sample, model_device, sample_texts
+from rlhf_pl.sampling import Sample, build_backend, model_device, sample_texts
 from rlhf_pl.stages import StageResult
 
 log = logging.getLogger(__name__)
@@ -132,10 +132,11 @@ class Pool:
         return [i for i in range(n_prompts) for _ in range(self.k - len(self.kept.get(i, [])))]
 
 
-def sample_pool(model: Any, tokenizer: Any, items: list[Item], cfg: DictConfig, sampler: Any, seed: int) -> Pool:
+def sample_pool(model: Any, tokenizer: Any, items: list[Item], cfg: DictConfig, sampler: Any, seed: int,
+                backend: Any = None) -> Pool:
     """k distinct non-empty completions per item where the policy gives them: the first round samples
     all k of a prompt from one prefill, later rounds replace empty and duplicate ones; ``seed`` seeds the
-    sampling generator."""
+    sampling generator; ``backend``: the generation backend (None: hf)."""
     c = cfg.collect
     originals = [item.original if c.include_original else None for item in items]
     pool = Pool(c.k)
@@ -143,14 +144,16 @@ def sample_pool(model: Any, tokenizer: Any, items: list[Item], cfg: DictConfig, 
     prompt_ids = [tokenize_prompt(tokenizer, item.prompt.messages)[-cfg.data.max_prompt_length:] for item in items]
     generator = torch.Generator(device=model_device(model)).manual_seed(seed)
     first = sample_texts(model, tokenizer, prompt_ids, c.k - (1 if c.include_original else 0), sampler,
-                         c.max_new_tokens, batch_size=c.batch_size, generator=generator, progress="sampling")
+                         c.max_new_tokens, batch_size=c.batch_size, generator=generator, progress="sampling",
+                         backend=backend)
     pool.add([s for per_prompt in first for s in per_prompt])
     for round_no in range(1, c.resample_rounds + 1):
         todo = pool.missing(len(items))
         if not todo:
             break
         again = sample_texts(model, tokenizer, [prompt_ids[i] for i in todo], 1, sampler, c.max_new_tokens,
-                             batch_size=c.batch_size, generator=generator, progress=f"resampling (round {round_no})")
+                             batch_size=c.batch_size, generator=generator, progress=f"resampling (round {round_no})",
+                             backend=backend)
         pool.add([s[0]._replace(prompt_index=i) for i, s in zip(todo, again)])
     return pool
 
@@ -225,7 +228,7 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     model = precision.prepare_frozen(model.eval())
     with inference_autocast(precision, model_device(model)):
         part = sample_pool(model, tokenizer, [items[i] for i in mine], cfg, registry.build("samplers", cfg.sampler),
-                           seed=cfg.seed + rank)
+                           seed=cfg.seed + rank, backend=build_backend(cfg))
     pool = merged(gather_objects((mine, part)), c.k)
     if rank != 0:
         return StageResult({}, {"rank": rank})

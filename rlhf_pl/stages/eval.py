@@ -40,7 +40,7 @@ from rlhf_pl.plugins.labelers import match_answer
 from rlhf_pl.precision import build_for_stage, inference_autocast
 from rlhf_pl.report import markdown_table, plot_points
 from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, pairwise_agreement, win_rate
-from rlhf_pl.sampling import model_device, sample, sample_texts
+from rlhf_pl.sampling import build_backend, model_device, sample, sample_texts
 from rlhf_pl.stages import StageResult
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,9 @@ class PolicyMetrics:
 
 @torch.no_grad()
 def sampled_answers(model: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], n: int, sampler: Any,
-                    cfg: DictConfig, scorer: Any) -> tuple[list[list[str]], list[list[float]], list[list[float]],
-                                                            list[list[int]], list[list[bool]]]:
+                    cfg: DictConfig, scorer: Any, backend: Any = None) -> tuple[list[list[str]], list[list[float]],
+                                                                            list[list[float]], list[list[int]],
+                                                                            list[list[bool]]]:
     """``n`` sampled answers per prompt (one prefill per prompt), with their proxy scores, their KL to
     ``reference`` (Σ over the answer's tokens of log π − log π_ref at the sampler's temperature),
     token counts and whether they ended. Each result: P lists of n."""
@@ -103,7 +104,7 @@ def sampled_answers(model: Any, reference: Any, tokenizer: Any, prompt_ids: list
     for start in range(0, len(prompt_ids), per_batch):
         ids, mask = pad_left(prompt_ids[start:start + per_batch], tokenizer.pad_token_id)
         c = sample(model, ids.to(device), mask.to(device), sampler, e.max_new_tokens, tokenizer, generator=generator,
-                   scorer=scorer, num_samples=n)
+                   scorer=scorer, num_samples=n, backend=backend)
         own = response_logprobs(model, c.sequences, c.attention_mask, c.prompt_length, temperature)
         ref = response_logprobs(reference, c.sequences, c.attention_mask, c.prompt_length, temperature)
         columns = (c.texts(tokenizer), c.scores.rewards.float().tolist(), ((own - ref) * c.mask).sum(1).tolist(),
@@ -116,11 +117,13 @@ def sampled_answers(model: Any, reference: Any, tokenizer: Any, prompt_ids: list
 
 
 def answers_of(model: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], n: int, sampler: Any,
-               cfg: DictConfig, scorer: Any) -> Answers:
-    """Greedy and sampled answers of one policy, scored by the proxy reward model."""
+               cfg: DictConfig, scorer: Any, backend: Any = None) -> Answers:
+    """Greedy and sampled answers of one policy, scored by the proxy reward model; ``backend``: the
+    generation backend (None: hf)."""
     greedy = sample_texts(model, tokenizer, prompt_ids, 1, GreedySampler(), cfg.eval.max_new_tokens,
-                          batch_size=cfg.eval.batch_size, scorer=scorer, progress="greedy answers")
-    texts, proxy, kl, length, ended = sampled_answers(model, reference, tokenizer, prompt_ids, n, sampler, cfg, scorer)
+                          batch_size=cfg.eval.batch_size, scorer=scorer, progress="greedy answers", backend=backend)
+    texts, proxy, kl, length, ended = sampled_answers(model, reference, tokenizer, prompt_ids, n, sampler, cfg, scorer,
+                                                      backend)
     return Answers([g[0].text for g in greedy], texts, [g[0].reward for g in greedy], proxy, kl, length, ended)
 
 
@@ -267,6 +270,7 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     sft_gold = None
     bon: list[dict[str, float]] = []
     agreement: dict[str, Any] = {"accuracy": None, "pairs": 0}
+    backend = build_backend(cfg)
     with inference_autocast(precision, device):
         for name, path in dirs.items():
             if name == "sft":
@@ -275,7 +279,7 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
                 model = precision.prepare_frozen(load_model_and_tokenizer(model_config_at(cfg.model, path))[0].eval())
                 model.to(device)
             answers = answers_of(model, reference, tokenizer, prompt_ids, pool if name == "sft" else e.samples,
-                                 sampler, cfg, reward_model)
+                                 sampler, cfg, reward_model, backend)
             metrics[name], greedy_gold = policy_metrics(str(path), prompts, answers, gold, sft_gold, e.samples,
                                                         e.group_by)
             if name == "sft":

@@ -72,6 +72,7 @@ from rlhf_pl.data.collate import trim_left_padding
 from rlhf_pl.data.formats import Prompt
 from rlhf_pl.distributed import gather_objects
 from rlhf_pl.errors import ConfigError
+from rlhf_pl.generation import GenerationBackend
 from rlhf_pl.models.generate import GreedySampler
 from rlhf_pl.models.loading import save_pretrained_atomic
 from rlhf_pl.models.ppo_models import PPOModels, build_models, evaluate_policy
@@ -94,7 +95,7 @@ from rlhf_pl.rl.results import (
 )
 from rlhf_pl.rl.scores import PromptBaselines, RunningMoments, process_scores
 from rlhf_pl.rl.summary import plot_run, summarise, trend_text
-from rlhf_pl.sampling import Completions, Scorer, sample, score
+from rlhf_pl.sampling import Completions, Scorer, build_backend, sample, score
 from rlhf_pl.stages import StageResult
 from rlhf_pl.training import check_finite_loss, make_trainer
 
@@ -121,14 +122,15 @@ class PPOModule(L.LightningModule):
 
     def __init__(self, models: PPOModels, ppo: PPOConfig, sampler: Any, kl_controller: Any, prompts: Sequence[Prompt],
                  prompt_items: Sequence[PromptItem], seed: int, run_dir: Path,
-                 ptx: DemonstrationBatches | None = None, resume_state: dict[str, Any] | None = None) -> None:
+                 ptx: DemonstrationBatches | None = None, resume_state: dict[str, Any] | None = None,
+                 backend: GenerationBackend | None = None) -> None:
         super().__init__()
         self.automatic_optimization = False
         self.policy, self.reference, self.scorer = models.policy, models.reference, models.scorer
         self.critic, self.value_head, self.tokenizer = models.critic, models.value_head, models.tokenizer
         self.sources = {"policy_from": models.policy_from, "reward_from": models.reward_from,
                         "reference_from": models.reference_from}
-        self.ppo, self.sampler, self.kl_controller = ppo, sampler, kl_controller
+        self.ppo, self.sampler, self.kl_controller, self.backend = ppo, sampler, kl_controller, backend
         self.prompts, self.prompt_items, self.seed, self.run_dir, self.ptx = prompts, prompt_items, seed, run_dir, ptx
         self.generator = torch.Generator()
         self.moments = RunningMoments()
@@ -165,7 +167,7 @@ class PPOModule(L.LightningModule):
         ppo = self.ppo
         with self.timed("generation"):
             out = sample(self.policy, batch["input_ids"], batch["attention_mask"], self.sampler, ppo.max_new_tokens,
-                         self.tokenizer, stop_strings=ppo.stop_strings, generator=self.generator)
+                         self.tokenizer, stop_strings=ppo.stop_strings, generator=self.generator, backend=self.backend)
         self.rows_forwarded["generation_tokens"] += int(out.mask.sum())
         with self.timed("scoring"):
             rm = score(out, self.scorer).scores
@@ -190,7 +192,7 @@ class PPOModule(L.LightningModule):
         scored like ``Rollout.rm_scores`` (no penalty). Shapes: (k, p) left-padded -> (k,)."""
         ids, mask = trim_left_padding(input_ids, attention_mask)
         out = sample(self.reference, ids, mask, GreedySampler(), self.ppo.max_new_tokens, self.tokenizer,
-                     stop_strings=self.ppo.stop_strings, scorer=self.scorer)
+                     stop_strings=self.ppo.stop_strings, scorer=self.scorer, backend=self.backend)
         return out.scores.rewards.float()
 
     def rollout_passes(self, sequences: Tensor, attention_mask: Tensor, p: int) -> tuple[Tensor, ...]:
@@ -530,7 +532,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any, *, scorer: Scorer | None = 
     log.info("%d prompts (%s); sampler %r; KL controller %s (β₀=%.4g); KL estimator %s in the %s",
              len(prompts), cfg.data.prompts, sampler, kl_name, kl_controller.value, ppo.kl_estimator, ppo.kl_penalty)
 
-    module = PPOModule(models, ppo, sampler, kl_controller, prompts, items, cfg.seed, run_dir, ptx, state)
+    module = PPOModule(models, ppo, sampler, kl_controller, prompts, items, cfg.seed, run_dir, ptx, state,
+                       backend=build_backend(cfg))
     trainer = build_trainer(cfg, run_dir, precision, callbacks)
     trainer.fit(module)
 

@@ -45,7 +45,7 @@ from rlhf_pl.precision import build_for_stage
 from rlhf_pl.report import plot_curves
 from rlhf_pl.rl.masked import all_reduce_sum
 from rlhf_pl.rl.ranking import RankingLossOutput, all_pairs, group_positions, kwise_ranking_loss
-from rlhf_pl.sampling import model_device, sample_texts
+from rlhf_pl.sampling import build_backend, model_device, sample_texts
 from rlhf_pl.stages import StageResult
 from rlhf_pl.training import check_finite_loss, global_mean, make_trainer
 
@@ -338,7 +338,7 @@ def policy_samples(causal_lm: Any, tokenizer: Any, prompts: Sequence[Any], sampl
     prompt_ids = [tokenize_prompt(tokenizer, p.messages)[-cfg.data.max_prompt_length:] for p in prompts]
     generator = torch.Generator(device=model_device(causal_lm)).manual_seed(cfg.seed)
     samples = sample_texts(causal_lm, tokenizer, prompt_ids, 1, sampler, cfg.rm.normalise_max_new_tokens,
-                           batch_size=cfg.rm.eval_batch_size, generator=generator)
+                           batch_size=cfg.rm.eval_batch_size, generator=generator, backend=build_backend(cfg))
     return [tuple(ids) + (answer[0].tokens or (tokenizer.eos_token_id,)) for ids, answer in zip(prompt_ids, samples)]
 
 

@@ -35,7 +35,7 @@ from rlhf_pl.precision import build_for_stage
 from rlhf_pl.report import SampleLog, plot_curves
 from rlhf_pl.rl.masked import all_reduce_sum
 from rlhf_pl.runtime import attention_kernel
-from rlhf_pl.sampling import model_device, sample_texts
+from rlhf_pl.sampling import build_backend, model_device, sample_texts
 from rlhf_pl.stages import StageResult
 from rlhf_pl.training import check_finite_loss, global_mean, make_trainer
 
@@ -134,12 +134,13 @@ def make_loader(examples, pad_id: int, batch_size: int, seed: int, trainer: Any,
 # --- samples --------------------------------------------------------------------------------------
 
 
-def sample_answers(model, tokenizer, conversations: list[Conversation], sampler, max_new_tokens: int) -> list[dict]:
+def sample_answers(model, tokenizer, conversations: list[Conversation], sampler, max_new_tokens: int,
+                   backend: Any = None) -> list[dict]:
     """Answer the first user turn(s) of each held-out conversation; rows for a sample table."""
     prompts = [c.messages[: next(i for i, m in enumerate(c.messages) if m.role == "assistant")] for c in conversations]
     generator = torch.Generator(device=model_device(model)).manual_seed(0)
     answers = sample_texts(model, tokenizer, [tokenize_prompt(tokenizer, p) for p in prompts], 1, sampler,
-                           max_new_tokens, batch_size=max(1, len(prompts)), generator=generator)
+                           max_new_tokens, batch_size=max(1, len(prompts)), generator=generator, backend=backend)
     return [{"prompt": prompt[-1].content, "model": answer[0].text,
              "reference": next(m.content for m in conv.messages if m.role == "assistant")}
             for conv, prompt, answer in zip(conversations, prompts, answers)]
@@ -180,7 +181,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any = None) -> StageResult:
     out_dir = run_dir / "model"
     if trainer.is_global_zero:  # data parallel: the ranks hold the same weights; rank 0 writes
         sampler = registry.build("samplers", cfg.sampler)
-        rows = (sample_answers(module.model, tokenizer, val_convs[: stage.num_samples], sampler, stage.max_new_tokens)
+        rows = (sample_answers(module.model, tokenizer, val_convs[: stage.num_samples], sampler, stage.max_new_tokens,
+                               build_backend(cfg))
                 if stage.num_samples and val_convs else [])
         _write_samples(run_dir, trainer, rows)
         plot_curves(module.history, run_dir / "loss.png", title=f"SFT {cfg.model.name}")
