@@ -176,6 +176,8 @@ def fsdp_classes() -> tuple[type, type]:
 
             trained, frozen = trained_children(model)
             for name, child in trained:
+                if isinstance(child, FullyShardedDataParallel):  # a later fit/validate of the same module
+                    continue
                 layers = decoder_layer_types(child)
                 self._checkpointed.update(id(m) for m in child.modules() if isinstance(m, layers))
                 root = FullyShardedDataParallel(
