@@ -52,7 +52,7 @@ STRATEGY_OPTIONS: dict[str, dict[str, Any]] = {
 # tensors"): a trained model with them (qlora) cannot be sharded. FSDP leaves the frozen models alone, so their
 # int8/nf4 weights are fine there; DeepSpeed's engine takes (and casts) the whole module.
 UNSHARDABLE_PRECISIONS = {"fsdp": ("qlora",), "deepspeed": ("qlora", "int8-frozen", "nf4-frozen")}
-SHARDABLE = {"fsdp": "precision=fp32, bf16-mixed, fp16-mixed (CUDA), int8-frozen, nf4-frozen (ppo), lora (sft, rm)",
+SHARDABLE = {"fsdp": "precision=fp32, bf16-mixed, fp16-mixed (CUDA), lora (sft, rm)",
              "deepspeed": "precision=fp32, bf16-mixed, fp16-mixed, lora"}
 CPU_PRESET = {"ddp": "trainer=ddp_cpu (DDP over CPU processes, gloo)",
               "fsdp": "trainer=fsdp_cpu (FSDP over CPU processes, gloo)",
@@ -216,6 +216,23 @@ def unwrapped(model: Any) -> Any:
     return model.module if isinstance(model, FSDP) else model
 
 
+def consolidated(model: Any, rebuild: Callable[[], Any]) -> Any:
+    """A whole, unsharded copy of a trained model after training, for what runs on rank 0 alone
+    (sampling, normalisation, export): ``model`` itself unless it is an FSDP root; then (collective:
+    every rank calls it) ``rebuild()`` — the model as the stage first built it — with the gathered full
+    weights on rank 0, and None on the other ranks."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    if not isinstance(model, FSDP):
+        return model
+    state = full_state_dict(model)
+    if not state:
+        return None
+    whole = rebuild()
+    whole.load_state_dict(state)
+    return whole
+
+
 # --- composition checks ------------------------------------------------------------------------------
 
 
@@ -301,21 +318,23 @@ def check_sharded_precision(cfg: DictConfig) -> Optional[str]:
 
 
 def check_sharded_ppo(cfg: DictConfig) -> Optional[str]:
-    """PPO under a sharded strategy: what the stage does that sharding cannot follow."""
+    """A sampling or PPO stage under a sharded strategy: what the stage does that sharding cannot follow."""
     strategy, stage = _strategy(cfg), OmegaConf.select(cfg, "stage")
+    if strategy in SHARDED and stage in ("collect", "eval", "app"):
+        return (f"trainer.strategy={strategy} with +stage={stage}: the stage samples without training, and a "
+                "sharded model's every forward is collective; use trainer=ddp_cpu or trainer=ddp (each process "
+                "holds the whole policy)")
     if strategy not in SHARDED or stage not in PPO_STAGES:
         return None
     if strategy == "deepspeed":
         return (f"trainer.strategy=deepspeed with +stage={stage}: Lightning's DeepSpeedStrategy takes one optimizer "
                 "and PPO steps two (policy and critic); use trainer=fsdp for PPO (deepspeed: sft, rm)")
-    if _precision_name(cfg) == "lora":
-        return (f"trainer.strategy=fsdp with precision=lora and +stage={stage}: PPO's reference is the policy with "
-                "its adapters off, called outside the policy's FSDP root (its weights would be shards); use "
-                "precision=fp32 or bf16-mixed with trainer=fsdp, or precision=lora with trainer=ddp")
-    if OmegaConf.select(cfg, "ppo.critic") == "shared":
-        return ("trainer.strategy=fsdp with ppo.critic=shared: the value head reads the policy's trunk and output "
-                "layer directly, outside the policy's FSDP root; use ppo.critic=separate")
-    return None
+    # Not yet: each rank's rollout stops when its own responses have ended, but a sharded policy's every forward
+    # is collective (the ranks would wait on each other's decode steps), and the checkpoint reads the policy's
+    # and the optimizers' state on rank 0 alone. SFT and RM run sharded (tests/test_ddp.py).
+    return (f"trainer.strategy=fsdp with +stage={stage}: PPO's rollouts and checkpoints do not run on sharded models "
+            "yet (docs/scaling.md); use trainer=ddp / ddp_cpu for PPO (every process holds its models whole; "
+            "precision=lora or nf4-frozen make them smaller), trainer=fsdp for sft and rm")
 
 
 def check_fsdp_settings(cfg: DictConfig) -> Optional[str]:

@@ -253,3 +253,18 @@ def test_iterate_on_more_than_one_process_is_refused_before_the_loop(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "trainer.devices=2" in proc.stderr and "+stage=<collect|rm|ppo|eval> trainer=ddp_cpu" in proc.stderr
     assert not list(tmp_path.glob("runs/*/round_*"))  # nothing of the loop ran
+
+
+# --- FSDP on CPU processes (trainer=fsdp_cpu: the trained model sharded over 2 processes) ----------------------
+
+
+def test_sft_and_rm_sharded_on_two_processes_equal_one_process(sft_runs, rm_runs, tmp_path):
+    sft = run(tmp_path / "sft", "+stage=sft", "trainer=fsdp_cpu", "sft.batch_size=4")
+    assert summary(sft)["val_loss"] == pytest.approx(summary(sft_runs["one"])["val_loss"], rel=1e-5)
+    assert_close_weights(weights(sft / "model"), weights(sft_runs["one"] / "model"))  # gathered from the shards
+    assert_rank_zero_files_only(tmp_path / "sft", sft, "sft")
+    rm = run(tmp_path / "rm", "+stage=rm", f"rm.init_from={sft_runs['one'] / 'model'}", "trainer=fsdp_cpu",
+             "rm.batch_size=4", "rm.epochs=1")
+    assert summary(rm)["val_accuracy"] == pytest.approx(summary(rm_runs["one"])["val_accuracy"], rel=1e-5)
+    assert_close_weights(weights(rm / "reward_model"), weights(rm_runs["one"] / "reward_model"), skip=("score.bias",),
+                         atol=1e-4)  # as for DDP above

@@ -252,7 +252,7 @@ def test_cuda_presets_fail_without_cuda_and_name_the_cpu_preset(monkeypatch):
             validate_config(cfg)
         assert "CUDA" in str(err.value) and instead in str(err.value)
     validate_config(_compose("+stage=sft", "experiment=quick", "trainer=fsdp_cpu"))
-    validate_config(_compose("+stage=ppo", "experiment=quick", "trainer=fsdp_cpu"))
+    validate_config(_compose("+stage=rm", "experiment=quick", "trainer=fsdp_cpu"))
 
 
 def _problem(*overrides: str) -> str:
@@ -278,11 +278,13 @@ def test_composition_checks_name_keys_values_and_choices(monkeypatch):
     from rlhf_pl.config import validate_config
 
     for frozen in ("int8-frozen", "nf4-frozen"):  # FSDP leaves the frozen models whole: allowed
-        validate_config(_compose("+stage=ppo", *base, f"precision={frozen}"))
-    msg = _problem("+stage=ppo", *base, "precision=lora")
-    assert "precision=lora and +stage=ppo" in msg and "trainer=ddp" in msg
-    assert "ppo.critic=shared" in _problem("+stage=ppo", *base, "ppo.critic=shared")
-    assert "ppo.critic=shared" in _problem("+stage=iterate", *base, "ppo.critic=shared")
+        validate_config(_compose("+stage=sft", *base, f"precision={frozen}"))
+    for stage in ("ppo", "iterate"):
+        msg = _problem(f"+stage={stage}", *base)
+        assert f"+stage={stage}: PPO's rollouts and checkpoints do not run on sharded models yet" in msg
+        assert "use trainer=ddp / ddp_cpu for PPO" in msg
+    for stage in ("collect", "eval"):
+        assert "use trainer=ddp_cpu or trainer=ddp" in _problem(f"+stage={stage}", *base)
     msg = _problem("+stage=sft", *base, "trainer.strategy_options.state_dict_type=full")
     assert "segmentation fault" in msg and "state_dict_type=sharded" in msg
     msg = _problem("+stage=sft", *base, "trainer.strategy_options.activation_checkpointing=true",

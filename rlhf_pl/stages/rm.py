@@ -47,6 +47,7 @@ from rlhf_pl.rl.masked import all_reduce_sum
 from rlhf_pl.rl.ranking import RankingLossOutput, all_pairs, group_positions, kwise_ranking_loss
 from rlhf_pl.sampling import build_backend, model_device, sample_texts
 from rlhf_pl.stages import StageResult
+from rlhf_pl.strategies import consolidated
 from rlhf_pl.training import check_finite_loss, global_mean, make_trainer
 
 log = logging.getLogger(__name__)
@@ -418,7 +419,12 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
                   if val_items else None)
     trainer.fit(module, train_loader, val_loader)
 
-    reward_model = precision.export(reward_model)  # lora/qlora: adapters merged; normalise what is saved
+    # FSDP: the weights gathered into a whole reward model on rank 0 (collective), None on the others
+    trained = consolidated(module.reward_model, lambda: precision.prepare_trainable(
+        RewardModel.from_causal_lm(load_model_and_tokenizer(model_cfg)[0], head, tokenizer)))
+    if trained is None:
+        return StageResult({}, {"rank": trainer.global_rank})
+    reward_model = precision.export(trained)  # lora/qlora: adapters merged; normalise what is saved
     reward_model.to(trainer.strategy.root_device)  # Lightning moves the module back to the CPU after fit
     norm = reward_model.fit_normalisation(
         raw_rewards(reward_model, references, pad_id, rm.eval_batch_size),

@@ -37,6 +37,7 @@ from rlhf_pl.rl.masked import all_reduce_sum
 from rlhf_pl.runtime import attention_kernel
 from rlhf_pl.sampling import build_backend, model_device, sample_texts
 from rlhf_pl.stages import StageResult
+from rlhf_pl.strategies import consolidated
 from rlhf_pl.training import check_finite_loss, global_mean, make_trainer
 
 log = logging.getLogger(__name__)
@@ -179,14 +180,16 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any = None) -> StageResult:
     trainer.fit(module, train_loader, val_loader if val_examples else None)
 
     out_dir = run_dir / "model"
+    # FSDP: the weights gathered into a whole model on rank 0 (collective); otherwise the trained model itself
+    trained = consolidated(module.model, lambda: precision.prepare_trainable(load_model_and_tokenizer(cfg.model)[0]))
     if trainer.is_global_zero:  # data parallel: the ranks hold the same weights; rank 0 writes
         sampler = registry.build("samplers", cfg.sampler)
-        rows = (sample_answers(module.model, tokenizer, val_convs[: stage.num_samples], sampler, stage.max_new_tokens,
+        rows = (sample_answers(trained, tokenizer, val_convs[: stage.num_samples], sampler, stage.max_new_tokens,
                                build_backend(cfg))
                 if stage.num_samples and val_convs else [])
         _write_samples(run_dir, trainer, rows)
         plot_curves(module.history, run_dir / "loss.png", title=f"SFT {cfg.model.name}")
-        save_pretrained_atomic(precision.export(module.model), tokenizer, out_dir)  # lora/qlora: merged
+        save_pretrained_atomic(precision.export(trained), tokenizer, out_dir)  # lora/qlora: merged
     metrics = trainer.callback_metrics
     val_loss = float(metrics["val/loss"]) if "val/loss" in metrics else math.nan
     return StageResult({"model": out_dir}, {
