@@ -188,8 +188,9 @@ class StaticGenerationConfig:
     # max-autotune | max-autotune-no-cudagraphs
     mode: str = setting("default", choices=COMPILE_MODES)
     # cache length = prompt + max_new_tokens rounded up to a multiple of this: prompts of lengths within one
-    # bucket share a compiled graph (a larger bucket recompiles less and attends over more empty slots)
-    cache_bucket: int = setting(64, ge=1)
+    # bucket share a compiled graph (a larger bucket recompiles less; every step attends over all the cache's
+    # columns, so it also attends over more empty ones)
+    cache_bucket: int = setting(32, ge=1)
     # compiled decode graphs in the process (one per model structure × batch rows × cache length × dtype); one
     # more is an error naming this key, never a silent fall-back to eager
     recompile_limit: int = setting(16, ge=1)
