@@ -26,6 +26,7 @@ Shapes: ``b`` distinct prompts, ``K`` samples each, ``p`` prompt length, ``T`` c
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable, Iterator, Optional, Protocol
 
 import torch
@@ -123,6 +124,29 @@ def autocast_linear_weights(model: nn.Module, device: torch.device) -> dict[str,
     return cast
 
 
+# transformers' switch for grouped-query attention in SDPA (transformers.integrations.sdpa_attention.use_gqa_in_sdpa)
+FORCE_GQA = "TRANSFORMERS_SDPA_FORCE_GQA"
+
+
+@contextlib.contextmanager
+def sdpa_grouped_query_attention() -> Iterator[None]:
+    """Inside the block transformers' SDPA attention passes ``enable_gqa=True`` to torch for models with
+    fewer key/value heads than query heads. Eager decoding (``hf``) avoids repeating the keys and
+    values per query head by folding the heads of a single query (``pack_gqa``), but not while dynamo
+    traces: there it falls back to ``repeat_kv``, which copies the whole static cache (b·K, h_kv, T, d)
+    to h_q heads in every layer at every step — on the CPU several times the cost of the attention
+    itself. torch's SDPA with ``enable_gqa`` reads each key/value head once, as ``pack_gqa`` does."""
+    previous = os.environ.get(FORCE_GQA)
+    os.environ[FORCE_GQA] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[FORCE_GQA]
+        else:
+            os.environ[FORCE_GQA] = previous
+
+
 def decode_step(model: nn.Module, params: dict[str, Tensor], input_ids: Tensor, attention_mask: Tensor,
                 position_ids: Tensor, cache: Cache) -> Tensor:
     """One decode step on the static cache (the function ``torch.compile`` compiles); ``params``
@@ -166,8 +190,9 @@ class StaticCacheDecoder:
         the position of the new token is that of ``position_ids_from_mask(mask)[:, -1]``."""
         full_mask = F.pad(mask, (0, self.length - mask.shape[1]))  # (b·K, T)
         positions = (mask.sum(-1, keepdim=True) - 1).clamp(min=0)  # (b·K, 1)
-        return self.step_fn(self.model, self.params, tokens.unsqueeze(-1).contiguous(), full_mask, positions,
-                            self.cache)
+        with sdpa_grouped_query_attention():
+            return self.step_fn(self.model, self.params, tokens.unsqueeze(-1).contiguous(), full_mask, positions,
+                                self.cache)
 
 
 def check_static_support(model: Any) -> None:

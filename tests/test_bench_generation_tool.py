@@ -17,7 +17,7 @@ def test_tiny_run_writes_both_backends_and_their_agreement(tmp_path, capsys, one
     report = json.loads(out.read_text())
     assert report["setting"]["model"] == "tiny" and report["setting"]["num_prompts"] == 4
     assert report["setting"]["max_new_tokens"] == 8
-    assert report["setting"]["static"] == {"backend": "aot_eager", "mode": "default", "cache_bucket": 64}
+    assert report["setting"]["static"] == {"backend": "aot_eager", "mode": "default", "cache_bucket": 32}
     (result,) = report["results"]
     assert result["precision"] == "fp32"
     for backend in ("hf", "static"):
@@ -26,9 +26,15 @@ def test_tiny_run_writes_both_backends_and_their_agreement(tmp_path, capsys, one
         assert entry["new_tokens_per_s"] == pytest.approx(4 * 8 / entry["median_seconds"])
     assert result["ratio_static_over_hf"] == pytest.approx(
         result["backends"]["static"]["new_tokens_per_s"] / result["backends"]["hf"]["new_tokens_per_s"])
+    assert result["prefill_seconds"] > 0
+    for backend in ("hf", "static"):  # 4 rows × 7 decode steps in the time left after the prefill (or None)
+        entry = result["backends"][backend]
+        left = entry["median_seconds"] - result["prefill_seconds"]
+        assert entry["decode_new_tokens_per_s"] == (pytest.approx(4 * 7 / left) if left > 0 else None)
     # fp32, same seed: the same tokens; logprobs equal up to float32 rounding
     assert result["agreement"]["tokens_identical"] and result["agreement"]["rows_differing"] == 0
     assert result["agreement"]["max_logprob_difference"] < 1e-4
+    assert all(0 <= d < 1e-4 for d in result["agreement"]["max_logprob_difference_from_fp32"].values())
     assert "static / hf = " in capsys.readouterr().out
 
 

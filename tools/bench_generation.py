@@ -14,10 +14,14 @@ Per precision and backend (the backends built from the registry, as ``build_back
   included (the static backend compiles one graph per batch rows × cache length × dtype);
 - warm: ``--repeats`` timed calls after that first one, alternating which backend goes first
   (ABBA); new tokens/s = rows × new tokens / the median seconds; the ratio static / hf;
+- decode only: both backends prefill the prompts the same way (one eager forward, the first new
+  token comes from it), timed alone ``--repeats`` times; decode new tokens/s = rows × (new tokens
+  − 1) / (median seconds − median prefill seconds), and its ratio;
 - agreement: one more call of each with a recording sampler and the same seed: whether the
   sampled tokens are identical, and the largest |difference| of the sampled tokens' logprobs
   (log softmax of the warped logits each backend's sampler saw) over the steps before a row's
-  tokens first differ.
+  tokens first differ; and, as the scale of bf16 rounding to judge that by, each backend's largest
+  |difference| from the float32 logprobs of its own tokens (one float32 forward pass, no autocast).
 
 Prints a table and writes everything as JSON (``--json``, through :func:`rlhf_pl.io.write_json`).
 
@@ -25,7 +29,7 @@ Usage::
 
     python tools/bench_generation.py [--json outputs/bench_generation.json] [--precision fp32 bf16-mixed]
                                      [--num-prompts 16] [--max-new-tokens 32] [--repeats 3] [--threads N]
-                                     [--compile-backend inductor|aot_eager] [--mode default] [--cache-bucket 64]
+                                     [--compile-backend inductor|aot_eager] [--mode default] [--cache-bucket 32]
     python tools/bench_generation.py --tiny   # a smoke run: tiny model, 4 prompts × 8 tokens, 1 repeat
 """
 from __future__ import annotations
@@ -46,10 +50,12 @@ from rlhf_pl.data.chat import tokenize_prompt
 from rlhf_pl.data.collate import pad_left
 from rlhf_pl.data.formats import load_prompts
 from rlhf_pl.io import write_json
+from rlhf_pl.models.generate import _step, response_logits
 from rlhf_pl.models.loading import load_model_and_tokenizer
 from rlhf_pl.plugins.samplers import NoEOSSampler
+from rlhf_pl.plugins.specs import StaticGenerationConfig
 from rlhf_pl.precision import inference_autocast, native_bf16
-from rlhf_pl.runtime import retain_freed_memory
+from rlhf_pl.runtime import retain_freed_memory, weights_cast_once
 from rlhf_pl.sampling import sample
 
 MODELS: dict[str, ModelConfig] = {  # as tools/bench_collect.py's MODELS (the conf/model/*.yaml presets)
@@ -76,7 +82,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile-backend", choices=("inductor", "aot_eager"), default="inductor",
                         help="generation.backend of the static backend")
     parser.add_argument("--mode", default="default", help="generation.mode of the static backend (inductor)")
-    parser.add_argument("--cache-bucket", type=int, default=64, help="generation.cache_bucket of the static backend")
+    parser.add_argument("--cache-bucket", type=int, default=StaticGenerationConfig().cache_bucket,
+                        help="generation.cache_bucket of the static backend")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--json", type=Path, default=Path("outputs/bench_generation.json"), help="results file")
     parser.add_argument("--tiny", action="store_true",
@@ -128,6 +135,29 @@ def agreement(hf: tuple[Any, RecordingSampler], static: tuple[Any, RecordingSamp
             "max_logprob_difference": float(delta[prefix].max())}
 
 
+@torch.no_grad()
+def prefill_seconds(model: Any, ids: torch.Tensor, mask: torch.Tensor, autocast: Any) -> float:
+    """Seconds of the prefill both backends run (one eager forward over the prompts, weights cast once
+    under autocast as in ``sample``). Shapes: ids, mask (b, p)."""
+    with autocast, weights_cast_once(ids.device):
+        started = time.perf_counter()
+        _step(model, ids, mask.long(), None, keep_last=True)
+        return time.perf_counter() - started
+
+
+@torch.no_grad()
+def fp32_difference(model: Any, out: Any, sampler: RecordingSampler) -> float:
+    """Largest |logprob the sampler saw − float32 logprob| of the sampled tokens, the float32 ones from
+    one forward pass over the sampled sequences (teacher-forced, outside autocast), warped by the same
+    sampler. Shapes: out.sequences (b, p + n) -> a float."""
+    with torch.autocast(out.sequences.device.type, enabled=False):
+        logits = response_logits(model, out.sequences, out.attention_mask, out.prompt_length).float()  # (b, n, v)
+    b, n, v = logits.shape
+    fp32 = torch.log_softmax(sampler.warp(logits.reshape(b * n, v)), -1).reshape(b, n, v)
+    fp32 = fp32.gather(-1, out.response[..., None]).squeeze(-1)  # (b, n)
+    return float((torch.stack(sampler.logprobs, -1) - fp32).abs().max())
+
+
 def run_precision(name: str, model: Any, tokenizer: Any, ids: torch.Tensor, mask: torch.Tensor,
                   backends: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """First call, warm calls (ABBA) and agreement of both backends under one precision."""
@@ -148,32 +178,48 @@ def run_precision(name: str, model: Any, tokenizer: Any, ids: torch.Tensor, mask
                                     inference_autocast(strategy, ids.device))
             result["backends"][backend]["warm_seconds"].append(seconds)
             print(f"{name:>10} {backend:>6}: warm call {repeat + 1} {seconds:7.2f} s", file=sys.stderr)
+    prefill = [prefill_seconds(model, ids, mask, inference_autocast(strategy, ids.device)) for _ in range(args.repeats)]
+    result["prefill_seconds"] = statistics.median(prefill)
+    decode_tokens = ids.shape[0] * (args.max_new_tokens - 1)
     for backend in BACKENDS:
         entry = result["backends"][backend]
         entry["median_seconds"] = statistics.median(entry["warm_seconds"])
         entry["new_tokens_per_s"] = tokens / entry["median_seconds"]
-    result["ratio_static_over_hf"] = (result["backends"]["static"]["new_tokens_per_s"]
-                                      / result["backends"]["hf"]["new_tokens_per_s"])
+        decode_seconds = entry["median_seconds"] - result["prefill_seconds"]
+        entry["decode_new_tokens_per_s"] = decode_tokens / decode_seconds if decode_seconds > 0 else None
+    hf, static = result["backends"]["hf"], result["backends"]["static"]
+    result["ratio_static_over_hf"] = static["new_tokens_per_s"] / hf["new_tokens_per_s"]
+    result["decode_ratio_static_over_hf"] = (static["decode_new_tokens_per_s"] / hf["decode_new_tokens_per_s"]
+                                             if static["decode_new_tokens_per_s"] and hf["decode_new_tokens_per_s"]
+                                             else None)
     recorded = {}
     for backend in BACKENDS:
         recorder = RecordingSampler(args.temperature, tokenizer.eos_token_id)
         recorded[backend] = (timed_call(backends[backend], model, tokenizer, ids, mask, recorder, args,
                                         inference_autocast(strategy, ids.device))[1], recorder)
     result["agreement"] = agreement(recorded["hf"], recorded["static"])
+    result["agreement"]["max_logprob_difference_from_fp32"] = {
+        backend: fp32_difference(model, *recorded[backend]) for backend in BACKENDS}
     return result
 
 
 def print_table(results: list[dict]) -> None:
-    print(f"\n{'precision':<11}{'backend':<8}{'first call s':>13}{'warm s':>9}{'new tok/s':>11}")
+    print(f"\n{'precision':<11}{'backend':<8}{'first call s':>13}{'warm s':>9}{'new tok/s':>11}{'decode tok/s':>14}")
     for r in results:
         for backend, entry in r["backends"].items():
+            decode = entry["decode_new_tokens_per_s"]
             print(f"{r['precision']:<11}{backend:<8}{entry['first_call_seconds']:>13.2f}{entry['median_seconds']:>9.3f}"
-                  f"{entry['new_tokens_per_s']:>11.1f}")
+                  f"{entry['new_tokens_per_s']:>11.1f}{decode if decode is None else round(decode, 1):>14}")
+        decode_ratio = r["decode_ratio_static_over_hf"]
+        print(f"{r['precision']:<11}prefill (both) {r['prefill_seconds']:.3f} s; decode static / hf = "
+              f"{'n/a' if decode_ratio is None else f'{decode_ratio:.2f}×'}")
         a = r["agreement"]
         same = "identical tokens" if a["tokens_identical"] else (
             f"{a['rows_differing']} rows differ from step {a['first_difference_step']}")
+        fp32 = a["max_logprob_difference_from_fp32"]
         print(f"{r['precision']:<11}static / hf = {r['ratio_static_over_hf']:.2f}×; {same}; "
-              f"max |Δ logprob| {a['max_logprob_difference']:.2e}")
+              f"max |Δ logprob| {a['max_logprob_difference']:.2e} (from fp32: hf {fp32['hf']:.2e}, "
+              f"static {fp32['static']:.2e})")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
