@@ -291,6 +291,16 @@ def test_static_never_samples_stale_weights_with_lora_and_its_disabled_reference
     assert torch.equal(greedy(captured, policy, PAIR_A), trained)  # adapters on again
 
 
+def test_compiled_grouped_query_attention_samples_what_hf_samples(captured, one_thread):
+    """The test Llama has 2 key/value heads for 4 query heads: the compiled step runs SDPA with
+    enable_gqa (hf's eager step folds the query heads instead); same seed, K = 3: the same tokens."""
+    llama = _tiny("llama")
+    assert llama.config.num_key_value_heads < llama.config.num_attention_heads
+    ends = [None, 1, None, None, None, 3, None, None, None]
+    hf = run(HF, llama, PROMPTS, EOSAfter(ends), 6, seed=5, num_samples=3)
+    assert_same(hf, run(captured, llama, PROMPTS, EOSAfter(ends), 6, seed=5, num_samples=3))
+
+
 def bf16_ulp(x: float) -> float:
     """Spacing of bfloat16 numbers (8 significant bits) at magnitude |x|."""
     return 2.0 ** (math.floor(math.log2(abs(x))) - 7)
