@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 from rlhf_pl.errors import ConfigError
 
@@ -38,14 +38,9 @@ def child_command(local_rank: int) -> tuple[list[str], Optional[str]]:
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    return ([sys.executable, "-m", "rlhf_pl", *job_overrides(hydra_cfg.overrides.task),
+    return ([sys.executable, "-m", "rlhf_pl", *map(str, hydra_cfg.overrides.task),
              f'hydra.run.dir="{hydra_cfg.runtime.output_dir}"', "hydra.output_subdir=null",
              f"hydra.job.name=rank_{local_rank}", "hydra/job_logging=none", "hydra/hydra_logging=none"], None)
-
-
-def job_overrides(task: Sequence[str]) -> list[str]:
-    """This job's overrides as given on the command line (for a sweep: this point's values)."""
-    return [str(o) for o in task]
 
 
 def install() -> None:

@@ -6,8 +6,9 @@ import math
 
 import pytest
 import torch
+from tiny_models import EOS, PAD, VOCAB
+from tiny_models import tiny_causal_lm as _tiny
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from rlhf_pl.data.collate import pad_left
 from rlhf_pl.models.generate import (
@@ -22,22 +23,6 @@ from rlhf_pl.models.generate import (
 )
 from rlhf_pl.plugins.samplers import TemperatureSampler
 from rlhf_pl.plugins.specs import TemperatureSamplerConfig
-
-VOCAB, EOS, PAD = 48, 2, 0
-
-
-def _tiny(kind: str):
-    """Llama (rotary positions: invariant to a constant shift) and GPT-2 (learned absolute positions:
-    wrong position ids after left padding change its logits)."""
-    torch.manual_seed(0)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, eos_token_id=EOS,
-            pad_token_id=PAD, bos_token_id=None)).eval()
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, initializer_range=0.3,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=EOS)).eval()
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])

@@ -18,9 +18,11 @@ import pytest
 import torch
 from hydra import compose, initialize_config_module
 from hydra.errors import MissingConfigException
+from tiny_models import EOS, PAD, VOCAB
+from tiny_models import tiny_causal_lm as _tiny
 from torch import nn
 from torch._dynamo.utils import counters
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import MistralConfig, MistralForCausalLM
 
 from rlhf_pl import registry
 from rlhf_pl.config import register_configs, validate_config
@@ -34,24 +36,9 @@ from rlhf_pl.plugins.specs import HFGenerationConfig, StaticGenerationConfig, Te
 from rlhf_pl.runtime import weights_cast_once
 from rlhf_pl.sampling import build_backend, sample, sample_texts
 
-VOCAB, EOS, PAD = 48, 2, 0
 PROMPTS = [[5, 9, 13, 7, 30], [11, 4, 8, 21, 17, 33, 6, 40], [3, 3]]  # ragged: left padding 3, 0 and 6
 HF = HFGeneration(HFGenerationConfig())
 EAGER = StaticGeneration(StaticGenerationConfig(compile=False, cache_bucket=16))
-
-
-def _tiny(kind: str) -> nn.Module:
-    """Llama (rotary positions) and GPT-2 (learned absolute positions: wrong position ids after left
-    padding change its logits), as in tests/test_generate.py."""
-    torch.manual_seed(0)
-    if kind == "llama":
-        return LlamaForCausalLM(LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, eos_token_id=EOS,
-            pad_token_id=PAD, bos_token_id=None)).eval()
-    return GPT2LMHeadModel(GPT2Config(
-        vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128, initializer_range=0.3,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=EOS)).eval()
 
 
 @pytest.fixture(scope="module", params=["llama", "gpt2"])
