@@ -76,8 +76,8 @@ class HFGeneration:
 
 class _StaticLayer(StaticLayer):
     """transformers' ``StaticLayer`` storing every update in its own dtype: under autocast a Llama's
-    keys leave the rotary embedding in float32 while its values leave ``v_proj`` in bfloat16; the
-    ``DynamicCache`` of ``hf`` holds both in float32 (``torch.cat`` promotes), and so does this."""
+    keys leave the rotary embedding in float32 while its values leave ``v_proj`` in bfloat16 (the
+    ``DynamicCache`` of ``hf`` holds both in float32: ``torch.cat`` promotes)."""
 
     def update(self, key_states: Tensor, value_states: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         return super().update(key_states.to(self.dtype), value_states.to(self.dtype), *args, **kwargs)
@@ -88,9 +88,20 @@ def cache_length(prompt_length: int, max_new_tokens: int, bucket: int) -> int:
     return -(-(prompt_length + max_new_tokens) // bucket) * bucket
 
 
+def cache_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the static cache stores ``dtype`` keys and values in: under autocast its dtype (the
+    attention casts keys and values to it at every call — SDPA and matmul are autocast ops — so
+    rounding them once when they are written gives the attention the same numbers, and saves
+    converting the whole float32 cache at every step and layer); else ``dtype``."""
+    if dtype.is_floating_point and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
 def static_cache_from(prefill: DynamicCache, num_samples: int, length: int) -> Cache:
     """A static cache of b·K rows and ``length`` columns holding the prefill's keys and values, each
-    prompt's repeated K times (row i·K + j from row i), positioned after the p prompt columns.
+    prompt's repeated K times (row i·K + j from row i), positioned after the p prompt columns, in
+    :func:`cache_dtype`.
 
     Shapes: prefill layers (b, h, p, d) -> layers (b·K, h, T, d), ``cumulative_length`` p.
     """
@@ -99,8 +110,10 @@ def static_cache_from(prefill: DynamicCache, num_samples: int, length: int) -> C
         keys, values = source.keys, source.values  # (b, h, p, d)
         rows, heads, p = keys.shape[0] * num_samples, keys.shape[1], keys.shape[2]
         layer = _StaticLayer(max_cache_len=length)
-        layer.lazy_initialization(keys.new_empty(rows, heads, 0, keys.shape[-1]),
-                                  values.new_empty(rows, heads, 0, values.shape[-1]))  # allocates (b·K, h, T, d)
+        layer.lazy_initialization(
+            keys.new_empty(rows, heads, 0, keys.shape[-1], dtype=cache_dtype(keys.device, keys.dtype)),
+            values.new_empty(rows, heads, 0, values.shape[-1], dtype=cache_dtype(values.device, values.dtype)),
+        )  # allocates (b·K, h, T, d)
         layer.keys[:, :, :p].copy_(keys.repeat_interleave(num_samples, dim=0))
         layer.values[:, :, :p].copy_(values.repeat_interleave(num_samples, dim=0))
         layer.cumulative_length.fill_(p)
@@ -164,7 +177,8 @@ def decode_step(model: nn.Module, params: dict[str, Tensor], input_ids: Tensor, 
 
 class StaticCacheDecoder:
     """``generation=static``'s :class:`~rlhf_pl.models.generate.Decoder`: eager prefill on a
-    ``DynamicCache`` (as ``hf``), copied into a static cache of b·K rows; then ``step_fn`` per token."""
+    ``DynamicCache`` (as ``hf``, with the weights cast once for prefill and steps alike), copied into
+    a static cache of b·K rows; then ``step_fn`` per token."""
 
     def __init__(self, model: nn.Module, step_fn: Callable[..., Tensor], max_new_tokens: int, bucket: int) -> None:
         self.model, self.step_fn, self.max_new_tokens, self.bucket = model, step_fn, max_new_tokens, bucket
@@ -174,7 +188,8 @@ class StaticCacheDecoder:
 
     def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int) -> Tensor:
         """(b, p), (b, p) -> (b·K, v) float32."""
-        logits, prefill = _step(self.model, prompt_ids, prompt_mask, None, keep_last=True)
+        self.params = autocast_linear_weights(self.model, prompt_ids.device)  # from the current weights, this call only
+        logits, prefill = _step(self.model, prompt_ids, prompt_mask, None, keep_last=True, params=self.params)
         if not isinstance(prefill, DynamicCache) or any(
                 not isinstance(layer.keys, Tensor) for layer in getattr(prefill, "layers", [])):
             raise GenerationError(f"generation=static copies the prompts' KV cache into a static cache, but "
@@ -182,7 +197,6 @@ class StaticCacheDecoder:
                                   f"generation=hf")
         self.length = cache_length(prompt_ids.shape[1], self.max_new_tokens, self.bucket)
         self.cache = static_cache_from(prefill, num_samples, self.length)
-        self.params = autocast_linear_weights(self.model, prompt_ids.device)  # from the current weights, this call only
         return logits.repeat_interleave(num_samples, dim=0) if num_samples > 1 else logits
 
     def step(self, tokens: Tensor, mask: Tensor) -> Tensor:

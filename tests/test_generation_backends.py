@@ -23,12 +23,13 @@ from tiny_models import tiny_causal_lm as _tiny
 from torch import nn
 from torch._dynamo.utils import counters
 from transformers import MistralConfig, MistralForCausalLM
+from transformers.cache_utils import DynamicCache
 
 from rlhf_pl import registry
 from rlhf_pl.config import register_configs, validate_config
 from rlhf_pl.data.collate import pad_left
 from rlhf_pl.errors import ConfigError
-from rlhf_pl.generation import GenerationError, HFGeneration, StaticGeneration, cache_length
+from rlhf_pl.generation import GenerationError, HFGeneration, StaticGeneration, cache_length, static_cache_from
 from rlhf_pl.models.adapters import add_lora_, reference_from_policy
 from rlhf_pl.models.generate import GreedySampler
 from rlhf_pl.plugins.samplers import TemperatureSampler
@@ -383,3 +384,17 @@ def test_one_graph_past_the_recompile_limit_is_an_error_not_eager_code(tiny_mode
     with pytest.raises(GenerationError, match=r"more than generation\.recompile_limit=1 compiled decode graphs"):
         greedy(backend, tiny_model, [[5, 6, 7]] * 2, 3)  # 2 rows: a second graph
     torch._dynamo.reset()
+
+
+def test_under_autocast_the_static_cache_holds_what_the_attention_reads():
+    """Under bf16 autocast the float32 keys (and bf16 values) of the prefill are stored in bfloat16 —
+    the values SDPA casts them to at every step — and repeated K times; outside autocast, as they are."""
+    prefill = DynamicCache()
+    keys, values = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4).bfloat16()
+    prefill.update(keys, values.float(), 0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layer = static_cache_from(prefill, num_samples=2, length=8).layers[0]
+    assert layer.keys.dtype == layer.values.dtype == torch.bfloat16 and layer.keys.shape == (4, 3, 8, 4)
+    assert torch.equal(layer.keys[:, :, :5], keys.bfloat16().repeat_interleave(2, dim=0))
+    assert torch.equal(layer.values[:, :, :5], values.repeat_interleave(2, dim=0))
+    assert static_cache_from(prefill, num_samples=1, length=8).layers[0].keys.dtype == torch.float32

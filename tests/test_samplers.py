@@ -77,6 +77,29 @@ def test_sample_frequencies_match_the_filtered_distribution(sampler, expected):
     assert all(freq[i] == 0 for i, e in enumerate(expected) if e == 0)
 
 
+def test_masked_tokens_are_never_drawn_at_either_end_of_the_vocabulary():
+    """The CDF inversion's edges: a uniform of exactly 1 lands on the last token with mass, never on
+    −inf tokens after it; zero-mass tokens before the first token with mass are never drawn."""
+    inf = float("-inf")
+    logits = torch.tensor([[inf, inf, 0.0, inf], [0.0, inf, inf, inf], [inf, 0.0, inf, 0.0]]).repeat(2_000, 1)
+    draws = TemperatureSampler(TemperatureSamplerConfig(temperature=1.0)).sample(
+        logits, generator=torch.Generator().manual_seed(3)).view(2_000, 3)
+    assert (draws[:, 0] == 2).all() and (draws[:, 1] == 0).all()
+    assert set(draws[:, 2].tolist()) == {1, 3}
+
+
+def test_a_large_vocabulary_keeps_the_mass_of_its_small_tokens():
+    """49,152 entries (SmolLM2's vocabulary): one token of mass 0.5, the rest sharing 0.5 (1e-5
+    each) — the cumulative sums must not swallow the small ones."""
+    v = 49_152
+    probs = torch.full((v,), 0.5 / (v - 1))
+    probs[1_000] = 0.5
+    draws = TemperatureSampler(TemperatureSamplerConfig(temperature=1.0)).sample(
+        probs.log().expand(20_000, v), generator=torch.Generator().manual_seed(0))
+    assert abs((draws == 1_000).float().mean().item() - 0.5) < 0.015
+    assert abs((draws < 1_000).float().mean().item() - 0.5 * 1_000 / (v - 1)) < 0.005
+
+
 def test_seeded_generator_makes_sampling_reproducible():
     sampler = TemperatureSampler(TemperatureSamplerConfig(temperature=0.7))
     logits = torch.randn(8, 30, generator=torch.Generator().manual_seed(1))

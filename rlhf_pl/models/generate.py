@@ -87,8 +87,10 @@ def _accepts(model: Any, name: str) -> bool:
     return name in inspect.signature(model.forward).parameters
 
 
-def _step(model: Any, input_ids: Tensor, mask: Tensor, cache: Any, keep_last: bool) -> tuple[Tensor, Any]:
-    """One forward with the KV cache (None: the model makes a new one).
+def _step(model: Any, input_ids: Tensor, mask: Tensor, cache: Any, keep_last: bool,
+          params: Optional[dict[str, Tensor]] = None) -> tuple[Tensor, Any]:
+    """One forward with the KV cache (None: the model makes a new one); ``params`` (if given) replace
+    the model's tensors of the same names for this call.
 
     Shapes: input_ids (b, s), mask (b, past + s) -> last logits (b, v) float32, updated cache.
     """
@@ -96,8 +98,10 @@ def _step(model: Any, input_ids: Tensor, mask: Tensor, cache: Any, keep_last: bo
     if keep_last and _accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     positions = position_ids_from_mask(mask)[:, -input_ids.shape[1]:]
-    out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                past_key_values=cache, use_cache=True, **kwargs)
+    kwargs.update(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                  use_cache=True)
+    out = torch.func.functional_call(model, params, (), kwargs, tie_weights=False, strict=False) if params else (
+        model(**kwargs))
     return out.logits[:, -1, :].float(), out.past_key_values
 
 

@@ -46,9 +46,17 @@ def _check_logits(logits: Tensor) -> None:
 
 
 def _draw(warped: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """Multinomial draw from softmax of warped logits. Shape: (b, v) -> (b,) long."""
-    probs = torch.softmax(warped.float(), dim=-1)
-    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+    """A draw from softmax of warped logits by inverting its CDF with one uniform number per row.
+
+    ``torch.multinomial`` draws an exponential number per vocabulary entry instead: 14 ms per call
+    for 16 × 49,152 logits on the development CPU, a fifth of a SmolLM2-135M decode step. The
+    uniform is taken in (0, 1], so the first index whose cumulative mass reaches it has positive
+    mass (−inf logits are never drawn); float64 keeps the sums of 10⁵ terms exact enough that no
+    token's mass is lost. Shape: (b, v) -> (b,) long.
+    """
+    cdf = torch.softmax(warped.float(), dim=-1).double().cumsum(-1)  # (b, v)
+    u = 1.0 - torch.rand(cdf.shape[0], 1, generator=generator, dtype=cdf.dtype, device=cdf.device)  # (b, 1)
+    return torch.searchsorted(cdf, u * cdf[:, -1:]).squeeze(-1)
 
 
 class TemperatureSampler:
