@@ -36,7 +36,7 @@ from transformers.cache_utils import Cache, DynamicCache, StaticLayer, get_layer
 
 from rlhf_pl.errors import UserError
 from rlhf_pl.models.adapters import PolicyReference, adapters_disabled
-from rlhf_pl.models.generate import Generation, OnToken, _step, generate
+from rlhf_pl.models.generate import AllReduce, Generation, OnToken, _step, generate
 from rlhf_pl.plugins.samplers import Sampler
 from rlhf_pl.plugins.specs import HFGenerationConfig, StaticGenerationConfig
 
@@ -50,10 +50,12 @@ class GenerationBackend(Protocol):
 
     def generate(self, model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator] = None, *,
-                 num_samples: int = 1, on_token: Optional[OnToken] = None) -> Generation:
+                 num_samples: int = 1, on_token: Optional[OnToken] = None,
+                 sync_ranks: Optional[AllReduce] = None) -> Generation:
         """As :func:`rlhf_pl.models.generate.generate`. Shapes: prompt_ids, prompt_mask (b, p) ->
         :class:`Generation` with b·K rows (row i·K + j: sample j of prompt i) and n <= max_new_tokens
-        response columns; ``on_token(tokens (b·K,), ended (b·K,))`` after every step may return rows to end."""
+        response columns; ``on_token(tokens (b·K,), ended (b·K,))`` after every step may return rows to end;
+        ``sync_ranks``: the all-reduce that keeps processes sharing a sharded model in lockstep."""
         ...
 
 
@@ -65,10 +67,11 @@ class HFGeneration:
 
     def generate(self, model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator] = None, *,
-                 num_samples: int = 1, on_token: Optional[OnToken] = None) -> Generation:
+                 num_samples: int = 1, on_token: Optional[OnToken] = None,
+                 sync_ranks: Optional[AllReduce] = None) -> Generation:
         """See :class:`GenerationBackend`."""
         return generate(model, prompt_ids, prompt_mask, sampler, max_new_tokens, eos_token_id, pad_token_id,
-                        generator, num_samples=num_samples, on_token=on_token)
+                        generator, num_samples=num_samples, on_token=on_token, sync_ranks=sync_ranks)
 
     def __repr__(self) -> str:
         return "HFGeneration()"
@@ -238,18 +241,21 @@ class StaticGeneration:
 
     def generate(self, model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator] = None, *,
-                 num_samples: int = 1, on_token: Optional[OnToken] = None) -> Generation:
+                 num_samples: int = 1, on_token: Optional[OnToken] = None,
+                 sync_ranks: Optional[AllReduce] = None) -> Generation:
         """See :class:`GenerationBackend`. PPO's LoRA reference (a :class:`PolicyReference`) runs as
         its policy with the adapters disabled for the whole call."""
         if isinstance(model, PolicyReference):
             with adapters_disabled(model.policy):
                 return self.generate(model.policy, prompt_ids, prompt_mask, sampler, max_new_tokens, eos_token_id,
-                                     pad_token_id, generator, num_samples=num_samples, on_token=on_token)
+                                     pad_token_id, generator, num_samples=num_samples, on_token=on_token,
+                                     sync_ranks=sync_ranks)
         check_static_support(model)
         decoder = StaticCacheDecoder(model, self.step_fn, max_new_tokens, self.config.cache_bucket)
         with self._graph_limit():
             return generate(model, prompt_ids, prompt_mask, sampler, max_new_tokens, eos_token_id, pad_token_id,
-                            generator, num_samples=num_samples, on_token=on_token, decoder=decoder)
+                            generator, num_samples=num_samples, on_token=on_token, decoder=decoder,
+                            sync_ranks=sync_ranks)
 
     @contextlib.contextmanager
     def _graph_limit(self) -> Iterator[None]:

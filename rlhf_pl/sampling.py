@@ -28,6 +28,7 @@ from torch import Tensor
 from rlhf_pl import registry
 from rlhf_pl.data.collate import pad_left
 from rlhf_pl.generation import GenerationBackend, HFGeneration
+from rlhf_pl.models.generate import AllReduce
 from rlhf_pl.plugins.specs import HFGenerationConfig
 from rlhf_pl.runtime import weights_cast_once
 
@@ -91,18 +92,19 @@ def cut_at_stop_strings(response: Tensor, mask: Tensor, tokenizer: Any,
 def sample(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Any, max_new_tokens: int, tokenizer: Any, *,
            stop_strings: Sequence[str] = (), generator: Optional[torch.Generator] = None,
            scorer: Optional[Scorer] = None, num_samples: int = 1,
-           backend: Optional[GenerationBackend] = None) -> Completions:
+           backend: Optional[GenerationBackend] = None, sync_ranks: Optional[AllReduce] = None) -> Completions:
     """Sample ``num_samples`` (K) completions per prompt row, cut each at EOS or the first stop
     string, and score them with ``scorer`` if given. The K completions of a prompt share its prefill
     (:func:`rlhf_pl.models.generate.generate`); row ``i·K + j`` is sample ``j`` of prompt ``i``.
-    ``backend``: the generation backend (None: ``generation=hf``).
+    ``backend``: the generation backend (None: ``generation=hf``); ``sync_ranks``: for a model
+    sharded over processes, the all-reduce that keeps their decode steps in lockstep (``generate``).
     Under autocast each weight is cast once for the whole generation (the weights are fixed while
     sampling). Shapes: prompt_ids, prompt_mask (b, p) on the model's device -> :class:`Completions`
     with b·K rows (the prompt repeated; the scorer scores all b·K)."""
     with weights_cast_once(prompt_ids.device):
         gen = (backend or HF).generate(model, prompt_ids, prompt_mask, sampler, max_new_tokens,
                                        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                       generator=generator, num_samples=num_samples)
+                                       generator=generator, num_samples=num_samples, sync_ranks=sync_ranks)
     mask, stopped = cut_at_stop_strings(gen.response, gen.response_mask, tokenizer, stop_strings)
     prompt_mask = prompt_mask.long().repeat_interleave(num_samples, dim=0)  # (b·K, p)
     completions = Completions(gen.sequences, torch.cat([prompt_mask, mask], dim=1), gen.prompt_length, mask,

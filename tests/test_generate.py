@@ -277,3 +277,47 @@ def test_a_cache_that_cannot_be_repeated_is_refused_not_re_prefilled(model):
     ids, mask = left_pad([PROMPT_A])
     with pytest.raises(TypeError, match="DynamicCache.batch_repeat_interleave.*tuple"):
         generate(TupleCache(model), ids, mask, Greedy(), 3, EOS, PAD, num_samples=2)
+
+
+class OtherRankRunsUntil:
+    """A stand-in for all_reduce_max over two processes whose other process still samples for the
+    first ``steps`` calls: max(this process's flag, the other's)."""
+
+    def __init__(self, steps: int):
+        self.steps, self.calls = steps, 0
+
+    def __call__(self, flag: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return flag.clamp(min=1.0 if self.calls <= self.steps else 0.0)
+
+
+def test_sync_ranks_keeps_calling_the_model_until_every_process_ended_and_returns_the_lone_result(model):
+    """A sharded model's forward is collective: a process whose rows ended at step 2 goes on calling
+    the model while another samples (8 tokens here: 7 steps after the prefill), feeding padding without drawing from its
+    generator; it returns what it returns alone, and its generator ends in the same state."""
+    ids, mask = left_pad([PROMPT_A, PROMPT_B])
+    script = [[EOS, 7], [4, EOS]]  # both rows end at step 2
+    alone_gen, synced_gen = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    shapes, handle = forward_shapes(model)
+    try:
+        alone = generate(model, ids, mask, Scripted(script), 10, EOS, PAD, generator=alone_gen)
+        calls_alone = len(shapes)
+        sync = OtherRankRunsUntil(7)
+        synced = generate(model, ids, mask, Scripted(script), 10, EOS, PAD, generator=synced_gen, sync_ranks=sync)
+    finally:
+        handle.remove()
+    assert calls_alone == 2  # prefill, one step
+    assert shapes[calls_alone:] == [(2, 8)] + [(2, 1)] * 7  # prefill, then a step per sync call that said "running"
+    assert sync.calls == 8  # the 8th said "all ended"
+    for field in Generation._fields:
+        assert torch.equal(torch.as_tensor(getattr(synced, field)), torch.as_tensor(getattr(alone, field))), field
+    assert torch.equal(alone_gen.get_state(), synced_gen.get_state())
+
+
+def test_sync_ranks_with_temperature_sampling_draws_what_one_process_draws(model):
+    ids, mask = left_pad([PROMPT_A, PROMPT_B, [3, 3]])
+    sampler = TemperatureSampler(TemperatureSamplerConfig(temperature=1.0))
+    alone = generate(model, ids, mask, sampler, 6, EOS, PAD, generator=torch.Generator().manual_seed(1))
+    synced = generate(model, ids, mask, sampler, 6, EOS, PAD, generator=torch.Generator().manual_seed(1),
+                      sync_ranks=OtherRankRunsUntil(0))  # the other process has ended: no extra call
+    assert torch.equal(alone.sequences, synced.sequences) and torch.equal(alone.attention_mask, synced.attention_mask)

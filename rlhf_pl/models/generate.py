@@ -27,12 +27,14 @@ import inspect
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
 from rlhf_pl.plugins.samplers import Sampler
 
 OnToken = Callable[[Tensor, Tensor], Optional[Tensor]]  # (tokens (b,), ended (b,)) -> rows to end now, or None
+AllReduce = Callable[[Tensor], Tensor]  # in-place reduction over the processes (rlhf_pl.rl.masked.all_reduce_max)
 
 
 class Generation(NamedTuple):
@@ -84,7 +86,10 @@ class GreedySampler:
 
 
 def _accepts(model: Any, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
+    """``model.forward`` takes ``name`` (an FSDP root: its wrapped model's forward, which it calls)."""
+    from rlhf_pl.strategies import unwrapped
+
+    return name in inspect.signature(unwrapped(model).forward).parameters
 
 
 def _step(model: Any, input_ids: Tensor, mask: Tensor, cache: Any, keep_last: bool,
@@ -161,6 +166,7 @@ def generate(
     num_samples: int = 1,
     on_token: Optional[OnToken] = None,
     decoder: Optional[Decoder] = None,
+    sync_ranks: Optional[AllReduce] = None,
 ) -> Generation:
     """Sample up to ``max_new_tokens`` tokens per prompt with the KV cache, ``num_samples`` (K) per prompt.
 
@@ -179,6 +185,11 @@ def generate(
 
     ``decoder``: how the model is called (:class:`Decoder`, made for this call); None is
     :class:`DynamicCacheDecoder` of ``model``.
+
+    ``sync_ranks``: for a model sharded over processes (FSDP), whose every forward is collective: an
+    all-reduce-max over the processes. Every process then calls the model until the rows of *all*
+    processes have ended; once its own have, a process feeds padding without sampling (its generator
+    draws what it would draw alone) and its result is the one it would get alone.
     """
     _check_prompt(prompt_ids, prompt_mask)
     if max_new_tokens < 1:
@@ -190,7 +201,7 @@ def generate(
     try:
         return _sample_loop(decoder if decoder is not None else DynamicCacheDecoder(model), prompt_ids,
                             prompt_mask.long(), sampler, max_new_tokens, eos_token_id, pad_token_id, generator,
-                            num_samples, on_token)
+                            num_samples, on_token, sync_ranks)
     finally:
         model.train(was_training)
 
@@ -208,7 +219,8 @@ def _repeat_cache(cache: Any, repeats: int) -> Any:
 
 def _sample_loop(decoder: Decoder, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator],
-                 num_samples: int = 1, on_token: Optional[OnToken] = None) -> Generation:
+                 num_samples: int = 1, on_token: Optional[OnToken] = None,
+                 sync_ranks: Optional[AllReduce] = None) -> Generation:
     """Prefill the prompts (the decoder repeats the result K = ``num_samples`` times), then one cached
     step per token. prompt_ids, prompt_mask (b, p) -> Generation with b·K rows."""
     p = prompt_ids.shape[1]
@@ -217,17 +229,23 @@ def _sample_loop(decoder: Decoder, prompt_ids: Tensor, prompt_mask: Tensor, samp
     if num_samples > 1:  # (b, p) -> (b·K, p), sample j of prompt i in row i·K + j
         mask, prompt_ids = mask.repeat_interleave(num_samples, dim=0), prompt_ids.repeat_interleave(num_samples, dim=0)
     ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
+    running, fed_mask = True, mask  # running: this process's rows go on; fed_mask: what the decoder has seen
     for step in range(max_new_tokens):
-        next_tokens = sampler.sample(logits, generator=generator)  # (b,)
-        next_tokens = torch.where(ended, torch.full_like(next_tokens, pad_token_id), next_tokens)
-        tokens.append(next_tokens)
-        mask = torch.cat([mask, (~ended).long().unsqueeze(-1)], dim=-1)  # the new token counts unless already ended
-        ended = ended | (next_tokens == eos_token_id)
-        if on_token is not None and (stop := on_token(next_tokens, ended)) is not None:
-            ended = ended | stop.to(ended.device)
-        if bool(ended.all()) or step == max_new_tokens - 1:
+        if running:
+            next_tokens = sampler.sample(logits, generator=generator)  # (b,)
+            next_tokens = torch.where(ended, torch.full_like(next_tokens, pad_token_id), next_tokens)
+            tokens.append(next_tokens)
+            mask = torch.cat([mask, (~ended).long().unsqueeze(-1)], dim=-1)  # the new token counts unless already ended
+            ended = ended | (next_tokens == eos_token_id)
+            if on_token is not None and (stop := on_token(next_tokens, ended)) is not None:
+                ended = ended | stop.to(ended.device)
+            running, fed_mask = not bool(ended.all()), mask
+        else:  # only for the other processes' sake (a sharded model's forward is collective): padding, not attended
+            next_tokens = torch.full_like(next_tokens, pad_token_id)
+            fed_mask = F.pad(fed_mask, (0, 1))
+        if step == max_new_tokens - 1 or not _any_running(running, sync_ranks, ended.device):
             break
-        logits = decoder.step(next_tokens, mask)
+        logits = decoder.step(next_tokens, fed_mask)
     response = torch.stack(tokens, dim=-1)  # (b, n)
     return Generation(
         sequences=torch.cat([prompt_ids, response], dim=-1),
@@ -237,6 +255,14 @@ def _sample_loop(decoder: Decoder, prompt_ids: Tensor, prompt_mask: Tensor, samp
         ended=ended,
         attention_mask=mask,
     )
+
+
+def _any_running(running: bool, sync_ranks: Optional[AllReduce], device: torch.device) -> bool:
+    """Whether any process still samples: ``running`` alone, or its maximum over the processes (collective)."""
+    if sync_ranks is None:
+        return running
+    flag = torch.tensor([float(running)], device=device)
+    return bool(sync_ranks(flag).item())
 
 
 def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
