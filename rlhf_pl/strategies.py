@@ -193,27 +193,63 @@ def fsdp_classes() -> tuple[type, type]:
     return TrainedModelsFSDP, RootClippingPrecision
 
 
+def is_sharded(model: Any) -> bool:
+    """``model`` is an FSDP root of :class:`TrainedModelsFSDP` (its forward and state dicts are collective)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    return isinstance(model, FSDP)
+
+
+def _full_state(model: Any, rank0_only: bool) -> Any:
+    """FSDP's FULL_STATE_DICT context for ``model`` and its optimizer's state; gathered into CPU memory
+    on GPUs, left on the device on CPU processes (FSDP's CPU offload of a CPU tensor crashes)."""
+    from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    offload = model.compute_device.type != "cpu"
+    return FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
+                                FullStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only),
+                                FullOptimStateDictConfig(offload_to_cpu=offload, rank0_only=rank0_only))
+
+
 def full_state_dict(model: Any) -> dict[str, Any]:
     """``model``'s whole state dict, also when it is an FSDP root of :class:`TrainedModelsFSDP`: then
     collective (every rank must call it) and the full tensors land on rank 0 only (others get ``{}``).
-    Keys are the unwrapped model's (``unwrapped(model).load_state_dict`` takes them). On GPUs the
-    tensors are gathered into CPU memory; on CPU processes without that offload, which crashes FSDP."""
-    from torch.distributed.fsdp import FullStateDictConfig, StateDictType
+    Keys are the unwrapped model's (``unwrapped(model).load_state_dict`` takes them)."""
+    if not is_sharded(model):
+        return model.state_dict()
+    with _full_state(model, rank0_only=True):
+        return model.state_dict()
+
+
+def full_optimizer_state(model: Any, optimizer: Any) -> dict[str, Any]:
+    """The state of ``optimizer`` (over ``model``'s parameters) whole: its own ``state_dict()``, or for
+    an FSDP root FSDP's full optimizer state keyed by parameter names, collective, on rank 0 only."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    if not isinstance(model, FSDP):
-        return model.state_dict()
-    offload = model.compute_device.type != "cpu"
-    with FSDP.state_dict_type(model, StateDictType.FULL_STATE_DICT,
-                              FullStateDictConfig(offload_to_cpu=offload, rank0_only=True)):
-        return model.state_dict()
+    with _full_state(model, rank0_only=True):
+        return FSDP.optim_state_dict(model, optimizer)
+
+
+def load_full_state(model: Any, optimizer: Any, model_state: dict[str, Any], optimizer_state: dict[str, Any]) -> None:
+    """Load what :func:`full_state_dict` and :func:`full_optimizer_state` returned into ``model`` and
+    ``optimizer`` (an FSDP root: collective, every rank passes the whole states and keeps its shard)."""
+    if not is_sharded(model):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with _full_state(model, rank0_only=False):
+        model.load_state_dict(model_state)
+        optimizer.load_state_dict(FSDP.optim_state_dict_to_load(model, optimizer, optimizer_state))
 
 
 def unwrapped(model: Any) -> Any:
     """The model inside an FSDP root (e.g. to ``save_pretrained(..., state_dict=full_state_dict(root))``)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    return model.module if isinstance(model, FSDP) else model
+    return model.module if is_sharded(model) else model
 
 
 def consolidated(model: Any, rebuild: Callable[[], Any]) -> Any:
@@ -221,9 +257,7 @@ def consolidated(model: Any, rebuild: Callable[[], Any]) -> Any:
     (sampling, normalisation, export): ``model`` itself unless it is an FSDP root; then (collective:
     every rank calls it) ``rebuild()`` — the model as the stage first built it — with the gathered full
     weights on rank 0, and None on the other ranks."""
-    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-    if not isinstance(model, FSDP):
+    if not is_sharded(model):
         return model
     state = full_state_dict(model)
     if not state:
@@ -251,15 +285,16 @@ def _strategy(cfg: DictConfig) -> str:
     return str(OmegaConf.select(cfg, "trainer.strategy", default="auto"))
 
 
-def _precision_name(cfg: DictConfig) -> Optional[str]:
-    """The chosen precision plugin's name (``precision=<name>``), from the config's type or the registry."""
-    node = OmegaConf.select(cfg, "precision", throw_on_missing=False)
+def _plugin_name(cfg: DictConfig, kind: str) -> Optional[str]:
+    """The chosen plugin's name (``precision=<name>``, ``generation=<name>``), from the config's type or
+    the registry."""
+    node = OmegaConf.select(cfg, kind, throw_on_missing=False)
     if not isinstance(node, DictConfig):
         return None
     from rlhf_pl import registry
 
     try:
-        return registry.spec_for_config("precision", node).name
+        return registry.spec_for_config(kind, node).name
     except registry.PluginError:  # an untyped node: nothing to compare (the precision checks name it later)
         return None
 
@@ -308,7 +343,7 @@ def check_deepspeed_installed(cfg: DictConfig) -> Optional[str]:
 
 def check_sharded_precision(cfg: DictConfig) -> Optional[str]:
     """FSDP/DeepSpeed cannot shard bitsandbytes' 8/4-bit parameters (see :data:`UNSHARDABLE_PRECISIONS`)."""
-    strategy, precision = _strategy(cfg), _precision_name(cfg)
+    strategy, precision = _strategy(cfg), _plugin_name(cfg, "precision")
     if precision not in UNSHARDABLE_PRECISIONS.get(strategy, ()):
         return None
     held = "the trained models' 4-bit base" if precision == "qlora" else "the frozen models' 8/4-bit weights"
@@ -329,12 +364,23 @@ def check_sharded_ppo(cfg: DictConfig) -> Optional[str]:
     if strategy == "deepspeed":
         return (f"trainer.strategy=deepspeed with +stage={stage}: Lightning's DeepSpeedStrategy takes one optimizer "
                 "and PPO steps two (policy and critic); use trainer=fsdp for PPO (deepspeed: sft, rm)")
-    # Not yet: each rank's rollout stops when its own responses have ended, but a sharded policy's every forward
-    # is collective (the ranks would wait on each other's decode steps), and the checkpoint reads the policy's
-    # and the optimizers' state on rank 0 alone. SFT and RM run sharded (tests/test_ddp.py).
-    return (f"trainer.strategy=fsdp with +stage={stage}: PPO's rollouts and checkpoints do not run on sharded models "
-            "yet (docs/scaling.md); use trainer=ddp / ddp_cpu for PPO (every process holds its models whole; "
-            "precision=lora or nf4-frozen make them smaller), trainer=fsdp for sft and rm")
+    # What PPO does outside the FSDP roots' forward cannot follow the shards: the LoRA reference is the policy's
+    # modules called with the adapters off, the shared critic's value head reads the trunk's hidden states, and the
+    # static backend's compiled step calls the model's submodules with its own weights.
+    problems = []
+    if _plugin_name(cfg, "precision") == "lora":
+        problems.append("precision=lora (the reference is the sharded policy with its adapters disabled, called "
+                        "outside its FSDP root); use precision=fp32 or bf16-mixed")
+    if OmegaConf.select(cfg, "ppo.critic") == "shared":
+        problems.append("ppo.critic=shared (the value head reads the sharded policy's hidden states outside its "
+                        "FSDP root); use ppo.critic=separate")
+    if _plugin_name(cfg, "generation") == "static":
+        problems.append("generation=static (its compiled step calls the model's layers with gathered weights of its "
+                        "own); use generation=hf")
+    if not problems:
+        return None
+    return (f"trainer.strategy=fsdp with +stage={stage} cannot shard PPO with " + "; ".join(problems) +
+            "; or keep these settings with trainer=ddp / ddp_cpu (every process holds its models whole)")
 
 
 def check_fsdp_settings(cfg: DictConfig) -> Optional[str]:

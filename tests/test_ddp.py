@@ -5,7 +5,8 @@ see rlhf_pl.distributed). Checked: SFT and RM losses and final weights equal tho
 twice the batch; PPO's advantage whitening, score statistics and logged means are those of all ranks'
 episodes together, each rank rolls out different prompts; a PPO run whose rank 1 is killed with SIGKILL
 resumes to the weights of an uninterrupted run; one run directory with one config, summary, log file and
-index entry, written by rank 0 alone.
+index entry, written by rank 0 alone. Sharded (``trainer=fsdp_cpu``): SFT and RM equal one process, PPO
+(killed and resumed) equals the DDP run.
 """
 from __future__ import annotations
 
@@ -173,14 +174,15 @@ def rank_pid(rank: int, root: Path) -> int | None:
     return None
 
 
-def test_ppo_resumes_after_one_rank_is_killed(probed_ppo, ppo_inputs, tmp_path):
-    _, uninterrupted, _ = probed_ppo
-    root = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "rlhf_pl", *SMALL, *PPO, *ppo_inputs, f"paths.output_root={root}"],
+def killed_and_resumed(root: Path, overrides: list[str]) -> tuple[Path, Path]:
+    """A 2-process PPO run whose rank 1 gets SIGKILL after the first checkpoint, then ``+resume`` of
+    it: (the killed run's directory, the resumed run's)."""
+    killed = root / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "rlhf_pl", *SMALL, *overrides, f"paths.output_root={killed}"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    pointer = lambda: next(root.glob("runs/*/checkpoints/latest.json"), None)  # noqa: E731
+    pointer = lambda: next(killed.glob("runs/*/checkpoints/latest.json"), None)  # noqa: E731
     wait_for(lambda: pointer() is not None, 240, "the first checkpoint", proc)
-    victim = rank_pid(1, root)
+    victim = rank_pid(1, killed)
     assert victim is not None
     os.kill(victim, signal.SIGKILL)
     proc.wait(timeout=60)  # Lightning's observer ends rank 0 once a rank has died
@@ -188,9 +190,14 @@ def test_ppo_resumes_after_one_rank_is_killed(probed_ppo, ppo_inputs, tmp_path):
     killed_dir = pointer().parent.parent
     done = json.loads(pointer().read_text())["rollouts_done"]
     assert 2 <= done < 6 and not (killed_dir / "policy").exists()
-
-    resumed = run(tmp_path / "resumed", *PPO, *ppo_inputs, f"+resume={killed_dir}")
+    resumed = run(root / "resumed", *overrides, f"+resume={killed_dir}")
     assert summary(resumed)["resumed_from"] == str(killed_dir)
+    return killed_dir, resumed
+
+
+def test_ppo_resumes_after_one_rank_is_killed(probed_ppo, ppo_inputs, tmp_path):
+    _, uninterrupted, _ = probed_ppo
+    _, resumed = killed_and_resumed(tmp_path, [*PPO, *ppo_inputs])
     assert_close_weights(weights(resumed / "policy"), weights(uninterrupted / "policy"), atol=1e-6)
     assert summary(resumed)["final_score"] == pytest.approx(summary(uninterrupted)["final_score"], rel=1e-5)
 
@@ -268,3 +275,38 @@ def test_sft_and_rm_sharded_on_two_processes_equal_one_process(sft_runs, rm_runs
     assert summary(rm)["val_accuracy"] == pytest.approx(summary(rm_runs["one"])["val_accuracy"], rel=1e-5)
     assert_close_weights(weights(rm / "reward_model"), weights(rm_runs["one"] / "reward_model"), skip=("score.bias",),
                          atol=1e-4)  # as for DDP above
+
+
+# PPO sharded: policy and critic each an FSDP root over the 2 processes; reference and reward model whole on each.
+# Rollouts keep the ranks' decode steps in lockstep (every forward of a sharded model is collective); checkpoints
+# gather the full weights and optimizer states. The same run as DDP's, to float tolerance.
+
+
+def test_ppo_sharded_on_two_processes_killed_and_resumed_equals_ddp(probed_ppo, ppo_inputs, tmp_path):
+    """A sharded run interrupted by SIGKILL of rank 1 and resumed: its checkpoints hold whole states
+    gathered from the shards, and it ends with the weights and statistics of the DDP run."""
+    _, ddp, _ = probed_ppo
+    killed, resumed = killed_and_resumed(tmp_path, [*PPO, *ppo_inputs[:2], "trainer=fsdp_cpu"])
+    assert_rank_zero_files_only(tmp_path / "resumed", resumed, "ppo")
+    assert_close_weights(weights(resumed / "policy"), weights(ddp / "policy"), atol=1e-6)  # gathered from the shards
+    for key in ("final_score", "final_kl", "final_beta", "initial_score"):
+        assert summary(resumed)[key] == pytest.approx(summary(ddp)[key], rel=1e-5, abs=1e-6), key
+    checkpoint = torch.load(killed / "checkpoints" / "last.pt", weights_only=False)
+    unsharded = torch.load(ddp / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["sharded"] is True and unsharded["sharded"] is False
+    policy = checkpoint["policy"]  # the whole policy, under the unwrapped model's names
+    assert policy.keys() == unsharded["policy"].keys()
+    assert all(policy[k].shape == unsharded["policy"][k].shape for k in policy)
+    state = checkpoint["optimizers"][0]["state"]  # FSDP's optimizer state: keyed by parameter name, tensors whole
+    assert state and set(state) <= set(policy)
+    assert all(s["exp_avg"].shape == policy[name].shape for name, s in state.items())
+
+
+def test_an_unsharded_checkpoint_is_not_resumed_sharded(probed_ppo, ppo_inputs, tmp_path):
+    _, ddp, _ = probed_ppo
+    overrides = [*SMALL, *PPO[:1], "ppo.updates=8", *PPO[2:], *ppo_inputs[:2], "trainer=fsdp_cpu", f"+resume={ddp}",
+                 f"paths.output_root={tmp_path}"]
+    proc = subprocess.run([sys.executable, "-m", "rlhf_pl", *overrides], capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "written under an unsharded strategy (one process or DDP), this run has trainer.strategy=fsdp" in proc.stderr
+    assert "resume with trainer=ddp, ddp_cpu or cpu" in proc.stderr and "Traceback" not in proc.stderr

@@ -279,10 +279,14 @@ def test_composition_checks_name_keys_values_and_choices(monkeypatch):
 
     for frozen in ("int8-frozen", "nf4-frozen"):  # FSDP leaves the frozen models whole: allowed
         validate_config(_compose("+stage=sft", *base, f"precision={frozen}"))
-    for stage in ("ppo", "iterate"):
-        msg = _problem(f"+stage={stage}", *base)
-        assert f"+stage={stage}: PPO's rollouts and checkpoints do not run on sharded models yet" in msg
-        assert "use trainer=ddp / ddp_cpu for PPO" in msg
+    validate_config(_compose("+stage=ppo", *base))  # policy and critic sharded (tests/test_ddp.py runs it)
+    validate_config(_compose("+stage=ppo", *base, "precision=nf4-frozen"))  # the frozen models held whole
+    msg = _problem("+stage=ppo", *base, "precision=lora", "ppo.critic=shared", "generation=static")
+    assert msg.startswith("trainer.strategy=fsdp with +stage=ppo cannot shard PPO with precision=lora (the reference "
+                          "is the sharded policy with its adapters disabled")
+    assert "use precision=fp32 or bf16-mixed" in msg and "use ppo.critic=separate" in msg
+    assert "generation=static (its compiled step" in msg and "use generation=hf" in msg
+    assert msg.endswith("or keep these settings with trainer=ddp / ddp_cpu (every process holds its models whole)")
     for stage in ("collect", "eval"):
         assert "use trainer=ddp_cpu or trainer=ddp" in _problem(f"+stage={stage}", *base)
     msg = _problem("+stage=sft", *base, "trainer.strategy_options.state_dict_type=full")

@@ -36,6 +36,10 @@ RLHF_REFERENCE.md items and where they live:
 Resume (:mod:`rlhf_pl.checkpoint`): every ``checkpoint_every`` updates the whole training state
 goes to ``<run_dir>/checkpoints/last.pt``, atomically; ``+resume=<run dir>`` continues with the
 next rollout in a new run directory, with the metrics of an uninterrupted run (one process, fixed seed).
+
+Data parallel (``trainer=ddp``) and sharded (``trainer=fsdp``: policy and critic FSDP roots, reference and
+reward model whole): the rollout's decode steps run in lockstep over the ranks when the policy is sharded,
+and checkpoints gather the whole states from the shards (:mod:`rlhf_pl.strategies`, docs/scaling.md).
 """
 from __future__ import annotations
 
@@ -74,10 +78,10 @@ from rlhf_pl.distributed import gather_objects
 from rlhf_pl.errors import ConfigError
 from rlhf_pl.generation import GenerationBackend
 from rlhf_pl.models.generate import GreedySampler
-from rlhf_pl.models.loading import save_pretrained_atomic
+from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_atomic
 from rlhf_pl.models.ppo_models import PPOModels, build_models, evaluate_policy
 from rlhf_pl.optim import build_optimizer
-from rlhf_pl.outputs import InputSpec, check_input
+from rlhf_pl.outputs import InputSpec, check_input, model_config_at
 from rlhf_pl.precision import build_for_stage
 from rlhf_pl.report import SampleLog, tensorboard_writer
 from rlhf_pl.rl.advantages import Advantages, compute_advantages
@@ -97,6 +101,7 @@ from rlhf_pl.rl.scores import PromptBaselines, RunningMoments, process_scores
 from rlhf_pl.rl.summary import plot_run, summarise, trend_text
 from rlhf_pl.sampling import Completions, Scorer, build_backend, sample, score
 from rlhf_pl.stages import StageResult
+from rlhf_pl.strategies import consolidated, full_optimizer_state, full_state_dict, is_sharded, load_full_state
 from rlhf_pl.training import check_finite_loss, make_trainer
 
 log = logging.getLogger(__name__)
@@ -167,7 +172,8 @@ class PPOModule(L.LightningModule):
         ppo = self.ppo
         with self.timed("generation"):
             out = sample(self.policy, batch["input_ids"], batch["attention_mask"], self.sampler, ppo.max_new_tokens,
-                         self.tokenizer, stop_strings=ppo.stop_strings, generator=self.generator, backend=self.backend)
+                         self.tokenizer, stop_strings=ppo.stop_strings, generator=self.generator, backend=self.backend,
+                         sync_ranks=all_reduce_max if is_sharded(self.policy) else None)
         self.rows_forwarded["generation_tokens"] += int(out.mask.sum())
         with self.timed("scoring"):
             rm = score(out, self.scorer).scores
@@ -353,14 +359,17 @@ class PPOModule(L.LightningModule):
 
     def save_checkpoint(self) -> Path | None:
         """Everything a resumed run needs (:mod:`rlhf_pl.checkpoint`), written by rank 0; the RNG states
-        of every rank (each samples its own tokens) are gathered into it."""
+        of every rank (each samples its own tokens) are gathered into it. Under FSDP the trained models'
+        and optimizers' states are gathered whole from the shards first (collective)."""
         rng = gather_objects(rng_state(self.generator))
+        trained = list(zip((self.policy, self.trained_critic), (opt.optimizer for opt in self.optimizers())))
+        models = [full_state_dict(model) for model, _ in trained]
+        optimizers = [full_optimizer_state(model, optimizer) for model, optimizer in trained]
         if not self.trainer.is_global_zero:
             return None
         state = {
             "rollouts_done": self.rollouts_done, "updates": self.ppo.updates,
-            "policy": self.policy.state_dict(), "critic": self.trained_critic.state_dict(),
-            "optimizers": [opt.optimizer.state_dict() for opt in self.optimizers()],
+            "policy": models[0], "critic": models[1], "optimizers": optimizers, "sharded": is_sharded(self.policy),
             "schedulers": [sch.state_dict() for sch in self.lr_schedulers()],
             "kl_controller": self.kl_controller.state_dict(), "score_moments": asdict(self.moments),
             "reference_baseline": self.baseline.state_dict() if self.baseline is not None else {},
@@ -373,10 +382,10 @@ class PPOModule(L.LightningModule):
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`save_checkpoint` wrote (RNG states follow at the first batch)."""
-        self.policy.load_state_dict(state["policy"])
-        self.trained_critic.load_state_dict(state["critic"])
-        for optimizer, saved in zip(self.optimizers(), state["optimizers"]):
-            optimizer.optimizer.load_state_dict(saved)
+        trained = zip((self.policy, self.trained_critic), (opt.optimizer for opt in self.optimizers()),
+                      (state["policy"], state["critic"]), state["optimizers"])
+        for model, optimizer, weights, saved in trained:
+            load_full_state(model, optimizer, weights, saved)
         for scheduler, saved in zip(self.lr_schedulers(), state["schedulers"]):
             scheduler.load_state_dict(saved)
         self.kl_controller.load_state_dict(state["kl_controller"])
@@ -486,6 +495,17 @@ def input_dirs(cfg: DictConfig, inputs: Any, state: dict[str, Any] | None,
             Path(sources["reference_from"]))
 
 
+def check_resume_strategy(cfg: DictConfig, state: dict[str, Any]) -> None:
+    """The optimizers' states of an FSDP checkpoint are keyed by parameter name, those of one process
+    or DDP by parameter index: a checkpoint resumes under the kind of strategy that wrote it."""
+    sharded, here = bool(state.get("sharded", False)), str(cfg.trainer.strategy) == "fsdp"
+    if sharded != here:
+        wrote = "trainer.strategy=fsdp" if sharded else "an unsharded strategy (one process or DDP)"
+        hint = "trainer=fsdp (GPU) or trainer=fsdp_cpu" if sharded else "trainer=ddp, ddp_cpu or cpu"
+        raise ConfigError(f"+resume={cfg.resume}: the checkpoint was written under {wrote}, this run has "
+                          f"trainer.strategy={cfg.trainer.strategy}; resume with {hint}")
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, precision: Any, callbacks: Sequence[Any]) -> L.Trainer:
     """The trainer in manual-optimisation mode: one epoch whose batches are the rollouts, logging
     every update. Lightning's own ModelCheckpoint is removed: the module writes its resumable
@@ -494,10 +514,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, precision: Any, callbacks: Seq
 
     # DDP: one training_step backpropagates the policy's and the critic's losses separately, minibatch by minibatch,
     # so each backward reaches only some parameters; DDP must look for the unused ones at every backward
-    strategy = {"ddp": "ddp_find_unused_parameters_true"}.get(cfg.trainer.strategy, cfg.trainer.strategy)
+    ddp = {"strategy": "ddp_find_unused_parameters_true"} if cfg.trainer.strategy == "ddp" else {}
     trainer = make_trainer(cfg, run_dir, precision, callbacks=callbacks, manual_optimization=True, max_epochs=1,
                            max_steps=-1, log_every_n_steps=1, limit_train_batches=None, use_distributed_sampler=False,
-                           strategy=strategy)
+                           **ddp)
     trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, ModelCheckpoint)]
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")  # frozen models
     return trainer
@@ -514,6 +534,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any, *, scorer: Scorer | None = 
     precision = build_for_stage(cfg, "ppo", frozen=("reference", "reward model"))
     state = (load_for_resume(str(cfg.resume), updates=ppo.updates, settings=asdict(ppo), seed=cfg.seed)
              if cfg.get("resume") else None)
+    if state is not None:
+        check_resume_strategy(cfg, state)
     policy_dir, reward_dir, reference_dir = input_dirs(cfg, inputs, state, scorer)
     models = build_models(cfg, policy_dir, reward_dir, scorer, precision, reference_dir)
     log.info("policy from %s; reference from %s; reward model from %s; critic: %s", models.policy_from,
@@ -539,10 +561,13 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any, *, scorer: Scorer | None = 
 
     kl_target = getattr(kl_controller, "target", None)
     out_dir = run_dir / "policy"
+    # FSDP: the weights gathered into a whole policy on rank 0 (collective); otherwise the trained policy itself
+    policy = consolidated(module.policy, lambda: precision.prepare_trainable(
+        load_model_and_tokenizer(model_config_at(cfg.model, policy_dir))[0]))
     if trainer.is_global_zero:
         plot_run(module.history, run_dir / "ppo_curves.png", f"PPO {cfg.model.name} ({kl_name} KL controller)",
                  kl_target)
-        save_pretrained_atomic(precision.export(module.policy), models.tokenizer, out_dir)  # lora/qlora: merged
+        save_pretrained_atomic(precision.export(policy), models.tokenizer, out_dir)  # lora/qlora: merged
     summary = summarise(module.history, final_beta=float(kl_controller.value), kl_controller=kl_name,
                         kl_target=kl_target, kl_estimator=ppo.kl_estimator, updates=module.rollouts_done)
     log.info("trend over %d updates %s", module.rollouts_done, trend_text(summary))
