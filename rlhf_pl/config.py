@@ -102,6 +102,25 @@ class ModelConfig:
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
+def model_presets() -> list[str]:
+    """The names of the shipped ``model=<name>`` presets (conf/model/*.yaml)."""
+    from importlib.resources import files
+
+    return sorted(f.name.removesuffix(".yaml") for f in files("rlhf_pl.conf").joinpath("model").iterdir()
+                  if f.name.endswith(".yaml"))
+
+
+def model_preset(name: str) -> ModelConfig:
+    """The ``model=<name>`` preset (conf/model/<name>.yaml) as a :class:`ModelConfig`, for tools that
+    load a model without composing the whole config."""
+    from importlib.resources import files
+
+    if name not in model_presets():
+        raise ConfigError(f"model={name!r}: no such preset; choose one of: {', '.join(model_presets())}")
+    preset = OmegaConf.load(str(files("rlhf_pl.conf").joinpath("model", f"{name}.yaml")))
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), preset))
+
+
 @dataclass
 class DataConfig:
     """Data sources. Each source is a local .jsonl/.json/.parquet file, a local directory or hub id

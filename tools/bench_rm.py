@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import torch
-from bench_sft import MODELS, StepTimer  # tools/ is on sys.path when run as a script
+from bench_sft import StepTimer  # tools/ is on sys.path when run as a script
+
+from rlhf_pl.config import model_preset, model_presets
 
 
 def ranking_items(k: int, n_sequences: int, seq: int, vocab: int, steps: int):
@@ -34,16 +37,16 @@ def ranking_items(k: int, n_sequences: int, seq: int, vocab: int, steps: int):
     return batches
 
 
-def bench(model_cfg: dict, k: int, precision: str, n_sequences: int, seq: int, steps: int, warmup: int) -> dict:
+def bench(model_cfg: Any, k: int, precision: str, n_sequences: int, seq: int, steps: int, warmup: int) -> dict:
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from rlhf_pl.config import ModelConfig, OptimConfig
+    from rlhf_pl.config import OptimConfig
     from rlhf_pl.models.loading import load_model_and_tokenizer
     from rlhf_pl.models.reward import RewardModel
     from rlhf_pl.stages.rm import RewardModelModule
 
-    lm = load_model_and_tokenizer(ModelConfig(**model_cfg)).model
+    lm = load_model_and_tokenizer(model_cfg).model
     reward_model = RewardModel.from_causal_lm(lm, "linear").train()
     batches = ranking_items(k, n_sequences, seq, lm.config.vocab_size, steps + warmup)
     timer = StepTimer()
@@ -63,7 +66,7 @@ def bench(model_cfg: dict, k: int, precision: str, n_sequences: int, seq: int, s
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2_135m")
+    parser.add_argument("--model", choices=model_presets(), default="smollm2_135m")
     parser.add_argument("--sequences", type=int, default=8, help="sequences per step (a multiple of 4)")
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=3)
@@ -82,7 +85,7 @@ def main() -> None:
 
     from rlhf_pl.io import write_json
 
-    rows = [bench(MODELS[args.model], k, p, args.sequences, args.seq, args.steps, args.warmup)
+    rows = [bench(model_preset(args.model), k, p, args.sequences, args.seq, args.steps, args.warmup)
             for p in args.precisions for k in (4, 2)]
     table = Table(title=f"Reward-model training, {args.model}, {args.sequences} sequences × {args.seq} tokens per step")
     for col in ("precision", "K", "prompts/step", "pairs/step", "step s", "comparisons/s", "K=4 ÷ K=2"):

