@@ -36,9 +36,10 @@ from transformers.cache_utils import Cache, DynamicCache, StaticLayer, get_layer
 
 from rlhf_pl.errors import UserError
 from rlhf_pl.models.adapters import PolicyReference, adapters_disabled
-from rlhf_pl.models.generate import AllReduce, Generation, OnToken, _step, generate
+from rlhf_pl.models.generate import Generation, OnToken, _step, generate
 from rlhf_pl.plugins.samplers import Sampler
 from rlhf_pl.plugins.specs import HFGenerationConfig, StaticGenerationConfig
+from rlhf_pl.rl.masked import AllReduce
 
 
 class GenerationError(UserError, ValueError):

@@ -28,8 +28,8 @@ from torch import Tensor
 from rlhf_pl import registry
 from rlhf_pl.data.collate import pad_left
 from rlhf_pl.generation import GenerationBackend, HFGeneration
-from rlhf_pl.models.generate import AllReduce
 from rlhf_pl.plugins.specs import HFGenerationConfig
+from rlhf_pl.rl.masked import AllReduce
 from rlhf_pl.runtime import weights_cast_once
 
 log = logging.getLogger(__name__)

@@ -63,9 +63,8 @@ def _rank(rank: int, port: int, out: str) -> None:
 
 
 def test_two_sharded_processes_ending_at_different_steps_generate_what_each_generates_alone(tmp_path):
-    ctx = mp.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn", join=False)
-    while not ctx.join(timeout=120):  # raises if a process failed; a deadlock ends in gloo's 60 s timeout
-        pass
+    # raises if a process failed; a deadlock ends in gloo's 60 s timeout
+    mp.start_processes(_rank, args=(_free_port(), str(tmp_path)), nprocs=2, start_method="spawn")
     whole = tiny_causal_lm("llama")
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
     assert ranks[0]["calls"] == ranks[1]["calls"] == 6  # prefill + 5 steps: rank 0 went on after its step 2

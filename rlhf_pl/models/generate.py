@@ -32,9 +32,9 @@ from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
 from rlhf_pl.plugins.samplers import Sampler
+from rlhf_pl.rl.masked import AllReduce
 
 OnToken = Callable[[Tensor, Tensor], Optional[Tensor]]  # (tokens (b,), ended (b,)) -> rows to end now, or None
-AllReduce = Callable[[Tensor], Tensor]  # in-place reduction over the processes (rlhf_pl.rl.masked.all_reduce_max)
 
 
 class Generation(NamedTuple):
