@@ -338,8 +338,8 @@ class PPOConfig:
     controller is the ``kl_controller=<name>`` group (``adaptive`` by default); the sampler of the
     rollouts is the ``sampler`` group (its temperature is also used for every logprob).
 
-    One update = one rollout of ``batch_size`` prompts (per rank), then ``ppo_epochs`` passes over
-    it in ``num_minibatches`` minibatches. The defaults are sized for SmolLM2-135M on 2 CPU cores:
+    One update = one rollout of ``batch_size`` prompts (per rank), each answered
+    ``samples_per_prompt`` times, then ``ppo_epochs`` passes over it in ``num_minibatches`` minibatches. The defaults are sized for SmolLM2-135M on 2 CPU cores:
     24 updates of 16 prompts, each used once (InstructGPT's 1 epoch × several minibatches), short
     responses. Using each episode once gives more episodes per minute than Ziegler's 4 epochs × 1
     minibatch, and the prompts recur within the run. Real runs want far more updates. What the
@@ -361,16 +361,20 @@ class PPOConfig:
     # of the prefix; InstructGPT, uncentred scores) | fresh = N(0, 1/√(d+1))
     value_head_init: str = setting("zero", choices=("zero", "reward", "fresh"))
     # reference: subtract b(x), the RM score of the reference (SFT) policy's greedy response to the same prompt, from
-    # each score (per-prompt baseline, computed once per prompt; unbiased) | none
-    score_baseline: str = setting("reference", choices=("reference", "none"))
+    # each score (per-prompt baseline, computed once per prompt; unbiased) | group: subtract the mean score of the
+    # prompt's other samples_per_prompt − 1 responses (leave-one-out, RLOO; unbiased; needs samples_per_prompt >= 2)
+    # | none
+    score_baseline: str = setting("reference", choices=("reference", "group", "none"))
     updates: int = setting(24, ge=1)  # PPO updates (rollouts) in the whole run; the learning-rate decay spans them all
-    batch_size: int = setting(16, ge=1)  # prompts (episodes) per rollout, per rank
+    batch_size: int = setting(16, ge=1)  # prompts per rollout, per rank
+    # responses sampled per prompt (one shared prefill): a rollout has batch_size × samples_per_prompt episodes
+    samples_per_prompt: int = setting(1, ge=1)
     max_new_tokens: int = setting(32, ge=1)  # response length limit; without EOS by then: the missing-EOS penalty
     # a response also ends after the first token completing one of these
     stop_strings: List[str] = field(default_factory=list)
     # passes over each rollout (InstructGPT: 1 epoch × several minibatches; Ziegler/Stiennon: 4 epochs × 1)
     ppo_epochs: int = setting(1, ge=1)
-    num_minibatches: int = setting(2, ge=1)  # minibatches per epoch; must divide batch_size
+    num_minibatches: int = setting(2, ge=1)  # minibatches per epoch; must divide the episodes, batch_size × samples_per_prompt
     clip_eps: float = setting(0.2, gt=0, le=1)  # policy ratio clip ε: clip(ρ, 1−ε, 1+ε)
     value_clip: Optional[float] = setting(0.2, gt=0)  # clip(V, V_old ± value_clip); null turns value clipping off
     vf_coef: float = setting(0.1, ge=0)  # c_v in loss = pg + c_v·vf
@@ -569,11 +573,21 @@ def _check_post_init(node: DictConfig, path: str, problems: list[str]) -> None:
 
 def _minibatches_divide_batch(cfg: DictConfig) -> str | None:
     batch, minibatches = OmegaConf.select(cfg, "ppo.batch_size"), OmegaConf.select(cfg, "ppo.num_minibatches")
-    if batch is None or minibatches is None or batch % minibatches == 0:
+    n = OmegaConf.select(cfg, "ppo.samples_per_prompt", default=1)
+    if batch is None or minibatches is None or n is None or (batch * n) % minibatches == 0:
         return None
-    divisors = [d for d in range(1, batch + 1) if batch % d == 0]
-    return (f"ppo.num_minibatches={minibatches} must divide ppo.batch_size={batch}; "
-            f"valid: {', '.join(map(str, divisors))}")
+    episodes = batch * n
+    divisors = [d for d in range(1, episodes + 1) if episodes % d == 0]
+    what = f"ppo.batch_size={batch}" if n == 1 else f"the {episodes} episodes (ppo.batch_size={batch} × samples_per_prompt={n})"
+    return f"ppo.num_minibatches={minibatches} must divide {what}; valid: {', '.join(map(str, divisors))}"
+
+
+def _group_baseline_has_a_group(cfg: DictConfig) -> str | None:
+    baseline, n = OmegaConf.select(cfg, "ppo.score_baseline"), OmegaConf.select(cfg, "ppo.samples_per_prompt")
+    if baseline != "group" or n is None or n >= 2:
+        return None
+    return (f"ppo.score_baseline=group needs ppo.samples_per_prompt >= 2 (the mean of a prompt's other responses), "
+            f"got samples_per_prompt={n}; set it to 2 or more, or use ppo.score_baseline=reference or none")
 
 
 def _heads_divide_hidden(cfg: DictConfig) -> str | None:
@@ -583,8 +597,8 @@ def _heads_divide_hidden(cfg: DictConfig) -> str | None:
     return f"model.tiny.hidden_size={hidden} must be a multiple of model.tiny.num_heads={heads}"
 
 
-CROSS_FIELD_RULES: tuple[Callable[[DictConfig], Optional[str]], ...] = (_minibatches_divide_batch, _heads_divide_hidden,
-                                                                         composition_problem)
+CROSS_FIELD_RULES: tuple[Callable[[DictConfig], Optional[str]], ...] = (
+    _minibatches_divide_batch, _group_baseline_has_a_group, _heads_divide_hidden, composition_problem)
 
 
 # --- helpers ------------------------------------------------------------------------------------------

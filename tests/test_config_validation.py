@@ -226,6 +226,18 @@ def test_num_minibatches_must_divide_batch_size_and_the_divisors_are_listed():
     message = error_of(compose_cfg("+stage=ppo", "ppo.batch_size=12", "ppo.num_minibatches=5"))
     assert message == "ppo.num_minibatches=5 must divide ppo.batch_size=12; valid: 1, 2, 3, 4, 6, 12"
     validate_config(compose_cfg("+stage=ppo", "ppo.batch_size=12", "ppo.num_minibatches=4"))
+    # with several responses per prompt the minibatches split the episodes
+    validate_config(compose_cfg("+stage=ppo", "ppo.batch_size=2", "ppo.samples_per_prompt=3", "ppo.num_minibatches=6"))
+    message = error_of(compose_cfg("+stage=ppo", "ppo.batch_size=2", "ppo.samples_per_prompt=3", "ppo.num_minibatches=4"))
+    assert message == ("ppo.num_minibatches=4 must divide the 6 episodes (ppo.batch_size=2 × samples_per_prompt=3); "
+                       "valid: 1, 2, 3, 6")
+
+
+def test_group_baseline_needs_several_responses_per_prompt():
+    message = error_of(compose_cfg("+stage=ppo", "ppo.score_baseline=group"))
+    assert message.startswith("ppo.score_baseline=group needs ppo.samples_per_prompt >= 2")
+    assert "got samples_per_prompt=1" in message
+    validate_config(compose_cfg("+stage=ppo", "ppo.score_baseline=group", "ppo.samples_per_prompt=2"))
 
 
 def test_tiny_heads_must_divide_hidden_size():

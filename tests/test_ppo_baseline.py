@@ -86,13 +86,51 @@ def test_rollout_scores_are_centred_and_the_run_logs_the_score_against_the_refer
     assert "reference_greedy" not in summary["rows_forwarded"]
 
 
+def test_several_responses_per_prompt_share_its_row_group_and_the_group_baseline_centres_them(tmp_path, ppo_inputs,
+                                                                                               tiny_tokenizer):
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.max_new_tokens=6", "ppo.samples_per_prompt=3",
+                   "ppo.score_baseline=group", "ppo.missing_eos_penalty=null", "ppo.num_minibatches=3")
+    ppo = OmegaConf.to_object(cfg.ppo)
+    models = build_models(cfg, ppo_inputs / "sft", ppo_inputs / "rm", None)
+    prompts = load_prompts("embedded:prompts", limit=5)
+    items = tokenize_prompts(prompts, tiny_tokenizer, 256)
+    module = PPOModule(models, ppo, registry.build_by_name("samplers", "temperature"),
+                       registry.build_by_name("kl_controllers", "fixed"), prompts, items, 0, tmp_path)
+    assert module.baseline is None
+    batch = PromptCollator(tiny_tokenizer.pad_token_id)([items[4], items[1]])
+    rollout = module.rollout(batch)
+    p = rollout.prompt_length
+    assert rollout.sequences.shape[0] == 6 and rollout.prompt_index.tolist() == [4, 4, 4, 1, 1, 1]
+    for row in range(6):  # rows i·3 … i·3 + 2 answer prompt i
+        assert torch.equal(rollout.sequences[row, :p], batch["input_ids"][row // 3])
+    rm = rollout.rm_scores.reshape(2, 3)
+    expected = rm - (rm.sum(1, keepdim=True) - rm) / 2  # minus the mean of the prompt's two other scores
+    assert torch.allclose(rollout.scores, expected.reshape(-1), atol=1e-6)
+    assert rollout.baselines is None and module.rows_forwarded["reward"] == 6
+
+
+def test_several_responses_per_prompt_run_end_to_end_with_the_reference_baseline_computed_once_per_prompt(
+        tmp_path, ppo_inputs):
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.updates=2", "ppo.batch_size=2", "ppo.samples_per_prompt=2",
+                   "ppo.max_new_tokens=4", "ppo.missing_eos_penalty=null")
+    summary = ppo_run(cfg, tmp_path / "run")
+    state = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    rows = summary["rows_forwarded"]
+    assert rows["reward"] == 2 * 2 * 2  # updates × prompts × responses
+    assert rows["policy_train"] == rows["reward"] * cfg.ppo.ppo_epochs
+    assert rows["reference_greedy"] == len(state["reference_baseline"]) <= 4  # one greedy answer per prompt
+    h = state["history"]
+    for update in range(2):  # with the baseline repeated over each prompt's responses
+        assert math.isclose(h["score_vs_reference"][update], h["score_final"][update], abs_tol=1e-6)
+
+
 def test_zero_value_head_starts_at_zero_and_settings_name_the_choices(tmp_path, ppo_inputs):
     head = ValueHead.zero(16)
     assert torch.equal(head(torch.randn(2, 3, 16)), torch.zeros(2, 3))
     cfg = make_cfg(ppo_inputs, tmp_path, "ppo.value_head_init=zero")
     models = build_models(cfg, ppo_inputs / "sft", ppo_inputs / "rm", None)
     assert torch.count_nonzero(models.critic.head.proj.weight) == 0
-    with pytest.raises(ConfigError, match=r"ppo\.score_baseline='greedy'\W+choose one of: reference, none"):
+    with pytest.raises(ConfigError, match=r"ppo\.score_baseline='greedy'\W+choose one of: reference, group, none"):
         validate_config(make_cfg(ppo_inputs, tmp_path, "ppo.score_baseline=greedy"))
     with pytest.raises(ConfigError, match=r"ppo\.value_head_init='ones'\W+choose one of: zero, reward, fresh"):
         validate_config(make_cfg(ppo_inputs, tmp_path, "ppo.value_head_init=ones"))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from rlhf_pl.rl.scores import PromptBaselines, RunningMoments, process_scores
+from rlhf_pl.rl.scores import PromptBaselines, RunningMoments, leave_one_out_means, process_scores
 
 REWARDS, UNCERTAINTY = torch.tensor([1.0, 3.0, -2.0, 6.0]), torch.tensor([0.5, 1.0, 0.0, 2.0])
 ENDED = torch.tensor([True, True, False, True])
@@ -35,6 +35,24 @@ def test_score_processing_order_uncertainty_running_norm_eos_penalty_clip():
     assert math.isclose(moments.var, float(everything.var(correction=0)), rel_tol=1e-12)
     expected = (second - everything.mean()) / everything.std(correction=0)
     assert torch.allclose(standardised, expected.float())
+
+
+def test_leave_one_out_means_are_the_means_of_the_other_responses_of_the_same_prompt():
+    scores = torch.tensor([1.0, 3.0, 5.0, 0.0, 0.0, 6.0])  # two prompts, three responses each
+    assert leave_one_out_means(scores, 3).tolist() == [4.0, 3.0, 2.0, 3.0, 3.0, 0.0]
+    assert leave_one_out_means(scores, 2).tolist() == [3.0, 1.0, 0.0, 5.0, 6.0, 0.0]
+    for bad in (1, 4):
+        with pytest.raises(ValueError, match="groups of >= 2 that tile the 6 scores"):
+            leave_one_out_means(scores, bad)
+
+
+def test_group_baseline_uses_the_penalised_scores_and_centres_each_prompt():
+    # pairs (1, 3) and (−2, 6); uncertainty 2·(0.5, 1, 0, 2) first: (0, 1) and (−2, 2)
+    assert shaped(group_size=2).tolist() == [-2.0, 2.0, -8.0, 8.0]
+    assert shaped(group_size=2, uncertainty_coef=2.0).tolist() == [-1.0, 1.0, -4.0, 4.0]
+    assert shaped(group_size=2, eos_penalty=-1.0).tolist() == [-2.0, 2.0, -1.0, 8.0]  # the penalty comes after
+    with pytest.raises(ValueError, match="baselines or group_size, not both"):
+        shaped(group_size=2, baselines=torch.zeros(4))
 
 
 def test_baseline_is_subtracted_after_the_uncertainty_penalty_and_before_norm_eos_penalty_and_clip():

@@ -35,7 +35,7 @@ class Rollout(NamedTuple):
     scores: Tensor  # (b,) the scores entering the reward (after rlhf_pl.rl.scores.process_scores)
     uncertainty: Tensor | None  # (b,) reward-head uncertainty, if any
     prompt_index: Tensor  # (b,) prompts' indices in the data
-    baselines: Tensor | None = None  # (b,) b(x) subtracted from the scores, else None
+    baselines: Tensor | None = None  # (b,) the reference's b(x) subtracted from the scores (score_baseline=reference)
 
 
 class PolicyTerms(NamedTuple):

@@ -42,14 +42,27 @@ class RunningMoments:
         return math.sqrt(self.var) if self.var > 0 else 1.0
 
 
+def leave_one_out_means(scores: Tensor, group_size: int) -> Tensor:
+    """For each score, the mean of the other ``group_size − 1`` scores of its group: the RLOO baseline
+    (Kool et al. 2019; Ahmadian et al. 2024). Rows ``i·g … i·g + g − 1`` are one prompt's responses.
+    It does not depend on the response it is subtracted from, so the policy gradient stays unbiased.
+    Shape: (b·g,) -> (b·g,)."""
+    if group_size < 2 or scores.numel() % group_size:
+        raise ValueError(f"leave-one-out needs groups of >= 2 that tile the {scores.numel()} scores, got {group_size}")
+    groups = scores.reshape(-1, group_size)
+    return ((groups.sum(1, keepdim=True) - groups) / (group_size - 1)).reshape(-1)
+
+
 def process_scores(rewards: Tensor, ended: Tensor, *, uncertainty: Tensor | None = None, uncertainty_coef: float = 0.0,
-                   baselines: Tensor | None = None, score_norm: str = "none", moments: RunningMoments | None = None,
-                   all_reduce: AllReduce | None = None, eos_penalty: float | None = None,
-                   eos_mode: str = "replace", score_clip: float | None = None) -> Tensor:
+                   baselines: Tensor | None = None, group_size: int | None = None, score_norm: str = "none",
+                   moments: RunningMoments | None = None, all_reduce: AllReduce | None = None,
+                   eos_penalty: float | None = None, eos_mode: str = "replace",
+                   score_clip: float | None = None) -> Tensor:
     """Reward-model score → the score that enters the reward, in this order:
 
     1. minus ``uncertainty_coef`` · ``uncertainty`` (the reward head's, when the coefficient is > 0);
-    2. minus the per-prompt baseline b(x) (``baselines``, when given);
+    2. minus the per-prompt baseline b(x) (``baselines``, when given), or with ``group_size`` the mean
+       of the step-1 scores of the prompt's other responses (:func:`leave_one_out_means`);
     3. running normalisation ``score_norm``: ``none``, ``scale`` (÷ running std) or ``standardise``
        (also − running mean); ``moments`` is updated with this batch first (over all ranks);
     4. missing-EOS penalty ``eos_penalty`` (None: off) for responses that did not end, ``eos_mode``
@@ -65,8 +78,12 @@ def process_scores(rewards: Tensor, ended: Tensor, *, uncertainty: Tensor | None
                               "use a head that does (reward_head=ensemble when training the RM) or set "
                               "ppo.uncertainty_coef=0")
         scores = scores - uncertainty_coef * uncertainty.float()
+    if baselines is not None and group_size is not None:
+        raise ValueError("process_scores: give baselines or group_size, not both")
     if baselines is not None:
         scores = scores - baselines.to(scores)
+    if group_size is not None:
+        scores = scores - leave_one_out_means(scores, group_size)
     if score_norm != "none":
         moments.update(scores, all_reduce)
         shift = moments.mean if score_norm == "standardise" else 0.0

@@ -69,7 +69,7 @@ def trend_text(summary: dict[str, Any]) -> str:
     parts = []
     for label, key in (("score", "score_trend"), ("score − reference", "score_vs_reference_trend")):
         trend = summary[key]
-        text = ("not measured (ppo.score_baseline=none)" if trend is None else f"{trend['rise']:+.3f}"
+        text = ("not measured (only with ppo.score_baseline=reference)" if trend is None else f"{trend['rise']:+.3f}"
                 + (f" (t {trend['t']:+.1f})" if trend["t"] is not None else ""))
         parts.append(f"{label} {text}")
     return ("(fitted rise, t = slope/standard error; |t| > 2 is beyond the update-to-update noise): "

@@ -158,7 +158,7 @@ class PPOModule(L.LightningModule):
         stats = ppo_stats(rollout, adv, steps, update=self.rollouts_done + 1, beta=beta,
                           lrs=[opt.param_groups[0]["lr"] for opt in self.optimizers()], rollout_seconds=rollout_seconds,
                           train_seconds=time.perf_counter() - started, all_reduce=all_reduce_sum)
-        self.kl_controller.update(stats.kl, self.ppo.batch_size * self.trainer.world_size)
+        self.kl_controller.update(stats.kl, rollout.sequences.shape[0] * self.trainer.world_size)
         self.rollouts_done += 1
         self.log_stats(stats, rollout.sequences.shape[0])
         if self.rollouts_done % self.ppo.sample_every == 0 or self.rollouts_done == 1:
@@ -168,12 +168,13 @@ class PPOModule(L.LightningModule):
 
     @torch.no_grad()
     def rollout(self, batch: dict[str, Tensor]) -> Rollout:
-        """Sample, score, and run policy, reference and critic once each over the episodes."""
-        ppo = self.ppo
+        """Sample ``samples_per_prompt`` responses per prompt (row ``i·n + j``: response j to prompt i),
+        score them, and run policy, reference and critic once each over the episodes."""
+        ppo, n = self.ppo, self.ppo.samples_per_prompt
         with self.timed("generation"):
             out = sample(self.policy, batch["input_ids"], batch["attention_mask"], self.sampler, ppo.max_new_tokens,
                          self.tokenizer, stop_strings=ppo.stop_strings, generator=self.generator, backend=self.backend,
-                         sync_ranks=all_reduce_max if is_sharded(self.policy) else None)
+                         num_samples=n, sync_ranks=all_reduce_max if is_sharded(self.policy) else None)
         self.rows_forwarded["generation_tokens"] += int(out.mask.sum())
         with self.timed("scoring"):
             rm = score(out, self.scorer).scores
@@ -182,14 +183,16 @@ class PPOModule(L.LightningModule):
         if self.baseline is not None:
             with self.timed("reference_baseline"):
                 baselines, computed = self.baseline(batch["input_ids"], batch["attention_mask"], batch["index"])
+                baselines = baselines.repeat_interleave(n)
             self.rows_forwarded["reference_greedy"] += computed
         scores = process_scores(rm.rewards, out.ended, uncertainty=rm.uncertainty,
-                                uncertainty_coef=ppo.uncertainty_coef, baselines=baselines, score_norm=ppo.score_norm,
+                                uncertainty_coef=ppo.uncertainty_coef, baselines=baselines,
+                                group_size=n if ppo.score_baseline == "group" else None, score_norm=ppo.score_norm,
                                 moments=self.moments, all_reduce=all_reduce_sum, eos_penalty=ppo.missing_eos_penalty,
                                 eos_mode=ppo.missing_eos_mode, score_clip=ppo.score_clip)
         passes = self.rollout_passes(out.sequences, out.attention_mask, out.prompt_length)
         return Rollout(out.sequences, out.attention_mask, out.prompt_length, out.mask, out.ended, *passes,
-                       rm.rewards.float(), scores, rm.uncertainty, batch["index"], baselines)
+                       rm.rewards.float(), scores, rm.uncertainty, batch["index"].repeat_interleave(n), baselines)
 
     @torch.no_grad()
     def reference_greedy_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
