@@ -339,10 +339,11 @@ class PPOConfig:
     rollouts is the ``sampler`` group (its temperature is also used for every logprob).
 
     One update = one rollout of ``batch_size`` prompts (per rank), each answered
-    ``samples_per_prompt`` times, then ``ppo_epochs`` passes over it in ``num_minibatches`` minibatches. The defaults are sized for SmolLM2-135M on 2 CPU cores:
-    24 updates of 16 prompts, each used once (InstructGPT's 1 epoch × several minibatches), short
-    responses. Using each episode once gives more episodes per minute than Ziegler's 4 epochs × 1
-    minibatch, and the prompts recur within the run. Real runs want far more updates. What the
+    ``samples_per_prompt`` times, then ``ppo_epochs`` passes over it in ``num_minibatches``
+    minibatches. The defaults are sized for SmolLM2-135M on 2 CPU cores: 24 updates of 16 prompts,
+    each used once (InstructGPT's 1 epoch × several minibatches), short responses. Using each
+    episode once gives more episodes per minute than Ziegler's 4 epochs × 1 minibatch, and the
+    prompts recur within the run. Real runs want far more updates. What the
     default run does: docs/results.md.
     """
 
@@ -374,7 +375,8 @@ class PPOConfig:
     stop_strings: List[str] = field(default_factory=list)
     # passes over each rollout (InstructGPT: 1 epoch × several minibatches; Ziegler/Stiennon: 4 epochs × 1)
     ppo_epochs: int = setting(1, ge=1)
-    num_minibatches: int = setting(2, ge=1)  # minibatches per epoch; must divide the episodes, batch_size × samples_per_prompt
+    # minibatches per epoch; must divide the episodes, batch_size × samples_per_prompt
+    num_minibatches: int = setting(2, ge=1)
     clip_eps: float = setting(0.2, gt=0, le=1)  # policy ratio clip ε: clip(ρ, 1−ε, 1+ε)
     value_clip: Optional[float] = setting(0.2, gt=0)  # clip(V, V_old ± value_clip); null turns value clipping off
     vf_coef: float = setting(0.1, ge=0)  # c_v in loss = pg + c_v·vf
@@ -578,7 +580,8 @@ def _minibatches_divide_batch(cfg: DictConfig) -> str | None:
         return None
     episodes = batch * n
     divisors = [d for d in range(1, episodes + 1) if episodes % d == 0]
-    what = f"ppo.batch_size={batch}" if n == 1 else f"the {episodes} episodes (ppo.batch_size={batch} × samples_per_prompt={n})"
+    what = (f"ppo.batch_size={batch}" if n == 1
+            else f"the {episodes} episodes (ppo.batch_size={batch} × samples_per_prompt={n})")
     return f"ppo.num_minibatches={minibatches} must divide {what}; valid: {', '.join(map(str, divisors))}"
 
 

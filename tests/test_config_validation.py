@@ -228,7 +228,8 @@ def test_num_minibatches_must_divide_batch_size_and_the_divisors_are_listed():
     validate_config(compose_cfg("+stage=ppo", "ppo.batch_size=12", "ppo.num_minibatches=4"))
     # with several responses per prompt the minibatches split the episodes
     validate_config(compose_cfg("+stage=ppo", "ppo.batch_size=2", "ppo.samples_per_prompt=3", "ppo.num_minibatches=6"))
-    message = error_of(compose_cfg("+stage=ppo", "ppo.batch_size=2", "ppo.samples_per_prompt=3", "ppo.num_minibatches=4"))
+    message = error_of(compose_cfg("+stage=ppo", "ppo.batch_size=2", "ppo.samples_per_prompt=3",
+                                   "ppo.num_minibatches=4"))
     assert message == ("ppo.num_minibatches=4 must divide the 6 episodes (ppo.batch_size=2 × samples_per_prompt=3); "
                        "valid: 1, 2, 3, 6")
 
