@@ -19,9 +19,11 @@ from rlhf_pl.stages import iterate
 
 REPO = Path(__file__).resolve().parent.parent
 SUB_STAGES = ("collect", "rm", "ppo", "eval")
-# a small loop: 2 rounds of the quick experiment on 48 prompts; PPO checkpoints every 2 of 8 updates
+# a small loop: 2 rounds of the quick experiment on 48 prompts; PPO checkpoints every 2 of 8 updates; the
+# loop's own collect and RM budgets (iterate.collect_k, iterate.rm_epochs) replace collect.k and rm.epochs
 LOOP = ["+stage=iterate", "experiment=quick", "iterate.rounds=2", "data.limit=48", "ppo.updates=8",
-        "ppo.checkpoint_every=2", "eval.num_prompts=8", "eval.best_of=[1,2,4]", "trainer.enable_progress_bar=false"]
+        "ppo.checkpoint_every=2", "eval.num_prompts=8", "eval.best_of=[1,2,4]", "trainer.enable_progress_bar=false",
+        "iterate.collect_k=3", "collect.k=5", "iterate.rm_epochs=2"]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -106,6 +108,10 @@ def test_two_rounds_killed_in_every_sub_stage_resume_without_redoing_or_losing_a
         assert len(records) == by_round[r]["collect"]["metrics"]["rankings"]
         assert len({rec["provenance"]["source"] for rec in records}) == len(records)
         assert {rec["provenance"]["round"] for rec in records} == {r}
+        assert {len(rec["completions"]) for rec in records} <= {2, 3}  # iterate.collect_k=3, not collect.k=5
+        assert by_round[r]["collect"]["settings"]["collect.k"] == 3 and by_round[r]["rm"]["settings"]["rm.epochs"] == 2
+        rm = by_round[r]["rm"]["metrics"]
+        assert rm["steps"] == 2 * -(-rm["train_prompts"] // 8)  # two passes of batches of 8 prompts (quick's rm)
 
     assert set(by_round[2]["eval"]["metrics"]["gold_greedy"]) == {"sft", "round_1", "round_2"}
     assert (run / "rounds.png").stat().st_size > 0 and "| round |" in (run / "rounds.md").read_text()

@@ -96,12 +96,14 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
         collect = lineage.run(cfg, r, "collect", step, {"policy": policy},
                               {"collect.round": r, "seed": cfg.seed + r,
                                **_budget("collect.num_prompts", it.collect_prompts),
+                               **_budget("collect.k", it.collect_k),
                                **_budget("sampler.temperature", it.collect_temperature)})
         comparisons.append(str(collect.output))
         so_far = merge_comparisons(root / f"round_{r}" / "comparisons_so_far.jsonl", comparisons)
         rm_init = sft if it.rm_init == "sft" or reward_model is None else reward_model
         rm = lineage.run(cfg, r, "rm", step, {"init": rm_init},
-                         {"data.comparisons": str(so_far), "seed": cfg.seed + r},
+                         {"data.comparisons": str(so_far), "seed": cfg.seed + r,
+                          **_budget("rm.epochs", it.rm_epochs)},
                          data={"comparisons": list(comparisons)})
         reward_model = rm.output
         ppo = lineage.run(cfg, r, "ppo", step, {"policy": policy, "reward_model": reward_model},
