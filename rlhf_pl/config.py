@@ -305,6 +305,12 @@ class IterateConfig:
     # gold labeler on 0.81 of the SFT policy's answer pairs, 1 pass on 0.73 (docs/results.md)
     rm_epochs: Optional[int] = setting(2, ge=1)
     ppo_updates: Optional[int] = setting(16, ge=1)  # PPO updates per round
+    # every round's PPO settings over ppo.* (keys of the ppo section, nested or dotted; null: ppo.* as they are):
+    # 8 prompts × 4 answers with the leave-one-out baseline and no critic: against round 1's reward model the same
+    # score rise as with a separate critic in 0.68× its time and 0.73× its peak memory (docs/results.md)
+    ppo: Optional[Dict[str, Any]] = field(default_factory=lambda: {
+        "batch_size": 8, "samples_per_prompt": 4, "score_baseline": "group", "critic": "none",
+        "policy_optim": {"lr": 3e-5}})
 
 
 @dataclass
@@ -362,8 +368,9 @@ class PPOConfig:
     # iterate stage starts round r's PPO from policy r−1 and keeps the SFT model as the reference)
     reference_from: str = "policy"
     # separate: own network from the reward model's trunk + a value head (value_head_init) | shared: value head on
-    # the policy trunk
-    critic: str = setting("separate", choices=("separate", "shared"))
+    # the policy trunk | none: no value function (V ≡ 0, λ = 1): the advantage of a token is its reward-to-go, with
+    # score_baseline=group RLOO (Ahmadian et al. 2024) with PPO's clipping; no critic passes, optimizer or memory
+    critic: str = setting("separate", choices=("separate", "shared", "none"))
     # separate critic's head: zero = V starts at 0, the expected return when scores are centred by
     # score_baseline=reference | reward = the RM's linear head, normalisation folded in (V starts as the RM's score
     # of the prefix; InstructGPT, uncentred scores) | fresh = N(0, 1/√(d+1))

@@ -47,15 +47,17 @@ SETTINGS = ("ppo.updates=5", "ppo.batch_size=4", "ppo.num_minibatches=2", "ppo.p
             "kl_controller.horizon=50")
 
 
-def test_interrupted_and_resumed_run_reaches_the_same_metrics_and_weights(tmp_path, ppo_inputs):
-    full = make_cfg(ppo_inputs, tmp_path, *SETTINGS)
+@pytest.mark.parametrize("critic", ["separate", "none"])
+def test_interrupted_and_resumed_run_reaches_the_same_metrics_and_weights(tmp_path, ppo_inputs, critic):
+    settings = (*SETTINGS, f"ppo.critic={critic}")
+    full = make_cfg(ppo_inputs, tmp_path, *settings)
     ppo_run(full, tmp_path / "full")  # run_stage seeds everything with cfg.seed
 
     with pytest.raises(Interrupted):
         ppo_run(full, tmp_path / "first", callbacks=[StopAfter(2)])
     assert load_checkpoint(tmp_path / "first" / "checkpoints" / CHECKPOINT_FILE)["rollouts_done"] == 2
 
-    resumed = make_cfg(ppo_inputs, tmp_path, *SETTINGS, f"+resume={tmp_path / 'first'}")
+    resumed = make_cfg(ppo_inputs, tmp_path, *settings, f"+resume={tmp_path / 'first'}")
     resumed_summary = ppo_run(resumed, tmp_path / "second")
     assert resumed_summary["resumed_from"] == str(tmp_path / "first") and resumed_summary["updates"] == 5
     a = load_checkpoint(tmp_path / "full" / "checkpoints" / CHECKPOINT_FILE)
@@ -69,8 +71,10 @@ def test_interrupted_and_resumed_run_reaches_the_same_metrics_and_weights(tmp_pa
     assert a["kl_controller"] == b["kl_controller"] and a["score_moments"] == b["score_moments"]
     for key, tensor in a["policy"].items():
         assert torch.equal(tensor, b["policy"][key]), key
-    for key, tensor in a["critic"].items():
+    assert (a["critic"] is None) == (b["critic"] is None) == (critic == "none")
+    for key, tensor in (a["critic"] or {}).items():
         assert torch.equal(tensor, b["critic"][key]), key
+    assert len(a["optimizers"]) == len(b["optimizers"]) == (1 if critic == "none" else 2)
 
 
 def test_resume_refuses_a_finished_run_and_names_a_missing_checkpoint(tmp_path, ppo_inputs):

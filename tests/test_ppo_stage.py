@@ -166,10 +166,13 @@ def test_tokens_after_eos_are_masked_in_logprobs_values_rewards_advantages_and_l
 # --- whole updates --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("critic", ["separate", "shared"])
+@pytest.mark.parametrize("critic", ["separate", "shared", "none"])
 def test_first_minibatch_has_ratio_exactly_one_and_each_model_runs_once_per_purpose(tmp_path, ppo_inputs, critic):
+    # no response of 6 tokens ends, so the EOS penalty would give every one the same score: without a critic
+    # every advantage would then be equal and whitened to 0, and the policy would not move
+    eos = ["ppo.missing_eos_penalty=null"] if critic == "none" else []
     cfg = make_cfg(ppo_inputs, tmp_path, f"ppo.critic={critic}", "ppo.updates=2", "ppo.batch_size=4",
-                   "ppo.num_minibatches=2", "ppo.ppo_epochs=2", "ppo.max_new_tokens=6", "ppo.policy_optim.lr=1e-2")
+                   "ppo.num_minibatches=2", "ppo.ppo_epochs=2", "ppo.max_new_tokens=6", "ppo.policy_optim.lr=1e-2", *eos)
     summary = ppo_run(cfg, tmp_path / "run")
     h = history(tmp_path / "run")
     assert h["approx_kl_first"] == [0.0, 0.0] and h["max_abs_log_ratio_first"] == [0.0, 0.0]
@@ -183,8 +186,36 @@ def test_first_minibatch_has_ratio_exactly_one_and_each_model_runs_once_per_purp
         assert rows["critic_rollout"] == b * updates and rows["critic_train"] == b * updates * epochs
     else:
         assert "critic_rollout" not in rows and "critic_train" not in rows
+    if critic == "shared":
         assert rows["values_from_policy"] == b * updates  # the values came out of the policy's own pass
+    if critic == "none":  # no value function anywhere: no values, no value loss, no critic learning rate
+        assert "values_from_policy" not in rows
+        assert h["value_mean"] == [0.0, 0.0] and all(math.isnan(v) for v in h["value_loss"] + h["lr_critic"])
+        assert all(math.isnan(v) for v in h["value_clip_frac"])
     assert summary["updates"] == 2 and summary["approx_kl_first"] == 0.0
+
+
+def test_without_a_critic_each_tokens_advantage_is_its_reward_to_go(tmp_path, ppo_inputs, tiny_tokenizer):
+    cfg = make_cfg(ppo_inputs, tmp_path, "ppo.critic=none", "ppo.whiten_advantages=false", "ppo.lam=0.5",
+                   "ppo.max_new_tokens=6", "ppo.missing_eos_penalty=null", "ppo.batch_size=4")
+    models = build_models(cfg, ppo_inputs / "sft", ppo_inputs / "rm", None)
+    assert models.critic is None and models.value_head is None
+    prompts = load_prompts("embedded:prompts", limit=4)
+    items = tokenize_prompts(prompts, tiny_tokenizer, 256)
+    module = PPOModule(models, OmegaConf.to_object(cfg.ppo), registry.build_by_name("samplers", "temperature"),
+                       registry.build_by_name("kl_controllers", "fixed"), prompts, items, 0, tmp_path)
+    rollout = module.rollout(PromptCollator(tiny_tokenizer.pad_token_id)(items))
+    # logprobs of a moved policy (at the rollout π = π_ref, so every KL term would be 0)
+    rollout = rollout._replace(logprobs=rollout.ref_logprobs + torch.randn_like(rollout.logprobs) * rollout.mask)
+    beta = 0.3
+    adv = module.advantages(rollout, beta)
+    # by hand: A_t = score − β·Σ_{t' ≥ t} (log π − log π_ref)_t' over the valid tokens; λ = 1 whatever ppo.lam says
+    for i in range(rollout.mask.shape[0]):
+        n = int(rollout.mask[i].sum())
+        kl = (rollout.logprobs[i, :n] - rollout.ref_logprobs[i, :n]).tolist()
+        expected = [float(rollout.scores[i]) - beta * sum(kl[t:]) for t in range(n)]
+        assert adv.advantages[i, :n].tolist() == pytest.approx(expected, abs=1e-5)
+        assert torch.all(adv.advantages[i, n:] == 0) and torch.all(adv.returns[i, :n] == adv.advantages[i, :n])
 
 
 class TokenCount:

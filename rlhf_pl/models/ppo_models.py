@@ -29,12 +29,12 @@ log = logging.getLogger(__name__)
 
 
 class PPOModels(NamedTuple):
-    """The four models (or three, with a shared critic) and where they came from."""
+    """The four models (three with a shared critic or none) and where they came from."""
 
     policy: nn.Module  # trained causal LM
     reference: nn.Module  # frozen copy of the initial (SFT) policy
     scorer: Scorer  # the reward model (frozen) or an injected rule
-    critic: Critic | None  # separate value network, or None with critic=shared
+    critic: Critic | None  # separate value network, or None with critic=shared | none
     value_head: ValueHead | None  # value head on the policy trunk (critic=shared), else None
     tokenizer: Any
     policy_from: str
@@ -88,7 +88,7 @@ def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Path | None, sco
     if scorer is None:  # before the precision strategy prepares (and may quantise) any model
         reward_model = load_reward_model(reward_dir, load_tokenizer(model_config_at(cfg.model, policy_dir)))
     critic_trunk = critic_head = None
-    if cfg.ppo.critic != "shared" and reward_model is not None:
+    if cfg.ppo.critic == "separate" and reward_model is not None:
         critic_trunk = copy.deepcopy(reward_model.trunk)
         if cfg.ppo.value_head_init == "reward":
             critic_head = ValueHead.from_reward_model(reward_model)
@@ -99,7 +99,7 @@ def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Path | None, sco
     critic = value_head = None
     if cfg.ppo.critic == "shared":
         value_head = new_value_head(cfg.ppo.value_head_init, hidden_size_of(trunk_of(policy)))
-    else:
+    elif cfg.ppo.critic == "separate":
         trunk = critic_trunk if critic_trunk is not None else copy.deepcopy(trunk_of(policy))
         set_dropout(trunk, 0.0)
         head = critic_head if critic_head is not None else new_value_head(cfg.ppo.value_head_init,

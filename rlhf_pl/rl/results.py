@@ -135,7 +135,7 @@ def ppo_stats(r: Rollout, adv: Advantages, steps: Sequence[MinibatchStats], *, u
               all_reduce: AllReduce | None = None) -> PPOStats:
     """The statistics of update ``update`` (1-based) as floats; means are over the episodes / valid
     tokens of all ranks (the minibatch losses too, once reduced by :func:`across_ranks`). ``lrs``:
-    the policy's and the critic's learning rates."""
+    the policy's and the critic's learning rates (only the policy's without a critic)."""
     mask = r.mask
     per_estimator = {e: valid_only(kl_estimate(r.logprobs, r.ref_logprobs, e), mask).sum(1) for e in KL_ESTIMATORS}
     mean = lambda x: float(global_mean(x, all_reduce))  # noqa: E731
@@ -158,5 +158,5 @@ def ppo_stats(r: Rollout, adv: Advantages, steps: Sequence[MinibatchStats], *, u
         policy_loss=float(avg.policy_loss), value_loss=float(avg.value_loss), loss=float(avg.loss),
         kl_loss=float(avg.kl_loss), ptx_loss=float(avg.ptx_loss),
         uncertainty=mean(r.uncertainty.float()) if r.uncertainty is not None else math.nan,
-        lr_policy=lrs[0], lr_critic=lrs[1], rollout_seconds=rollout_seconds, train_seconds=train_seconds,
+        lr_policy=lrs[0], lr_critic=lrs[1] if len(lrs) > 1 else math.nan, rollout_seconds=rollout_seconds, train_seconds=train_seconds,
     )

@@ -83,6 +83,7 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     check_one_process(cfg.trainer)
     root, cfg = loop_root(cfg, run_dir)
     it = cfg.iterate
+    ppo_settings = round_ppo_settings(cfg)
     lineage = Lineage(root)
     log.info("iterate: %d round(s) in %s (collect → rm → ppo → eval)%s", it.rounds, root,
              " — resumed" if cfg.resume else "")
@@ -108,7 +109,7 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
         reward_model = rm.output
         ppo = lineage.run(cfg, r, "ppo", step, {"policy": policy, "reward_model": reward_model},
                           {"ppo.reference_from": str(sft), "seed": cfg.seed + r,
-                           **_budget("ppo.updates", it.ppo_updates)})
+                           **_budget("ppo.updates", it.ppo_updates), **ppo_settings})
         policy = ppo.output
         if it.eval_every_round or r == it.rounds:
             policies = [f"round_{i}={lineage.get(i, 'ppo').output}" for i in range(1, r + 1)]
@@ -134,6 +135,30 @@ def check_one_process(trainer: DictConfig) -> None:
                           "the loop runs each sub-stage in a process of its own and cannot start data-parallel "
                           "ranks for it; run iterate on one process (e.g. trainer=cpu), or a round's stages one by "
                           "one with python -m rlhf_pl +stage=<collect|rm|ppo|eval> trainer=ddp_cpu")
+
+
+def round_ppo_settings(cfg: DictConfig) -> dict[str, Any]:
+    """``iterate.ppo`` as the PPO sub-stage's overrides (``{"ppo.<key>": value}``), checked before the
+    loop starts: an unknown key or a bad value is a ConfigError naming ``iterate.ppo.<key>``."""
+    from rlhf_pl.config import validate_config
+
+    given = cfg.iterate.ppo
+    settings = {} if given is None else {f"ppo.{k}": v for k, v in _flat(OmegaConf.to_container(given)).items()}
+    sub = cfg.copy()
+    for key, value in settings.items():
+        if OmegaConf.select(sub, key, default=_MISSING) is _MISSING or isinstance(OmegaConf.select(sub, key), DictConfig):
+            valid = ", ".join(sorted(k for k in cfg.ppo.keys()))
+            raise ConfigError(f"iterate.{key}={value!r}: ppo has no setting {key.removeprefix('ppo.')!r}; "
+                              f"valid keys: {valid} (nested ones dotted, e.g. policy_optim.lr)")
+        OmegaConf.update(sub, key, value, merge=False)
+    try:
+        validate_config(sub)
+    except ConfigError as err:
+        raise ConfigError(f"iterate.ppo (every round's PPO settings): {err}") from None
+    return settings
+
+
+_MISSING = object()
 
 
 def loop_root(cfg: DictConfig, run_dir: Path) -> tuple[Path, DictConfig]:

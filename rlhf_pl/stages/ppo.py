@@ -27,7 +27,9 @@ RLHF_REFERENCE.md items and where they live:
 - 17–21: reward whitening, GAE, advantage whitening over all ranks (:mod:`rlhf_pl.rl.advantages`,
   :mod:`rlhf_pl.rl.masked`); clipped losses (:mod:`rlhf_pl.rl.ppo`); score norm and clip (:mod:`rlhf_pl.rl.scores`).
 - 22: ``critic=separate``: a copy of the reward model's trunk + a value head (``value_head_init``);
-  ``critic=shared``: the value head on the policy trunk (:mod:`rlhf_pl.models.critic`).
+  ``critic=shared``: the value head on the policy trunk (:mod:`rlhf_pl.models.critic`); ``critic=none``:
+  no value function, V ≡ 0 and λ = 1, so a token's advantage is its reward-to-go (with
+  ``score_baseline=group``: RLOO, Ahmadian et al. 2024, with PPO's clipped ratio).
 - 23: Adam with warm-up and decay per optimizer (:mod:`rlhf_pl.optim`); epoch 1 keeps the rollout's
   row order, later epochs shuffle.
 - 24: PPO-ptx: ``ptx_coef`` · NLL of demonstrations, one batch per minibatch (:mod:`rlhf_pl.data.batches`).
@@ -156,7 +158,8 @@ class PPOModule(L.LightningModule):
         started = time.perf_counter()
         steps = self.optimise(rollout, adv, beta)
         stats = ppo_stats(rollout, adv, steps, update=self.rollouts_done + 1, beta=beta,
-                          lrs=[opt.param_groups[0]["lr"] for opt in self.optimizers()], rollout_seconds=rollout_seconds,
+                          lrs=[opt.param_groups[0]["lr"] for opt in self.all_optimizers()],
+                          rollout_seconds=rollout_seconds,
                           train_seconds=time.perf_counter() - started, all_reduce=all_reduce_sum)
         self.kl_controller.update(stats.kl, rollout.sequences.shape[0] * self.trainer.world_size)
         self.rollouts_done += 1
@@ -205,8 +208,9 @@ class PPOModule(L.LightningModule):
         return out.scores.rewards.float()
 
     def rollout_passes(self, sequences: Tensor, attention_mask: Tensor, p: int) -> tuple[Tensor, ...]:
-        """Policy logprobs + entropy, reference logprobs, values: one pass per model, in the chunks the
-        first PPO epoch uses as minibatches. Shapes: (b, p + n) -> four (b, n) tensors."""
+        """Policy logprobs + entropy, reference logprobs, values (0 with ``critic=none``): one pass per
+        model, in the chunks the first PPO epoch uses as minibatches. Shapes: (b, p + n) -> four (b, n)
+        tensors."""
         temperature = self.sampler.temperature
         parts: dict[str, list[Tensor]] = {"logprobs": [], "ref": [], "values": [], "entropy": []}
         for rows in minibatch_rows(sequences.shape[0], self.ppo.num_minibatches, None):
@@ -216,20 +220,23 @@ class PPOModule(L.LightningModule):
             with self.timed("reference"):
                 parts["ref"].append(evaluate_policy(self.reference, seq, am, p, temperature).logprobs)
             with self.timed("values"):
-                parts["values"].append(ev.values if self.critic is None else self.critic(seq, am, p))
+                parts["values"].append(self.critic(seq, am, p) if self.critic is not None else
+                                       ev.values if ev.values is not None else torch.zeros_like(ev.logprobs))
             parts["logprobs"].append(ev.logprobs)
             parts["entropy"].append(ev.entropy)
-            values_from = "critic_rollout" if self.critic is not None else "values_from_policy"
-            for purpose in ("policy_rollout", "reference", values_from):
+            values_from = {"separate": ("critic_rollout",), "shared": ("values_from_policy",)}.get(self.ppo.critic, ())
+            for purpose in ("policy_rollout", "reference", *values_from):
                 self.rows_forwarded[purpose] += len(rows)
         return tuple(torch.cat(parts[k]) for k in ("logprobs", "ref", "values", "entropy"))
 
     def advantages(self, rollout: Rollout, beta: float) -> Advantages:
-        """Per-token rewards (β·KL in them unless ``kl_penalty=loss``) and GAE advantages of the rollout."""
+        """Per-token rewards (β·KL in them unless ``kl_penalty=loss``) and GAE advantages of the rollout;
+        with ``critic=none`` (values 0) GAE with λ = 1: the discounted reward-to-go, unbiased."""
         ppo = self.ppo
         return compute_advantages(rollout.logprobs, rollout.ref_logprobs, rollout.values, rollout.scores, rollout.mask,
                                   beta=beta if ppo.kl_penalty == "reward" else 0.0, kl_estimator=ppo.kl_estimator,
-                                  whiten_rewards=ppo.whiten_rewards, gamma=ppo.gamma, lam=ppo.lam,
+                                  whiten_rewards=ppo.whiten_rewards, gamma=ppo.gamma,
+                                  lam=1.0 if ppo.critic == "none" else ppo.lam,
                                   whiten_advantages=ppo.whiten_advantages, all_reduce=all_reduce_sum)
 
     def optimise(self, rollout: Rollout, adv: Advantages, beta: float) -> list[MinibatchStats]:
@@ -252,7 +259,7 @@ class PPOModule(L.LightningModule):
         its peak activation memory). Then per optimizer: clip the gradient norm, step; schedulers step.
         A non-finite loss stops the run (:func:`rlhf_pl.training.check_finite_loss`).
         """
-        optimizers, schedulers = self.optimizers(), self.lr_schedulers()
+        optimizers, schedulers = self.all_optimizers(), self.all_schedulers()
         for optimizer in optimizers:
             optimizer.zero_grad(set_to_none=True)
         # data parallel: token means weighted by this rank's share of the minibatch's tokens (1 in one process)
@@ -262,7 +269,9 @@ class PPOModule(L.LightningModule):
                           lr_key="ppo.policy_optim.lr")
         self.manual_backward(terms.loss * share)
         vf, total = terms.vf, terms.loss.detach()
-        if vf is None:
+        if vf is None and self.critic is None:  # critic=none: no value loss, its statistics not measured
+            vf = ValueLossOutput(torch.full_like(total, math.nan), torch.full_like(total, math.nan))
+        elif vf is None:
             vf = self.critic_objective(rollout, adv, rows)
             check_finite_loss(vf.loss, stage="ppo", step=self.rollouts_done + 1, lr=self.ppo.critic_optim.lr,
                               lr_key="ppo.critic_optim.lr")
@@ -365,15 +374,15 @@ class PPOModule(L.LightningModule):
         of every rank (each samples its own tokens) are gathered into it. Under FSDP the trained models'
         and optimizers' states are gathered whole from the shards first (collective)."""
         rng = gather_objects(rng_state(self.generator))
-        trained = list(zip((self.policy, self.trained_critic), (opt.optimizer for opt in self.optimizers())))
+        trained = list(zip(self.trained_models, (opt.optimizer for opt in self.all_optimizers())))
         models = [full_state_dict(model) for model, _ in trained]
         optimizers = [full_optimizer_state(model, optimizer) for model, optimizer in trained]
         if not self.trainer.is_global_zero:
             return None
         state = {
             "rollouts_done": self.rollouts_done, "updates": self.ppo.updates,
-            "policy": models[0], "critic": models[1], "optimizers": optimizers, "sharded": is_sharded(self.policy),
-            "schedulers": [sch.state_dict() for sch in self.lr_schedulers()],
+            "policy": models[0], "critic": models[1] if len(models) > 1 else None, "optimizers": optimizers,
+            "sharded": is_sharded(self.policy), "schedulers": [sch.state_dict() for sch in self.all_schedulers()],
             "kl_controller": self.kl_controller.state_dict(), "score_moments": asdict(self.moments),
             "reference_baseline": self.baseline.state_dict() if self.baseline is not None else {},
             "rng": rng, "history": self.history, "samples_md": self.samples.sections,
@@ -385,11 +394,11 @@ class PPOModule(L.LightningModule):
 
     def load_training_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`save_checkpoint` wrote (RNG states follow at the first batch)."""
-        trained = zip((self.policy, self.trained_critic), (opt.optimizer for opt in self.optimizers()),
-                      (state["policy"], state["critic"]), state["optimizers"])
+        trained = zip(self.trained_models, (opt.optimizer for opt in self.all_optimizers()),
+                      (state["policy"], state["critic"]), state["optimizers"], strict=False)
         for model, optimizer, weights, saved in trained:
             load_full_state(model, optimizer, weights, saved)
-        for scheduler, saved in zip(self.lr_schedulers(), state["schedulers"]):
+        for scheduler, saved in zip(self.all_schedulers(), state["schedulers"]):
             scheduler.load_state_dict(saved)
         self.kl_controller.load_state_dict(state["kl_controller"])
         self.moments = RunningMoments(**state["score_moments"])
@@ -423,16 +432,27 @@ class PPOModule(L.LightningModule):
         return self
 
     @property
-    def trained_critic(self) -> nn.Module:
-        """What the critic optimizer trains: the separate critic, or the value head on the policy trunk."""
-        return self.critic if self.critic is not None else self.value_head
+    def trained_models(self) -> list[nn.Module]:
+        """What the optimizers train, in order: the policy, then the separate critic or the value head
+        on the policy trunk (none with ``critic=none``)."""
+        critic = self.critic if self.critic is not None else self.value_head
+        return [self.policy] + ([critic] if critic is not None else [])
+
+    def all_optimizers(self) -> list[Any]:
+        """Lightning's optimizers as a list (it returns a lone one unwrapped)."""
+        optimizers = self.optimizers()
+        return optimizers if isinstance(optimizers, list) else [optimizers]
+
+    def all_schedulers(self) -> list[Any]:
+        schedulers = self.lr_schedulers()
+        return schedulers if isinstance(schedulers, list) else [schedulers]
 
     def configure_optimizers(self):
         """Adam (eps 1e-5) + linear decay over every optimizer step of the run, for policy and critic."""
         steps = self.ppo.updates * self.ppo.ppo_epochs * self.ppo.num_minibatches
-        policy = build_optimizer(self.policy.parameters(), self.ppo.policy_optim, steps)
-        critic = build_optimizer(self.trained_critic.parameters(), self.ppo.critic_optim, steps)
-        return [policy["optimizer"], critic["optimizer"]], [policy["lr_scheduler"], critic["lr_scheduler"]]
+        built = [build_optimizer(model.parameters(), optim, steps)
+                 for model, optim in zip(self.trained_models, (self.ppo.policy_optim, self.ppo.critic_optim))]
+        return [b["optimizer"] for b in built], [b["lr_scheduler"] for b in built]
 
     def train_dataloader(self) -> DataLoader:
         """Rollouts ``rollouts_done`` … ``updates − 1``; each rank its slice; prompts left-padded."""
