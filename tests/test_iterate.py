@@ -20,7 +20,7 @@ from rlhf_pl.stages import iterate
 REPO = Path(__file__).resolve().parent.parent
 SUB_STAGES = ("collect", "rm", "ppo", "eval")
 # a small loop: 2 rounds of the quick experiment on 48 prompts; PPO checkpoints every 2 of 8 updates; the
-# loop's own collect and RM budgets (iterate.collect_k, iterate.rm_epochs) replace collect.k and rm.epochs
+# loop's own collect and RM budgets (iterate.collect_k, iterate.rm_epochs[_continued]) replace collect.k and rm.epochs
 LOOP = ["+stage=iterate", "experiment=quick", "iterate.rounds=2", "data.limit=48", "ppo.updates=8",
         "ppo.checkpoint_every=2", "eval.num_prompts=8", "eval.best_of=[1,2,4]", "trainer.enable_progress_bar=false",
         "iterate.collect_k=3", "collect.k=5", "iterate.rm_epochs=2"]
@@ -96,6 +96,15 @@ def test_two_rounds_killed_in_every_sub_stage_resume_without_redoing_or_losing_a
     assert all(by_round[r]["ppo"]["settings"]["ppo.reference_from"] == sft for r in (1, 2))
     summary_1 = json.loads((run / "round_1" / "ppo" / "summary.json").read_text())
     assert summary_1["resumed_from"] == str(run / "round_1" / "ppo") and summary_1["updates"] == 8
+    # every round's PPO runs with iterate.ppo's settings (experiment=quick keeps them, at its own learning rate)
+    for r in (1, 2):
+        settings = by_round[r]["ppo"]["settings"]
+        assert (settings["ppo.critic"], settings["ppo.samples_per_prompt"], settings["ppo.score_baseline"],
+                settings["ppo.batch_size"], settings["ppo.policy_optim.lr"]) == ("none", 4, "group", 8, 1e-4)
+        rows = json.loads((run / f"round_{r}" / "ppo" / "summary.json").read_text())["rows_forwarded"]
+        assert "critic_rollout" not in rows and "critic_train" not in rows
+        if r == 2:  # not interrupted: updates × prompts × answers
+            assert rows["reward"] == 8 * 8 * 4
     assert summary_1["reference_from"] == sft and summary_1["policy_from"] == sft
 
     # every ranking kept once: round 2's reward model reads round 1's and round 2's, in order
@@ -109,9 +118,14 @@ def test_two_rounds_killed_in_every_sub_stage_resume_without_redoing_or_losing_a
         assert len({rec["provenance"]["source"] for rec in records}) == len(records)
         assert {rec["provenance"]["round"] for rec in records} == {r}
         assert {len(rec["completions"]) for rec in records} <= {2, 3}  # iterate.collect_k=3, not collect.k=5
-        assert by_round[r]["collect"]["settings"]["collect.k"] == 3 and by_round[r]["rm"]["settings"]["rm.epochs"] == 2
+        # round 1's reward model starts from the SFT model for iterate.rm_epochs=2 passes; round 2's continues it
+        # (iterate.rm_init=previous) for iterate.rm_epochs_continued=1 pass over both rounds' rankings
+        passes, init = (2, sft) if r == 1 else (1, by_round[1]["rm"]["outputs"]["reward_model"])
+        assert by_round[r]["collect"]["settings"]["collect.k"] == 3
+        assert by_round[r]["rm"]["settings"]["rm.epochs"] == passes and by_round[r]["rm"]["inputs"] == {"init": init}
         rm = by_round[r]["rm"]["metrics"]
-        assert rm["steps"] == 2 * -(-rm["train_prompts"] // 8)  # two passes of batches of 8 prompts (quick's rm)
+        assert rm["steps"] == passes * -(-rm["train_prompts"] // 8)  # passes of batches of 8 prompts (quick's rm)
+        assert rm["init_from"] == (init if r == 1 else f"reward model {init}")
 
     assert set(by_round[2]["eval"]["metrics"]["gold_greedy"]) == {"sft", "round_1", "round_2"}
     assert (run / "rounds.png").stat().st_size > 0 and "| round |" in (run / "rounds.md").read_text()
@@ -164,6 +178,30 @@ def test_merge_keeps_every_ranking_in_order_and_checks_each_source_first(tmp_pat
     with pytest.raises(DataError, match="bad.jsonl"):
         iterate.merge_comparisons(tmp_path / "none.jsonl", [str(a), str(bad)])
     assert not (tmp_path / "none.jsonl").exists()
+
+
+def _loop_cfg(*overrides: str):
+    from hydra import compose, initialize_config_module
+
+    from rlhf_pl.config import register_configs
+
+    register_configs()
+    with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
+        return compose("config", overrides=["+stage=iterate", *overrides])
+
+
+def test_iterate_ppo_becomes_the_ppo_sub_stage_s_settings_and_bad_ones_are_refused_before_the_loop():
+    assert iterate.round_ppo_settings(_loop_cfg()) == {
+        "ppo.batch_size": 8, "ppo.samples_per_prompt": 4, "ppo.score_baseline": "group", "ppo.critic": "none",
+        "ppo.policy_optim.lr": 3e-5}
+    assert iterate.round_ppo_settings(_loop_cfg("iterate.ppo=null")) == {}
+    assert iterate.round_ppo_settings(_loop_cfg("iterate.ppo.critic=separate"))["ppo.critic"] == "separate"
+    with pytest.raises(ConfigError, match=r"iterate\.ppo\.nokey=3: ppo has no setting 'nokey'; valid keys: .*critic"):
+        iterate.round_ppo_settings(_loop_cfg("+iterate.ppo.nokey=3"))
+    with pytest.raises(ConfigError, match=r"iterate\.ppo .*ppo\.critic='both': choose one of: separate, shared, none"):
+        iterate.round_ppo_settings(_loop_cfg("iterate.ppo.critic=both"))
+    with pytest.raises(ConfigError, match=r"ppo\.num_minibatches=3 must divide"):  # a rule across fields
+        iterate.round_ppo_settings(_loop_cfg("+iterate.ppo.num_minibatches=3"))
 
 
 def test_a_sub_stage_s_config_is_the_loop_s_with_its_stage_and_settings(tmp_path):

@@ -247,3 +247,39 @@ def test_raw_rewards_batch_by_length_but_keep_the_input_order(tiny_model):
     assert batched.shape == (11,)
     torch.testing.assert_close(batched, one_by_one, atol=1e-5, rtol=1e-5)
     assert model.training is False
+
+
+def test_a_reward_model_given_as_init_from_is_trained_further_head_included(tmp_path, tiny_model, tiny_tokenizer,
+                                                                           one_thread):
+    from rlhf_pl.errors import ConfigError
+    from rlhf_pl.models.loading import save_pretrained_atomic
+    from rlhf_pl.run import run_stage
+    from rlhf_pl.stages.rm import continued_reward_model, head_from_config
+
+    comparisons = tmp_path / "comparisons.jsonl"
+    _write_comparisons(comparisons, 24)
+    sft_dir = save_pretrained_atomic(tiny_model, tiny_tokenizer, tmp_path / "sft_model")
+    common = ("+stage=rm", "experiment=quick", f"data.comparisons={comparisons}", "trainer.enable_progress_bar=false",
+              f"paths.output_root={tmp_path / 'outputs'}", "rm.batch_size=4", "rm.normalise_size=6")
+    first = Path(run_stage(_compose(*common, f"rm.init_from={sft_dir}")).metrics["reward_model_dir"])
+
+    cfg = _compose(*common, f"rm.init_from={first}", "rm.optim.lr=1e-5")
+    start = continued_reward_model(cfg, first, head_from_config(cfg.reward_head))
+    saved = RewardModel.from_pretrained(first)
+    assert all(p.requires_grad for p in start.parameters())
+    for (name, a), b in zip(start.state_dict().items(), saved.state_dict().values()):
+        assert torch.equal(a, b), name  # trunk, head and normalisation as saved
+
+    summary = run_stage(cfg).metrics
+    assert summary["init_from"] == f"reward model {first}"
+    second = RewardModel.from_pretrained(summary["reward_model_dir"])
+    w1, w2 = (torch.cat([p.flatten() for p in m.head.parameters()]) for m in (saved, second))
+    assert not torch.equal(w1, w2)  # trained further …
+    assert torch.nn.functional.cosine_similarity(w1, w2, dim=0) > 0.99  # … from the saved head, not a fresh one
+
+    with pytest.raises(ConfigError, match=r"has the head 'linear'.*reward_head is 'mlp'.*reward_head=linear"):
+        mlp = _compose(*common, f"rm.init_from={first}", "reward_head=mlp")
+        continued_reward_model(mlp, first, head_from_config(mlp.reward_head))
+    with pytest.raises(ConfigError, match=r"rm.normalise_on=prompts_samples .* is a reward model"):
+        continued_reward_model(_compose(*common, "rm.normalise_on=prompts_samples"), first,
+                               head_from_config(cfg.reward_head))

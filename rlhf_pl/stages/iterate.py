@@ -101,10 +101,10 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
                                **_budget("sampler.temperature", it.collect_temperature)})
         comparisons.append(str(collect.output))
         so_far = merge_comparisons(root / f"round_{r}" / "comparisons_so_far.jsonl", comparisons)
-        rm_init = sft if it.rm_init == "sft" or reward_model is None else reward_model
-        rm = lineage.run(cfg, r, "rm", step, {"init": rm_init},
-                         {"data.comparisons": str(so_far), "seed": cfg.seed + r,
-                          **_budget("rm.epochs", it.rm_epochs)},
+        continued = it.rm_init == "previous" and reward_model is not None
+        rm_epochs = it.rm_epochs_continued if continued and it.rm_epochs_continued is not None else it.rm_epochs
+        rm = lineage.run(cfg, r, "rm", step, {"init": reward_model if continued else sft},
+                         {"data.comparisons": str(so_far), "seed": cfg.seed + r, **_budget("rm.epochs", rm_epochs)},
                          data={"comparisons": list(comparisons)})
         reward_model = rm.output
         ppo = lineage.run(cfg, r, "ppo", step, {"policy": policy, "reward_model": reward_model},

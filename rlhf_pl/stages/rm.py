@@ -4,7 +4,8 @@
 
 Reads top to bottom: rankings (load, validate, split) → initial model (``rm.init_from``: the
 latest SFT output of this model, else the base model, or a directory) → reward model = its trunk +
-the reward-head plugin → tokenize (prompt chat-templated, each completion appended) → one batch
+the reward-head plugin (or, when ``rm.init_from`` is a reward model this stage wrote, that model,
+head included, trained further) → tokenize (prompt chat-templated, each completion appended) → one batch
 element per prompt with all its K completions, flattened so that every completion goes through the
 model exactly once and all K·(K−1)/2 pairs enter the loss → fit → validation metrics (pairwise
 accuracy, mean margin, Kendall τ for K > 2) → normalisation (gain/bias) fitted on a reference set →
@@ -37,7 +38,7 @@ from rlhf_pl.data.collate import batched_loader, pad_right
 from rlhf_pl.data.formats import Conversation, Ranking, load_conversations, load_prompts, load_rankings, train_val_split
 from rlhf_pl.errors import ConfigError
 from rlhf_pl.models.loading import load_model_and_tokenizer
-from rlhf_pl.models.reward import RewardModel, RewardOutput
+from rlhf_pl.models.reward import REWARD_CONFIG, RewardModel, RewardOutput
 from rlhf_pl.optim import build_optimizer
 from rlhf_pl.outputs import InputSpec, index_path, model_config_at
 from rlhf_pl.plugins.reward_heads import HeadChoice, resolve_head
@@ -304,6 +305,28 @@ def init_model_config(cfg: DictConfig, init_dir: Optional[Path]) -> tuple[DictCo
     return model_config_at(cfg.model, init_dir), str(init_dir)
 
 
+def is_reward_model(init_dir: Optional[Path]) -> bool:
+    """Whether ``rm.init_from`` names a reward model written by this stage (not an SFT/base model)."""
+    return init_dir is not None and (init_dir / REWARD_CONFIG).is_file()
+
+
+def continued_reward_model(cfg: DictConfig, init_dir: Path, head: HeadChoice) -> RewardModel:
+    """A saved reward model to train further: trunk and head weights as saved (its normalisation is
+    fitted again after training). The configured ``reward_head`` must be the head it has."""
+    if cfg.rm.normalise_on == "prompts_samples":
+        raise ConfigError(f"rm.normalise_on=prompts_samples samples the initial policy, but rm.init_from={init_dir} "
+                          "is a reward model, which has no language-model head to sample from; use "
+                          "rm.normalise_on=demonstrations, or start from an SFT model")
+    reward_model = RewardModel.from_pretrained(init_dir)
+    saved = reward_model.head_choice
+    if (saved.name, saved.config) != (head.name, head.config):
+        raise ConfigError(f"rm.init_from={init_dir}: that reward model has the head {saved.name!r} ({saved.config}), "
+                          f"reward_head is {head.name!r} ({head.config}); choose reward_head={saved.name} with its "
+                          "settings to continue it, or start from an SFT model")
+    log.info("reward model initialised from the reward model %s (trunk and %r head)", init_dir, saved.name)
+    return reward_model.requires_grad_(True)
+
+
 def head_from_config(head_cfg: Any) -> HeadChoice:
     """The reward head chosen by the ``reward_head`` config group (``linear`` when unset)."""
     if head_cfg is None:
@@ -385,12 +408,22 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     train_rankings, val_rankings = train_val_split(rankings, cfg.data.val_fraction, cfg.seed)
     log.info("rankings: %d train, %d validation (%s)", len(train_rankings), len(val_rankings), cfg.data.comparisons)
 
-    model_cfg, init_from = init_model_config(cfg, inputs["init"])
-    causal_lm, tokenizer, _ = load_model_and_tokenizer(model_cfg)
-    references, reference_name = reference_sequences(cfg, causal_lm, tokenizer)
     head = head_from_config(cfg.reward_head)
-    reward_model = RewardModel.from_causal_lm(causal_lm, head, tokenizer)
-    del causal_lm  # the LM head is not part of the reward model
+    init_dir = inputs["init"]
+    if is_reward_model(init_dir):  # continue training a reward model (the loop's iterate.rm_init=previous)
+        new_model = lambda: continued_reward_model(cfg, init_dir, head)  # noqa: E731
+        init_from = f"reward model {init_dir}"
+        reward_model = new_model()
+        tokenizer = reward_model.tokenizer
+        references, reference_name = reference_sequences(cfg, None, tokenizer)
+    else:
+        model_cfg, init_from = init_model_config(cfg, init_dir)
+        causal_lm, tokenizer, _ = load_model_and_tokenizer(model_cfg)
+        references, reference_name = reference_sequences(cfg, causal_lm, tokenizer)
+        reward_model = RewardModel.from_causal_lm(causal_lm, head, tokenizer)
+        del causal_lm  # the LM head is not part of the reward model
+        new_model = lambda: RewardModel.from_causal_lm(load_model_and_tokenizer(model_cfg)[0], head,  # noqa: E731
+                                                       tokenizer)
     # lora/qlora: trunk adapters (qlora: NF4 trunk); the head trains fully
     reward_model = precision.prepare_trainable(reward_model)
     log.info("reward model: %s trunk from %s + reward head %r %s", type(reward_model.trunk).__name__, init_from,
@@ -420,8 +453,7 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     trainer.fit(module, train_loader, val_loader)
 
     # FSDP: the weights gathered into a whole reward model on rank 0 (collective), None on the others
-    trained = consolidated(module.reward_model, lambda: precision.prepare_trainable(
-        RewardModel.from_causal_lm(load_model_and_tokenizer(model_cfg)[0], head, tokenizer)))
+    trained = consolidated(module.reward_model, lambda: precision.prepare_trainable(new_model()))
     if trained is None:
         return StageResult({}, {"rank": trainer.global_rank})
     reward_model = precision.export(trained)  # lora/qlora: adapters merged; normalise what is saved
