@@ -172,7 +172,8 @@ def test_first_minibatch_has_ratio_exactly_one_and_each_model_runs_once_per_purp
     # every advantage would then be equal and whitened to 0, and the policy would not move
     eos = ["ppo.missing_eos_penalty=null"] if critic == "none" else []
     cfg = make_cfg(ppo_inputs, tmp_path, f"ppo.critic={critic}", "ppo.updates=2", "ppo.batch_size=4",
-                   "ppo.num_minibatches=2", "ppo.ppo_epochs=2", "ppo.max_new_tokens=6", "ppo.policy_optim.lr=1e-2", *eos)
+                   "ppo.num_minibatches=2", "ppo.ppo_epochs=2", "ppo.max_new_tokens=6", "ppo.policy_optim.lr=1e-2",
+                   *eos)
     summary = ppo_run(cfg, tmp_path / "run")
     h = history(tmp_path / "run")
     assert h["approx_kl_first"] == [0.0, 0.0] and h["max_abs_log_ratio_first"] == [0.0, 0.0]

@@ -158,5 +158,6 @@ def ppo_stats(r: Rollout, adv: Advantages, steps: Sequence[MinibatchStats], *, u
         policy_loss=float(avg.policy_loss), value_loss=float(avg.value_loss), loss=float(avg.loss),
         kl_loss=float(avg.kl_loss), ptx_loss=float(avg.ptx_loss),
         uncertainty=mean(r.uncertainty.float()) if r.uncertainty is not None else math.nan,
-        lr_policy=lrs[0], lr_critic=lrs[1] if len(lrs) > 1 else math.nan, rollout_seconds=rollout_seconds, train_seconds=train_seconds,
+        lr_policy=lrs[0], lr_critic=lrs[1] if len(lrs) > 1 else math.nan, rollout_seconds=rollout_seconds,
+        train_seconds=train_seconds,
     )

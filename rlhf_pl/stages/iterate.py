@@ -146,7 +146,8 @@ def round_ppo_settings(cfg: DictConfig) -> dict[str, Any]:
     settings = {} if given is None else {f"ppo.{k}": v for k, v in _flat(OmegaConf.to_container(given)).items()}
     sub = cfg.copy()
     for key, value in settings.items():
-        if OmegaConf.select(sub, key, default=_MISSING) is _MISSING or isinstance(OmegaConf.select(sub, key), DictConfig):
+        found = OmegaConf.select(sub, key, default=_MISSING)
+        if found is _MISSING or isinstance(found, DictConfig):  # not a setting of ppo (or a whole section)
             valid = ", ".join(sorted(k for k in cfg.ppo.keys()))
             raise ConfigError(f"iterate.{key}={value!r}: ppo has no setting {key.removeprefix('ppo.')!r}; "
                               f"valid keys: {valid} (nested ones dotted, e.g. policy_optim.lr)")
