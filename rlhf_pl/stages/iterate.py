@@ -148,7 +148,7 @@ def round_ppo_settings(cfg: DictConfig) -> dict[str, Any]:
     for key, value in settings.items():
         found = OmegaConf.select(sub, key, default=_MISSING)
         if found is _MISSING or isinstance(found, DictConfig):  # not a setting of ppo (or a whole section)
-            valid = ", ".join(sorted(k for k in cfg.ppo.keys()))
+            valid = ", ".join(sorted(cfg.ppo.keys()))
             raise ConfigError(f"iterate.{key}={value!r}: ppo has no setting {key.removeprefix('ppo.')!r}; "
                               f"valid keys: {valid} (nested ones dotted, e.g. policy_optim.lr)")
         OmegaConf.update(sub, key, value, merge=False)

@@ -213,6 +213,8 @@ class PPOModule(L.LightningModule):
         tensors."""
         temperature = self.sampler.temperature
         parts: dict[str, list[Tensor]] = {"logprobs": [], "ref": [], "values": [], "entropy": []}
+        purposes = ("policy_rollout", "reference",
+                    *{"separate": ("critic_rollout",), "shared": ("values_from_policy",)}.get(self.ppo.critic, ()))
         for rows in minibatch_rows(sequences.shape[0], self.ppo.num_minibatches, None):
             seq, am = sequences[rows], attention_mask[rows]
             with self.timed("policy_logprobs"):
@@ -220,12 +222,11 @@ class PPOModule(L.LightningModule):
             with self.timed("reference"):
                 parts["ref"].append(evaluate_policy(self.reference, seq, am, p, temperature).logprobs)
             with self.timed("values"):
-                parts["values"].append(self.critic(seq, am, p) if self.critic is not None else
-                                       ev.values if ev.values is not None else torch.zeros_like(ev.logprobs))
+                values = self.critic(seq, am, p) if self.critic is not None else ev.values  # None: critic=none
+            parts["values"].append(values if values is not None else torch.zeros_like(ev.logprobs))
             parts["logprobs"].append(ev.logprobs)
             parts["entropy"].append(ev.entropy)
-            values_from = {"separate": ("critic_rollout",), "shared": ("values_from_policy",)}.get(self.ppo.critic, ())
-            for purpose in ("policy_rollout", "reference", *values_from):
+            for purpose in purposes:
                 self.rows_forwarded[purpose] += len(rows)
         return tuple(torch.cat(parts[k]) for k in ("logprobs", "ref", "values", "entropy"))
 

@@ -15,6 +15,7 @@ under ``reward_head.*``.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import random
@@ -411,7 +412,7 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     head = head_from_config(cfg.reward_head)
     init_dir = inputs["init"]
     if is_reward_model(init_dir):  # continue training a reward model (the loop's iterate.rm_init=previous)
-        new_model = lambda: continued_reward_model(cfg, init_dir, head)  # noqa: E731
+        new_model = functools.partial(continued_reward_model, cfg, init_dir, head)
         init_from = f"reward model {init_dir}"
         reward_model = new_model()
         tokenizer = reward_model.tokenizer
