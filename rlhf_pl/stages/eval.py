@@ -106,7 +106,9 @@ def sampled_answers(model: Any, reference: Any, tokenizer: Any, prompt_ids: list
         c = sample(model, ids.to(device), mask.to(device), sampler, e.max_new_tokens, tokenizer, generator=generator,
                    scorer=scorer, num_samples=n, backend=backend)
         own = response_logprobs(model, c.sequences, c.attention_mask, c.prompt_length, temperature)
-        ref = response_logprobs(reference, c.sequences, c.attention_mask, c.prompt_length, temperature)
+        # the SFT policy against itself: KL 0 without a second, identical pass
+        ref = own if reference is model else response_logprobs(reference, c.sequences, c.attention_mask,
+                                                                c.prompt_length, temperature)
         columns = (c.texts(tokenizer), c.scores.rewards.float().tolist(), ((own - ref) * c.mask).sum(1).tolist(),
                    c.mask.sum(1).tolist(), c.ended.tolist())
         for target, values in zip(out, columns):
