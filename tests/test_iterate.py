@@ -129,7 +129,7 @@ def test_two_rounds_killed_in_every_sub_stage_resume_without_redoing_or_losing_a
 
     assert set(by_round[2]["eval"]["metrics"]["gold_greedy"]) == {"sft", "round_1", "round_2"}
     assert (run / "rounds.png").stat().st_size > 0 and "| round |" in (run / "rounds.md").read_text()
-    # the group baseline measures no reference score: the rounds table shows the gain of PPO's own score
+    # the rounds table shows the gain of PPO's own score (every baseline measures it; group: no reference score)
     gain_2 = json.loads((run / "round_2" / "ppo" / "summary.json").read_text())["score_gain"]
     assert f"| 2 | {by_round[2]['collect']['metrics']['rankings']} |" in out and f"| {gain_2:.3f} |" in out
     assert "## Rounds" in out and "## Policies" in out and "round_2" in out

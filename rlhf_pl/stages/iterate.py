@@ -350,7 +350,7 @@ def final_report(root: Path, lineage: Lineage, last_eval: Optional[SubStage]) ->
         policy = ppo.output if ppo else subs["sft"].output
         rows.append({"round": r, "rankings": collect.metrics.get("rankings") if collect else "—",
                      "RM held-out accuracy": _fmt(rm.metrics.get("val_accuracy")) if rm else "—",
-                     "PPO score gain (first → last quarter)": _fmt(_score_gain(ppo.metrics)) if ppo else "—",
+                     "PPO score gain (first → last quarter)": _fmt(ppo.metrics.get("score_gain")) if ppo else "—",
                      "PPO KL (last update)": _fmt(ppo.metrics.get("final_kl")) if ppo else "—",
                      "policy": str(policy.relative_to(root)) if policy.is_relative_to(root) else str(policy)})
     table = f"## Rounds ({root / ROUNDS_FILE})\n\n{markdown_table(rows)}\n"
@@ -375,13 +375,6 @@ def plot_rounds(eval_json: Path, path: Path) -> Path:
 
 def _budget(key: str, value: Optional[float]) -> dict[str, float]:
     return {} if value is None else {key: value}
-
-
-def _score_gain(metrics: dict[str, Any]) -> Optional[float]:
-    """PPO's rise of score − reference where it measured the reference's score (score_baseline=reference),
-    else of its own score (the group baseline measures no reference)."""
-    gain = metrics.get("score_vs_reference_gain")
-    return metrics.get("score_gain") if gain is None else gain
 
 
 def _fmt(value: Any) -> str:
