@@ -369,7 +369,8 @@ class PPOConfig:
 
     # "auto": this model's latest SFT output (else an error: run +stage=sft first); or a model directory
     policy_from: str = "auto"
-    # "auto": this model's latest RM output (else an error: run +stage=rm first); or a reward_model directory
+    # "auto": this model's latest RM output (else an error: run +stage=rm first); or a reward_model directory; or
+    # "labeler": the `labeler` plugin's scores (the gold labeler itself, no reward model: Gao et al.'s control run)
     reward_from: str = "auto"
     # the frozen KL reference: "policy" = the policy's initialisation (policy_from), or a model directory (the
     # iterate stage starts round r's PPO from policy r−1 and keeps the SFT model as the reference)
@@ -614,6 +615,18 @@ def _group_baseline_has_a_group(cfg: DictConfig) -> str | None:
             f"got samples_per_prompt={n}; set it to 2 or more, or use ppo.score_baseline=reference or none")
 
 
+def _labeler_reward_has_a_labeler(cfg: DictConfig) -> str | None:
+    if OmegaConf.select(cfg, "ppo.reward_from") != "labeler":
+        return None
+    if OmegaConf.select(cfg, "labeler") is None:
+        return "ppo.reward_from=labeler scores responses with the labeler plugin but labeler is unset: add labeler=rule"
+    baseline = OmegaConf.select(cfg, "ppo.score_baseline")
+    if baseline == "reference":
+        return ("ppo.reward_from=labeler goes with ppo.score_baseline=group or none, got reference (the reference "
+                "baseline scores greedy answers with a reward model)")
+    return None
+
+
 def _heads_divide_hidden(cfg: DictConfig) -> str | None:
     hidden, heads = OmegaConf.select(cfg, "model.tiny.hidden_size"), OmegaConf.select(cfg, "model.tiny.num_heads")
     if hidden is None or heads is None or hidden % heads == 0:
@@ -622,7 +635,8 @@ def _heads_divide_hidden(cfg: DictConfig) -> str | None:
 
 
 CROSS_FIELD_RULES: tuple[Callable[[DictConfig], Optional[str]], ...] = (
-    _minibatches_divide_batch, _group_baseline_has_a_group, _heads_divide_hidden, composition_problem)
+    _minibatches_divide_batch, _group_baseline_has_a_group, _labeler_reward_has_a_labeler, _heads_divide_hidden,
+    composition_problem)
 
 
 # --- helpers ------------------------------------------------------------------------------------------

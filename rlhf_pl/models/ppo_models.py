@@ -19,7 +19,7 @@ from rlhf_pl.errors import ConfigError
 from rlhf_pl.models.critic import Critic, ValueHead, freeze, new_value_head
 from rlhf_pl.models.generate import entropy_from_logits, logprobs_from_logits, position_ids_from_mask, response_logits
 from rlhf_pl.models.loading import load_model_and_tokenizer, load_tokenizer, set_dropout
-from rlhf_pl.models.reward import RewardModel, hidden_size_of, trunk_of
+from rlhf_pl.models.reward import LabelerReward, RewardModel, hidden_size_of, trunk_of
 from rlhf_pl.outputs import model_config_at
 from rlhf_pl.rl.masked import valid_only
 from rlhf_pl.runtime import attention_kernel
@@ -33,7 +33,7 @@ class PPOModels(NamedTuple):
 
     policy: nn.Module  # trained causal LM
     reference: nn.Module  # frozen copy of the initial (SFT) policy
-    scorer: Scorer  # the reward model (frozen) or an injected rule
+    scorer: Scorer | LabelerReward  # the reward model (frozen), an injected rule, or a labeler's scores
     critic: Critic | None  # separate value network, or None with critic=shared | none
     value_head: ValueHead | None  # value head on the policy trunk (critic=shared), else None
     tokenizer: Any
@@ -107,9 +107,9 @@ def build_models(cfg: DictConfig, policy_dir: Path, reward_dir: Path | None, sco
         critic = precision.prepare_trainable(Critic(trunk.requires_grad_(True).train(), head))
     if reward_model is not None:
         reward_model = precision.prepare_frozen(reward_model)
+    reward_from = str(reward_dir.resolve()) if scorer is None else getattr(scorer, "source", "injected scorer")
     return PPOModels(policy, reference, reward_model if scorer is None else scorer, critic, value_head, tokenizer,
-                     str(policy_dir.resolve()), str(reward_dir.resolve()) if scorer is None else "injected scorer",
-                     str((reference_dir or policy_dir).resolve()))
+                     str(policy_dir.resolve()), reward_from, str((reference_dir or policy_dir).resolve()))
 
 
 # --- the policy's forward pass ----------------------------------------------------------------------

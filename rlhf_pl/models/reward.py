@@ -64,6 +64,24 @@ class RewardOutput(NamedTuple):
     members: Optional[Tensor] = None
 
 
+class LabelerReward:
+    """A labeler plugin's scores as PPO's reward (``ppo.reward_from=labeler``): the gold labeler itself,
+    no reward model in between. Gao et al.'s control run: what PPO reaches with a perfect reward tells
+    the optimiser's limits apart from the reward model's. The labeler must give scores (``score``)."""
+
+    def __init__(self, labeler: Any, name: str) -> None:
+        if not callable(getattr(labeler, "score", None)):
+            raise InputError(f"ppo.reward_from=labeler: labeler {name!r} gives no scores (it has no score(prompt, "
+                             "completion)); use labeler=rule or another scoring labeler")
+        self.labeler, self.source = labeler, f"labeler:{name}"
+
+    def __call__(self, prompts: Sequence[Any], texts: Sequence[str]) -> RewardOutput:
+        """Score each response text of its prompt (a :class:`rlhf_pl.data.formats.Prompt` with the
+        labeler's ``meta``). Shapes: B prompts, B texts -> RewardOutput with (B,) float32 rewards."""
+        rewards = torch.tensor([float(self.labeler.score(p, t)) for p, t in zip(prompts, texts)], dtype=torch.float32)
+        return RewardOutput(rewards, rewards, None, None)
+
+
 class Normalisation(NamedTuple):
     """An affine map ``score = gain · raw + bias`` and the statistics it was fitted from."""
 

@@ -82,6 +82,7 @@ from rlhf_pl.generation import GenerationBackend
 from rlhf_pl.models.generate import GreedySampler
 from rlhf_pl.models.loading import load_model_and_tokenizer, save_pretrained_atomic
 from rlhf_pl.models.ppo_models import PPOModels, build_models, evaluate_policy
+from rlhf_pl.models.reward import LabelerReward
 from rlhf_pl.optim import build_optimizer
 from rlhf_pl.outputs import InputSpec, check_input, model_config_at
 from rlhf_pl.precision import build_for_stage
@@ -180,7 +181,7 @@ class PPOModule(L.LightningModule):
                          num_samples=n, sync_ranks=all_reduce_max if is_sharded(self.policy) else None)
         self.rows_forwarded["generation_tokens"] += int(out.mask.sum())
         with self.timed("scoring"):
-            rm = score(out, self.scorer).scores
+            rm = self.score(out, batch["index"].repeat_interleave(n))
             self.rows_forwarded["reward"] += out.sequences.shape[0]
         baselines = None
         if self.baseline is not None:
@@ -196,6 +197,13 @@ class PPOModule(L.LightningModule):
         passes = self.rollout_passes(out.sequences, out.attention_mask, out.prompt_length)
         return Rollout(out.sequences, out.attention_mask, out.prompt_length, out.mask, out.ended, *passes,
                        rm.rewards.float(), scores, rm.uncertainty, batch["index"].repeat_interleave(n), baselines)
+
+    def score(self, out: Completions, index: Tensor) -> Any:
+        """The reward model's output for each response; with ``reward_from=labeler`` the labeler's scores of
+        the response texts, each against its prompt ``self.prompts[index[i]]``. Shapes: index (b,) -> (b,) fields."""
+        if isinstance(self.scorer, LabelerReward):
+            return self.scorer([self.prompts[i] for i in index.tolist()], out.texts(self.tokenizer))
+        return score(out, self.scorer).scores
 
     @torch.no_grad()
     def reference_greedy_scores(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -552,6 +560,9 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any, *, scorer: Scorer | None = 
     """The PPO stage. ``scorer`` replaces the reward model (tests: rule-based rewards); ``callbacks``
     are extra Lightning callbacks (tests: interrupting a run)."""
     ppo: PPOConfig = OmegaConf.to_object(cfg.ppo)
+    if scorer is None and ppo.reward_from == "labeler":
+        scorer = LabelerReward(registry.build("labelers", cfg.labeler), registry.spec_for_config("labelers",
+                                                                                                 cfg.labeler).name)
     if ppo.kl_penalty == "loss" and ppo.kl_estimator == "k1":
         log.warning("ppo.kl_penalty=loss with ppo.kl_estimator=k1: the gradient of k1 has expectation 0; use k3 or k2")
     # refuses impossible combinations before any model is loaded
