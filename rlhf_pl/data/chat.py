@@ -54,14 +54,15 @@ class LengthReport(NamedTuple):
 
 
 def ensure_chat_template(tokenizer: Any, override: str | None = None) -> None:
-    """Give ``tokenizer`` a chat template: ``override`` if given, else its own, else ChatML.
+    """Give ``tokenizer`` a chat template: ``override`` if given (``"chatml"``: :data:`CHATML_TEMPLATE`),
+    else its own, else ChatML.
 
     ChatML on a tokenizer that lacks ``<|im_start|>``/``<|im_end|>`` as single tokens still works
     (the markers are spelled with several tokens) but generation will not stop at EOS; a warning
     says so.
     """
     if override:
-        tokenizer.chat_template = override
+        tokenizer.chat_template = CHATML_TEMPLATE if override == "chatml" else override
         return
     if getattr(tokenizer, "chat_template", None):
         return
