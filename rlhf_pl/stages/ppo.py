@@ -21,6 +21,8 @@ RLHF_REFERENCE.md items and where they live:
 - 3, 4: a response ends at EOS or after the token completing a stop string (:mod:`rlhf_pl.sampling`);
   later tokens are masked out of everything; the score is read at the last valid token; the
   missing-EOS penalty and the rest of the score shaping: :mod:`rlhf_pl.rl.scores`.
+- ``reward_from=labeler``: the labeler plugin's scores of the response texts replace the reward model
+  (Gao et al.'s gold-reward control; :class:`rlhf_pl.models.reward.LabelerReward`).
 - 13, 14: reference and reward model frozen, dropout 0 in all four models (:mod:`rlhf_pl.models.critic`).
 - 15, 16: KL estimators (:mod:`rlhf_pl.rl.kl`) in the reward or as a loss term (``kl_penalty``);
   β from the ``kl_controller`` plugin, updated with the rollout's KL (mean of Σ_t k1) and episode count.
@@ -180,8 +182,9 @@ class PPOModule(L.LightningModule):
                          self.tokenizer, stop_strings=ppo.stop_strings, generator=self.generator, backend=self.backend,
                          num_samples=n, sync_ranks=all_reduce_max if is_sharded(self.policy) else None)
         self.rows_forwarded["generation_tokens"] += int(out.mask.sum())
+        prompt_index = batch["index"].repeat_interleave(n)  # (b·n,): row i·n + j answers prompt i
         with self.timed("scoring"):
-            rm = self.score(out, batch["index"].repeat_interleave(n))
+            rm = self.score(out, prompt_index)
             self.rows_forwarded["reward"] += out.sequences.shape[0]
         baselines = None
         if self.baseline is not None:
@@ -196,7 +199,7 @@ class PPOModule(L.LightningModule):
                                 eos_mode=ppo.missing_eos_mode, score_clip=ppo.score_clip)
         passes = self.rollout_passes(out.sequences, out.attention_mask, out.prompt_length)
         return Rollout(out.sequences, out.attention_mask, out.prompt_length, out.mask, out.ended, *passes,
-                       rm.rewards.float(), scores, rm.uncertainty, batch["index"].repeat_interleave(n), baselines)
+                       rm.rewards.float(), scores, rm.uncertainty, prompt_index, baselines)
 
     def score(self, out: Completions, index: Tensor) -> Any:
         """The reward model's output for each response; with ``reward_from=labeler`` the labeler's scores of
