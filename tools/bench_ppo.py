@@ -26,7 +26,7 @@ The process retains freed memory as ``python -m rlhf_pl`` runs do (:mod:`rlhf_pl
 Usage::
 
     python tools/bench_ppo.py [--out outputs/bench_ppo.json] [--updates 3] [--warmup 1] [--precision fp32 bf16-mixed]
-                              [--model smollm2_135m|tiny] [--no-retain-freed-memory]
+                              [--model smollm2_135m|tiny] [--no-retain-freed-memory] [<config override> ...]
 """
 from __future__ import annotations
 
@@ -221,11 +221,13 @@ def main() -> None:
                         help="model config group option (tiny: a smoke test of this tool)")
     parser.add_argument("--no-retain-freed-memory", dest="retain", action="store_false",
                         help="leave glibc's allocator as it is (runs retain freed memory by default)")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides, e.g. model.chat_template=null (the model's own chat template)")
     args = parser.parse_args()
     retained = args.retain and retain_freed_memory()
     register_configs()
     with initialize_config_module("rlhf_pl.conf", version_base="1.3"):
-        cfg = compose("config", overrides=[f"model={args.model}"])
+        cfg = compose("config", overrides=[f"model={args.model}", *args.overrides])
     L.seed_everything(0, verbose=False)
     models = build_models(cfg.model)
     prompts = load_prompts("embedded:prompts")
@@ -235,7 +237,8 @@ def main() -> None:
     machine = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "load_average": os.getloadavg(),
                "torch": torch.__version__, "retain_freed_memory": retained}
     setting = {"prompts": 8, "new_tokens": 32, "ppo_epochs": 1, "minibatches": 1, "critic": "separate"}
-    report = {"model": args.model, "machine": machine, "setting": setting, "results": results}
+    report = {"model": args.model, "overrides": args.overrides, "machine": machine, "setting": setting,
+              "results": results}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nwritten {args.out}")
