@@ -93,6 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from rlhf_pl.config import ModelConfig
     from rlhf_pl.data.chat import tokenize_prompt
     from rlhf_pl.data.formats import load_prompts
+    from rlhf_pl.models.adapters import store_linears_in_
     from rlhf_pl.models.generate import GreedySampler
     from rlhf_pl.models.loading import load_model_and_tokenizer
     from rlhf_pl.outputs import model_config_at
@@ -100,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model, tokenizer, _ = load_model_and_tokenizer(
         model_config_at(OmegaConf.structured(ModelConfig(name=args.policy.name)), args.policy))
-    model.eval()
+    model.eval().requires_grad_(False)
+    store_linears_in_(model, torch.bfloat16)  # as eval holds its frozen models: no weight cast per decode step
     labeler = registry.build_by_name("labelers", "rule")
     prompts = load_prompts(args.prompts, limit=args.num_prompts)
     ids = [tokenize_prompt(tokenizer, p.messages) for p in prompts]
