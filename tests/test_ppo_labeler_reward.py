@@ -34,7 +34,8 @@ def test_labeler_reward_is_the_labelers_score():
     reward = LabelerReward(RuleLabeler(RuleLabelerConfig()), "rule")
     p = prompt(*PROMPTS[0])
     # the answer early: 4 (correct) + 0.5 (direct); the last number is not the answer: 0; 12 words, unfinished: −1
-    out = reward([p, p, p], ["6 * 3 = 18.", "18 is the answer, not 17.", "six times three is what we have to work out here and"])
+    out = reward([p, p, p], ["6 * 3 = 18.", "18 is the answer, not 17.",
+                             "six times three is what we have to work out here and"])
     assert out.rewards.tolist() == [4.5, 0.0, -1.0]
     assert out.raw.tolist() == out.rewards.tolist() and out.uncertainty is None
     assert reward.source == "labeler:rule"
@@ -50,7 +51,8 @@ def test_a_labeler_without_scores_is_refused():
 
 
 @pytest.mark.parametrize("overrides, expected", [
-    (["ppo.score_baseline=reference"], "ppo.reward_from=labeler goes with ppo.score_baseline=group or none, got reference"),
+    (["ppo.score_baseline=reference"],
+     "ppo.reward_from=labeler goes with ppo.score_baseline=group or none, got reference"),
     (["~labeler", "ppo.score_baseline=none"], "labeler is unset: add labeler=rule"),
 ])
 def test_labeler_reward_settings_are_checked(tmp_path, ppo_inputs, overrides, expected):
