@@ -21,6 +21,8 @@ def test_headroom_against_hand_computed_figures():
                                                  pytest.approx(1 / 3))
     assert rows[("all", "all")] == tool.Headroom(4, 0.25, 0.3125, 0.75, 0.25)
     assert "| add | template | 2 | 0.50 | 0.12 | 0.50 | 0.50 |" in tool.table(rows, 4)
+    unphrased = tool.headroom([R(("add", "all"), True, (True, True))], group=2)  # no phrasing: counted once
+    assert unphrased[("add", "all")].prompts == unphrased[("all", "all")].prompts == 1
     with pytest.raises(ValueError, match="group = 5"):
         tool.headroom(results, group=5)
 

@@ -48,7 +48,7 @@ def headroom(results: Sequence[PromptResult], group: int) -> dict[tuple[str, str
         raise ValueError(f"every prompt needs >= group = {group} >= 1 samples")
     groups: dict[tuple[str, str], list[PromptResult]] = defaultdict(list)
     for r in results:
-        for key in (r.key, (r.key[0], "all"), ("all", "all")):
+        for key in {r.key, (r.key[0], "all"), ("all", "all")}:  # a set: a prompt without a phrasing counts once
             groups[key].append(r)
     return {key: Headroom(len(rs), statistics.fmean(r.greedy for r in rs),
                           statistics.fmean(statistics.fmean(r.samples) for r in rs),

@@ -184,7 +184,7 @@ class PPOModule(L.LightningModule):
         self.rows_forwarded["generation_tokens"] += int(out.mask.sum())
         prompt_index = batch["index"].repeat_interleave(n)  # (b·n,): row i·n + j answers prompt i
         with self.timed("scoring"):
-            rm = self.score(out, prompt_index)
+            rm = self.score_rollout(out, prompt_index)
             self.rows_forwarded["reward"] += out.sequences.shape[0]
         baselines = None
         if self.baseline is not None:
@@ -201,7 +201,7 @@ class PPOModule(L.LightningModule):
         return Rollout(out.sequences, out.attention_mask, out.prompt_length, out.mask, out.ended, *passes,
                        rm.rewards.float(), scores, rm.uncertainty, prompt_index, baselines)
 
-    def score(self, out: Completions, index: Tensor) -> Any:
+    def score_rollout(self, out: Completions, index: Tensor) -> Any:
         """The reward model's output for each response; with ``reward_from=labeler`` the labeler's scores of
         the response texts, each against its prompt ``self.prompts[index[i]]``. Shapes: index (b,) -> (b,) fields."""
         if isinstance(self.scorer, LabelerReward):
