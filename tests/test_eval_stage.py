@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_module
 
 from rlhf_pl.config import register_configs
 from rlhf_pl.data.formats import Message, Prompt
-from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, pairwise_agreement, win_rate
+from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, paired_gain, pairwise_agreement, win_rate
 from rlhf_pl.run import run_stage
 from rlhf_pl.stages.eval import correct_rate, group_figures, interval_95, policy_dirs
 
@@ -55,6 +55,17 @@ def test_gao_forms_are_recovered_by_least_squares(form):
     assert fit_gao([0.0, 1.0], [0.0, 0.3], form) is None  # one point with d > 0: nothing to fit
 
 
+def test_paired_gain_is_the_mean_difference_with_the_interval_of_the_differences():
+    gain = paired_gain([1.0, 1.0, 0.0, 1.0], [0.0, 1.0, 0.0, 0.0])  # differences 1, 0, 0, 1
+    assert gain.mean == 0.5 and gain.prompts == 4
+    assert gain.ci == pytest.approx(1.96 * math.sqrt((4 * 0.25 / 3) / 4))  # sample variance 1/3 over 4 prompts
+    same = paired_gain([1.0, 0.0, 1.0], [1.0, 0.0, 1.0])
+    assert same.mean == 0.0 and same.ci == 0.0  # unpaired intervals would be ±0.53 each
+    assert paired_gain([1.0], [0.0]) == (1.0, None, 1)
+    with pytest.raises(ValueError, match="equally long"):
+        paired_gain([1.0, 0.0], [1.0])
+
+
 def test_correct_rate_over_prompts_that_carry_an_answer():
     ask = lambda answer: Prompt((Message("user", "2 + 2?"),), "p", {"answer": answer} if answer else {})  # noqa: E731
     assert correct_rate([ask("4"), ask(None)], [["It is 4.", "five"], ["anything"]]) == 0.5
@@ -72,6 +83,11 @@ def test_interval_and_figures_per_group_against_hand_computed_values():
     assert figures["template"] == {"prompts": 2, "gold_greedy": 1.5, "correct_greedy": 0.5,
                                    "correct_greedy_ci": pytest.approx(1.96 * math.sqrt(0.25 / 2))}
     assert figures["paraphrase"]["correct_greedy"] == 0.0 and group_figures(prompts, ["4"] * 3, [0.0] * 3, None) == {}
+    # against the SFT policy's correctness on the same prompts: template 1, 0 vs 0, 0; paraphrase 0 vs 1
+    gains = group_figures(prompts, ["4", "ten", "8"], [4.0, 0.0, -1.0], "phrasing", base=[0.0, 1.0, 0.0])
+    assert gains["template"]["correct_greedy_gain"] == 0.5
+    assert gains["template"]["correct_greedy_gain_ci"] == pytest.approx(1.96 * math.sqrt(0.5 / 2))
+    assert (gains["paraphrase"]["correct_greedy_gain"], gains["paraphrase"]["correct_greedy_gain_ci"]) == (-1.0, None)
 
 
 def test_extra_policies_are_named_by_their_run_or_explicitly_and_never_twice(tmp_path, ppo_inputs):
@@ -114,6 +130,16 @@ def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread, monkey
     sft, extra = report["policies"]["sft"], report["policies"][f"{ppo_inputs.name}/sft"]
     assert report["prompts"] == 4 and sft["kl"] == 0.0 and extra["kl"] == 0.0
     assert extra["win_rate_vs_sft"] == 0.5 and extra["gold_greedy"] == sft["gold_greedy"]
+    assert (extra["correct_greedy_gain"], extra["correct_greedy_gain_ci"]) == (0.0, 0.0)  # same answers: exactly 0 ± 0
+    assert sft["correct_greedy_gain"] is None
+    assert result.metrics["correct_greedy_gain"] == {f"{ppo_inputs.name}/sft": 0.0}
+    records = [json.loads(line) for line in (tmp_path / "run" / "answers.jsonl").read_text().splitlines()]
+    assert len(records) == 4 and all(set(r["policies"]) == {"sft", f"{ppo_inputs.name}/sft"} for r in records)
+    assert [r["messages"][-1]["role"] for r in records] == ["user"] * 4 and "answer" in records[0]["meta"]
+    rows = [r["policies"]["sft"] for r in records]
+    assert all(len(row["sampled"]) == 2 for row in rows)  # eval.samples, not the best-of-n pool of 4
+    assert sum(row["correct_greedy"] for row in rows) / 4 == sft["correct_greedy"]
+    assert sum(row["gold_greedy"] for row in rows) / 4 == pytest.approx(sft["gold_greedy"])
     assert 0.0 <= sft["correct_greedy"] <= 1.0 and 0.0 <= sft["eos_rate"] <= 1.0 and sft["length"] > 0
     assert {g: v["prompts"] for g, v in sft["by_group"].items()} == {"template": 2, "paraphrase": 2}
     assert [r["n"] for r in report["best_of_n"]] == [1, 2, 4]
@@ -125,5 +151,6 @@ def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread, monkey
     text = (tmp_path / "run" / "eval.md").read_text()
     assert "## Policies" in text and "## Best-of-n from the SFT policy" in text and "| sft |" in text
     assert "by phrasing" in text and "template (2 prompts)" in text
+    assert "gain over SFT (greedy, paired)" in text and "| +0.000 ± 0.000 |" in text
     assert (tmp_path / "run" / "eval.png").read_bytes()[:4] == b"\x89PNG"
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -1,7 +1,8 @@
 """The headline table of one or more iterate runs (e.g. seeds of a sweep): per run, the greedy
 correct rate of the SFT policy and of each round's policy on the held-out prompts (per phrasing),
-the gain of best-of-16 over the SFT policy's samples, each round's reward-model accuracy, KL and
-wall time; then the mean over runs.
+each round's gain over SFT with its 95% interval (paired over prompts), the gain of best-of-16
+over the SFT policy's samples, each round's reward-model accuracy, KL and wall time; then the mean
+over runs.
 
 Usage::
 
@@ -40,6 +41,9 @@ def row_of(root: Path) -> dict[str, Any]:
         for group, g in m.get("by_group", {}).items():
             row[f"{name} correct ({group})"] = g["correct_greedy"]
         if name != "sft":
+            if m.get("correct_greedy_gain") is not None:  # paired over prompts: the interval the targets are read from
+                row[f"{name} gain over SFT"] = m["correct_greedy_gain"]
+                row[f"{name} gain ±95%"] = m.get("correct_greedy_gain_ci")
             row[f"{name} KL"] = m["kl"]
     if 16 in bon:  # over the SFT policy's sampled answers, what best-of-16 adds
         sft = policies["sft"]
@@ -83,7 +87,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="iterate run directories (or sweep job directories)")
     args = parser.parse_args(argv)
-    rows = [row_of(loop_dir(path)) for path in args.runs if path.is_dir()]
+    missing = [str(path) for path in args.runs if not path.is_dir()]
+    if missing:
+        raise SystemExit(f"error: {', '.join(missing)}: not a directory (give iterate run directories)")
+    rows = [row_of(loop_dir(path)) for path in args.runs]
     print(table(rows))
     return 0
 

@@ -9,10 +9,12 @@ for each policy on ``eval.num_prompts`` prompts of ``eval.prompts``: a greedy an
 ``eval.samples`` sampled answers per prompt (the ``sampler`` plugin at temperature T) → gold score,
 correct rate (prompts that carry an answer), proxy score, KL to the reference (Σ_t log π − log π_ref
 per sampled answer at T), length, EOS rate, win rate of the greedy answers against the SFT policy's
-(gold judged, ties half) → best-of-n from the SFT policy for every n of ``eval.best_of`` (the
+(gold judged, ties half) and the gain of their correct rate over the SFT policy's, paired over
+prompts → best-of-n from the SFT policy for every n of ``eval.best_of`` (the
 proxy-best of n samples; analytic KL log n − (n−1)/n) → Gao et al.'s forms fitted where there are
-enough points → ``eval.json``, ``eval.md`` (also to TensorBoard text and the log) and
-``eval.png`` (gold and proxy score against √KL). Settings: :class:`rlhf_pl.config.EvalConfig`.
+enough points → ``eval.json``, ``eval.md`` (also to TensorBoard text and the log), ``eval.png``
+(gold and proxy score against √KL) and ``answers.jsonl`` (every answer the figures come from).
+Settings: :class:`rlhf_pl.config.EvalConfig`.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from omegaconf import DictConfig
@@ -31,7 +33,7 @@ from rlhf_pl.data.chat import tokenize_prompt
 from rlhf_pl.data.collate import pad_left
 from rlhf_pl.data.formats import Prompt, load_prompts
 from rlhf_pl.errors import ConfigError
-from rlhf_pl.io import write_json, write_text
+from rlhf_pl.io import write_json, write_jsonl, write_text
 from rlhf_pl.models.generate import GreedySampler, response_logprobs
 from rlhf_pl.models.loading import load_model_and_tokenizer
 from rlhf_pl.models.reward import RewardModel
@@ -39,7 +41,7 @@ from rlhf_pl.outputs import InputSpec, check_input, model_config_at
 from rlhf_pl.plugins.labelers import match_answer
 from rlhf_pl.precision import build_for_stage, inference_autocast
 from rlhf_pl.report import markdown_table, plot_points
-from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, pairwise_agreement, win_rate
+from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, paired_gain, pairwise_agreement, win_rate
 from rlhf_pl.sampling import build_backend, model_device, sample, sample_texts
 from rlhf_pl.stages import StageResult
 
@@ -65,6 +67,14 @@ class Answers:
     ended: list[list[bool]]
 
 
+class GreedyScores(NamedTuple):
+    """Per prompt: the gold score of a policy's greedy answer, and 1.0/0.0 whether it is correct
+    (None where the prompt carries no answer). Each a list of P."""
+
+    gold: list[float]
+    correct: list[float | None]
+
+
 @dataclass
 class PolicyMetrics:
     """What ``eval.json`` reports for one policy (means over prompts and their answers)."""
@@ -82,6 +92,9 @@ class PolicyMetrics:
     eos_rate: float
     win_rate_vs_sft: float
     correct_greedy_ci: float | None = None  # half-width of the 95% interval over prompts (normal approximation)
+    # greedy correct rate minus the SFT policy's, paired over the same prompts, and its 95% half-width (None for SFT)
+    correct_greedy_gain: float | None = None
+    correct_greedy_gain_ci: float | None = None
     by_group: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval.group_by value -> its figures
 
 
@@ -154,16 +167,32 @@ def interval_95(successes: list[float]) -> float | None:
     return 1.96 * math.sqrt(p * (1 - p) / len(successes))
 
 
-def greedy_figures(prompts: list[Prompt], greedy: list[str], gold_greedy: list[float]) -> dict[str, Any]:
-    """Gold score and correct rate (with its 95% interval) of greedy answers to ``prompts``."""
-    correct = [float(match_answer(str(p.meta["answer"]), t).correct)
-               for p, t in zip(prompts, greedy) if p.meta.get("answer") is not None]
-    return {"prompts": len(prompts), "gold_greedy": _mean(gold_greedy),
-            "correct_greedy": _mean(correct) if correct else None, "correct_greedy_ci": interval_95(correct)}
+def greedy_correct(prompts: list[Prompt], greedy: list[str]) -> list[float | None]:
+    """Per prompt, 1.0 or 0.0: is the greedy answer correct (the rule labeler's answer matching);
+    None where the prompt carries no ``answer``. Shape: P texts -> P entries."""
+    return [float(match_answer(str(p.meta["answer"]), t).correct) if p.meta.get("answer") is not None else None
+            for p, t in zip(prompts, greedy)]
 
 
-def group_figures(prompts: list[Prompt], greedy: list[str], gold_greedy: list[float],
-                  key: str | None) -> dict[str, dict[str, Any]]:
+def greedy_figures(prompts: list[Prompt], greedy: list[str], gold_greedy: list[float],
+                   base: list[float | None] | None = None) -> dict[str, Any]:
+    """Gold score and correct rate (with its 95% interval) of greedy answers to ``prompts``; with
+    ``base`` (the SFT policy's :func:`greedy_correct` on the same prompts) also the gain over it,
+    paired over prompts, with its 95% interval."""
+    correct = greedy_correct(prompts, greedy)
+    rated = [c for c in correct if c is not None]
+    figures = {"prompts": len(prompts), "gold_greedy": _mean(gold_greedy),
+               "correct_greedy": _mean(rated) if rated else None, "correct_greedy_ci": interval_95(rated)}
+    if base is not None:
+        pairs = [(c, b) for c, b in zip(correct, base) if c is not None and b is not None]
+        gain = paired_gain([c for c, _ in pairs], [b for _, b in pairs]) if pairs else None
+        figures["correct_greedy_gain"] = gain.mean if gain else None
+        figures["correct_greedy_gain_ci"] = gain.ci if gain else None
+    return figures
+
+
+def group_figures(prompts: list[Prompt], greedy: list[str], gold_greedy: list[float], key: str | None,
+                  base: list[float | None] | None = None) -> dict[str, dict[str, Any]]:
     """:func:`greedy_figures` per value of the prompts' ``key`` (e.g. phrasing: template | paraphrase)."""
     if key is None:
         return {}
@@ -171,17 +200,20 @@ def group_figures(prompts: list[Prompt], greedy: list[str], gold_greedy: list[fl
     for i, p in enumerate(prompts):
         if p.meta.get(key) is not None:
             groups.setdefault(str(p.meta[key]), []).append(i)
-    return {value: greedy_figures([prompts[i] for i in rows], [greedy[i] for i in rows], [gold_greedy[i] for i in rows])
+    pick = lambda values, rows: None if values is None else [values[i] for i in rows]  # noqa: E731
+    return {value: greedy_figures(pick(prompts, rows), pick(greedy, rows), pick(gold_greedy, rows), pick(base, rows))
             for value, rows in sorted(groups.items())}
 
 
-def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft_greedy_gold: list[float] | None,
-                   n: int, group_by: str | None = None) -> tuple[PolicyMetrics, list[float]]:
-    """The metrics of one policy's answers (its first ``n`` samples per prompt) and its greedy gold scores."""
+def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft: GreedyScores | None,
+                   n: int, group_by: str | None = None) -> tuple[PolicyMetrics, GreedyScores]:
+    """The metrics of one policy's answers (its first ``n`` samples per prompt), against the SFT
+    policy's greedy ones (``sft``; None: this is the SFT policy), and its own greedy scores."""
     gold_greedy = [gold.score(p, t) for p, t in zip(prompts, a.greedy)]
     gold_sampled = [gold.score(p, t) for p, texts in zip(prompts, a.sampled) for t in texts[:n]]
     kl = _mean([v for row in a.kl for v in row[:n]])
-    greedy = greedy_figures(prompts, a.greedy, gold_greedy)
+    base = sft.correct if sft is not None else None
+    greedy = greedy_figures(prompts, a.greedy, gold_greedy, base)
     return PolicyMetrics(
         path=path, gold_greedy=greedy["gold_greedy"], gold_sampled=_mean(gold_sampled),
         correct_greedy=greedy["correct_greedy"],
@@ -189,10 +221,12 @@ def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft_
         proxy_greedy=_mean(a.proxy_greedy), proxy_sampled=_mean([v for row in a.proxy_sampled for v in row[:n]]),
         kl=kl, sqrt_kl=math.sqrt(max(kl, 0.0)), length=_mean([float(v) for row in a.length for v in row[:n]]),
         eos_rate=_mean([float(v) for row in a.ended for v in row[:n]]),
-        win_rate_vs_sft=win_rate(gold_greedy, sft_greedy_gold) if sft_greedy_gold is not None else 0.5,
+        win_rate_vs_sft=win_rate(gold_greedy, sft.gold) if sft is not None else 0.5,
         correct_greedy_ci=greedy["correct_greedy_ci"],
-        by_group=group_figures(prompts, a.greedy, gold_greedy, group_by),
-    ), gold_greedy
+        correct_greedy_gain=greedy.get("correct_greedy_gain"),
+        correct_greedy_gain_ci=greedy.get("correct_greedy_gain_ci"),
+        by_group=group_figures(prompts, a.greedy, gold_greedy, group_by, base),
+    ), GreedyScores(gold_greedy, greedy_correct(prompts, a.greedy))
 
 
 def best_of_n_table(prompts: list[Prompt], a: Answers, gold_scores: list[list[float]],
@@ -224,6 +258,19 @@ def gao_fits(bon: list[dict[str, float]], policies: dict[str, PolicyMetrics]) ->
     rl = [m for name, m in policies.items() if name != "sft"]
     rl_fit = fit_gao([m.sqrt_kl for m in rl], [m.gold_sampled - base for m in rl], "rl")
     return {"best_of_n_gold": bon_fit._asdict() if bon_fit else None, "rl_gold": rl_fit._asdict() if rl_fit else None}
+
+
+def answer_records(prompts: list[Prompt], answers: dict[str, Answers], greedy: dict[str, GreedyScores],
+                   n: int) -> list[dict[str, Any]]:
+    """``answers.jsonl``, a record per prompt: its messages, origin and meta (answer key, phrasing),
+    and per policy the greedy answer with its gold score and correctness, and the first ``n``
+    sampled answers: what the tables are computed from, to read or to recompute them."""
+    return [{"messages": [m.to_dict() for m in p.messages], "origin": p.origin,
+             "meta": p.meta,
+             "policies": {name: {"greedy": a.greedy[i], "gold_greedy": greedy[name].gold[i],
+                                 "correct_greedy": greedy[name].correct[i], "sampled": a.sampled[i][:n]}
+                          for name, a in answers.items()}}
+            for i, p in enumerate(prompts)]
 
 
 # --- the stage --------------------------------------------------------------------------------
@@ -269,7 +316,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
     prompt_ids = [tokenize_prompt(tokenizer, p.messages)[-cfg.data.max_prompt_length:] for p in prompts]
     sampler = registry.build("samplers", cfg.sampler)
     metrics: dict[str, PolicyMetrics] = {}
-    sft_gold = None
+    answers: dict[str, Answers] = {}
+    greedy: dict[str, GreedyScores] = {}
     bon: list[dict[str, float]] = []
     agreement: dict[str, Any] = {"accuracy": None, "pairs": 0}
     backend = build_backend(cfg)
@@ -280,20 +328,21 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
             else:
                 model = precision.prepare_frozen(load_model_and_tokenizer(model_config_at(cfg.model, path))[0].eval())
                 model.to(device)
-            answers = answers_of(model, reference, tokenizer, prompt_ids, pool if name == "sft" else e.samples,
-                                 sampler, cfg, reward_model, backend)
-            metrics[name], greedy_gold = policy_metrics(str(path), prompts, answers, gold, sft_gold, e.samples,
-                                                        e.group_by)
+            answers[name] = answers_of(model, reference, tokenizer, prompt_ids, pool if name == "sft" else e.samples,
+                                       sampler, cfg, reward_model, backend)
+            metrics[name], greedy[name] = policy_metrics(str(path), prompts, answers[name], gold, greedy.get("sft"),
+                                                         e.samples, e.group_by)
             if name == "sft":
-                pool_gold = [[gold.score(p, t) for t in texts] for p, texts in zip(prompts, answers.sampled)]
-                sft_gold, bon = greedy_gold, best_of_n_table(prompts, answers, pool_gold, ns)
-                agreement = proxy_agreement(answers, pool_gold)
+                pool_gold = [[gold.score(p, t) for t in texts] for p, texts in zip(prompts, answers[name].sampled)]
+                bon = best_of_n_table(prompts, answers[name], pool_gold, ns)
+                agreement = proxy_agreement(answers[name], pool_gold)
             del model
     fits = gao_fits(bon, metrics)
     result = {"prompts": len(prompts), "source": e.prompts, "samples": e.samples, "temperature": sampler.temperature,
               "policies": {name: asdict(m) for name, m in metrics.items()}, "best_of_n": bon, "fits": fits,
               "proxy_agreement": agreement}
     write_json(run_dir / "eval.json", result)
+    write_jsonl(run_dir / "answers.jsonl", answer_records(prompts, answers, greedy, e.samples))
     table = write_report(run_dir, metrics, bon, fits, e.group_by, agreement)
     log.info("eval table:\n%s", table)
     last = metrics[list(metrics)[-1]]
@@ -301,6 +350,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
         "objective": -last.gold_greedy, "gold_greedy": {n: m.gold_greedy for n, m in metrics.items()},
         "correct_greedy": {n: m.correct_greedy for n, m in metrics.items()},
         "correct_greedy_ci": {n: m.correct_greedy_ci for n, m in metrics.items()},
+        "correct_greedy_gain": {n: m.correct_greedy_gain for n, m in metrics.items() if n != "sft"},
+        "correct_greedy_gain_ci": {n: m.correct_greedy_gain_ci for n, m in metrics.items() if n != "sft"},
         "correct_greedy_by_group": {n: {g: v["correct_greedy"] for g, v in m.by_group.items()}
                                     for n, m in metrics.items()},
         "win_rate_vs_sft": {n: m.win_rate_vs_sft for n, m in metrics.items()},
@@ -313,18 +364,27 @@ def write_report(run_dir: Path, metrics: dict[str, PolicyMetrics], bon: list[dic
     """``eval.md`` (policies and best-of-n tables), TensorBoard text, and ``eval.png``."""
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     pm = lambda v, ci: "—" if v is None else f"{v:.3f} ± {ci:.3f}" if ci is not None else f"{v:.3f}"  # noqa: E731
+    signed = lambda v, ci: "—" if v is None else f"{v:+.3f} ± {ci:.3f}" if ci is not None else f"{v:+.3f}"  # noqa: E731
     rows = [{"policy": name, "gold (greedy)": fmt(m.gold_greedy),
              "correct (greedy)": pm(m.correct_greedy, m.correct_greedy_ci),
+             "gain over SFT (greedy, paired)": signed(m.correct_greedy_gain, m.correct_greedy_gain_ci),
              "gold (sampled)": fmt(m.gold_sampled), "correct (sampled)": fmt(m.correct_sampled),
              "proxy (sampled)": fmt(m.proxy_sampled), "KL": fmt(m.kl), "win vs SFT": fmt(m.win_rate_vs_sft),
              "length": f"{m.length:.1f}", "EOS": fmt(m.eos_rate)} for name, m in metrics.items()]
     bon_rows = [{"n": int(r["n"]), "KL": fmt(r["kl"]), "gold": fmt(r["gold"]), "correct": fmt(r.get("correct")),
                  "proxy": fmt(r["proxy"])} for r in bon]
     groups = sorted({g for m in metrics.values() for g in m.by_group})
-    group_rows = [{"policy": name, **{f"{g} ({m.by_group[g]['prompts']} prompts)":
-                                      pm(m.by_group[g]["correct_greedy"], m.by_group[g]["correct_greedy_ci"])
+
+    def group_cell(figures: dict[str, Any]) -> str:  # "rate ± ci (gain ± ci)", the gain for policies other than SFT
+        cell = pm(figures["correct_greedy"], figures["correct_greedy_ci"])
+        if figures.get("correct_greedy_gain") is None:
+            return cell
+        return f"{cell} ({signed(figures['correct_greedy_gain'], figures['correct_greedy_gain_ci'])})"
+
+    group_rows = [{"policy": name, **{f"{g} ({m.by_group[g]['prompts']} prompts)": group_cell(m.by_group[g])
                                       for g in groups if g in m.by_group}} for name, m in metrics.items()]
-    by_group = (f"## Correct rate of greedy answers by {group_by} (± 95% interval over prompts)\n\n"
+    by_group = (f"## Correct rate of greedy answers by {group_by} (± 95% interval over prompts; in brackets the "
+                f"gain over SFT, paired over prompts)\n\n"
                 f"{markdown_table(group_rows)}\n\n" if groups else "")
     agrees = (f"The proxy reward model orders {agreement['pairs']} pairs of the SFT policy's sampled answers as the "
               f"gold labeler does {fmt(agreement['accuracy'])} of the time (0.5: chance).\n\n"
