@@ -12,7 +12,7 @@ from rlhf_pl.config import register_configs
 from rlhf_pl.data.formats import Message, Prompt
 from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, paired_gain, pairwise_agreement, win_rate
 from rlhf_pl.run import run_stage
-from rlhf_pl.stages.eval import correct_rate, group_figures, interval_95, policy_dirs
+from rlhf_pl.stages.eval import correct_rate, greedy_correct, group_figures, interval_95, policy_dirs
 
 
 def test_best_of_n_kl_is_log_n_minus_n_minus_1_over_n():
@@ -78,13 +78,14 @@ def test_interval_and_figures_per_group_against_hand_computed_values():
     ask = lambda answer, phrasing: Prompt((Message("user", "q"),), "p", {"answer": answer,  # noqa: E731
                                                                           "phrasing": phrasing})
     prompts = [ask("4", "template"), ask("9", "paraphrase"), ask("7", "template")]
-    figures = group_figures(prompts, ["4", "ten", "8"], [4.0, 0.0, -1.0], "phrasing")
+    correct = greedy_correct(prompts, ["4", "ten", "8"])  # 1, 0, 0
+    figures = group_figures(prompts, correct, [4.0, 0.0, -1.0], "phrasing")
     assert list(figures) == ["paraphrase", "template"]
     assert figures["template"] == {"prompts": 2, "gold_greedy": 1.5, "correct_greedy": 0.5,
                                    "correct_greedy_ci": pytest.approx(1.96 * math.sqrt(0.25 / 2))}
-    assert figures["paraphrase"]["correct_greedy"] == 0.0 and group_figures(prompts, ["4"] * 3, [0.0] * 3, None) == {}
+    assert figures["paraphrase"]["correct_greedy"] == 0.0 and group_figures(prompts, [1.0] * 3, [0.0] * 3, None) == {}
     # against the SFT policy's correctness on the same prompts: template 1, 0 vs 0, 0; paraphrase 0 vs 1
-    gains = group_figures(prompts, ["4", "ten", "8"], [4.0, 0.0, -1.0], "phrasing", base=[0.0, 1.0, 0.0])
+    gains = group_figures(prompts, correct, [4.0, 0.0, -1.0], "phrasing", base=[0.0, 1.0, 0.0])
     assert gains["template"]["correct_greedy_gain"] == 0.5
     assert gains["template"]["correct_greedy_gain_ci"] == pytest.approx(1.96 * math.sqrt(0.5 / 2))
     assert (gains["paraphrase"]["correct_greedy_gain"], gains["paraphrase"]["correct_greedy_gain_ci"]) == (-1.0, None)

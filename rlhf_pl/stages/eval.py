@@ -149,13 +149,19 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def correct_rate(prompts: list[Prompt], answers: list[list[str]]) -> float | None:
-    """Fraction of correct answers (the answer-matching rule of the rule labeler) over the prompts
-    that carry an ``answer``; None when none does."""
-    rows = [(p, a) for p, a in zip(prompts, answers) if p.meta.get("answer") is not None]
-    if not rows:
+def answer_correct(prompt: Prompt, text: str) -> float | None:
+    """1.0 or 0.0: does ``text`` give the prompt's ``answer`` (the rule labeler's answer matching);
+    None where the prompt carries no answer."""
+    if prompt.meta.get("answer") is None:
         return None
-    return _mean([float(match_answer(str(p.meta["answer"]), text).correct) for p, texts in rows for text in texts])
+    return float(match_answer(str(prompt.meta["answer"]), text).correct)
+
+
+def correct_rate(prompts: list[Prompt], answers: list[list[str]]) -> float | None:
+    """Fraction of correct answers over the prompts that carry an ``answer``; None when none does."""
+    rated = [answer_correct(p, text) for p, texts in zip(prompts, answers) for text in texts
+             if p.meta.get("answer") is not None]
+    return _mean(rated) if rated else None
 
 
 def interval_95(successes: list[float]) -> float | None:
@@ -168,30 +174,26 @@ def interval_95(successes: list[float]) -> float | None:
 
 
 def greedy_correct(prompts: list[Prompt], greedy: list[str]) -> list[float | None]:
-    """Per prompt, 1.0 or 0.0: is the greedy answer correct (the rule labeler's answer matching);
-    None where the prompt carries no ``answer``. Shape: P texts -> P entries."""
-    return [float(match_answer(str(p.meta["answer"]), t).correct) if p.meta.get("answer") is not None else None
-            for p, t in zip(prompts, greedy)]
+    """:func:`answer_correct` of each prompt's greedy answer. Shape: P texts -> P entries."""
+    return [answer_correct(p, t) for p, t in zip(prompts, greedy)]
 
 
-def greedy_figures(prompts: list[Prompt], greedy: list[str], gold_greedy: list[float],
+def greedy_figures(correct: list[float | None], gold_greedy: list[float],
                    base: list[float | None] | None = None) -> dict[str, Any]:
-    """Gold score and correct rate (with its 95% interval) of greedy answers to ``prompts``; with
-    ``base`` (the SFT policy's :func:`greedy_correct` on the same prompts) also the gain over it,
-    paired over prompts, with its 95% interval."""
-    correct = greedy_correct(prompts, greedy)
+    """Gold score and correct rate (with its 95% interval) of greedy answers, from their per-prompt
+    :func:`greedy_correct` and gold scores; with ``base`` (the SFT policy's :func:`greedy_correct`
+    on the same prompts) also the gain over it, paired over prompts, with its 95% interval."""
     rated = [c for c in correct if c is not None]
-    figures = {"prompts": len(prompts), "gold_greedy": _mean(gold_greedy),
+    figures = {"prompts": len(correct), "gold_greedy": _mean(gold_greedy),
                "correct_greedy": _mean(rated) if rated else None, "correct_greedy_ci": interval_95(rated)}
     if base is not None:
-        pairs = [(c, b) for c, b in zip(correct, base) if c is not None and b is not None]
-        gain = paired_gain([c for c, _ in pairs], [b for _, b in pairs]) if pairs else None
+        gain = paired_gain(rated, [b for b in base if b is not None]) if rated else None  # same prompts carry answers
         figures["correct_greedy_gain"] = gain.mean if gain else None
         figures["correct_greedy_gain_ci"] = gain.ci if gain else None
     return figures
 
 
-def group_figures(prompts: list[Prompt], greedy: list[str], gold_greedy: list[float], key: str | None,
+def group_figures(prompts: list[Prompt], correct: list[float | None], gold_greedy: list[float], key: str | None,
                   base: list[float | None] | None = None) -> dict[str, dict[str, Any]]:
     """:func:`greedy_figures` per value of the prompts' ``key`` (e.g. phrasing: template | paraphrase)."""
     if key is None:
@@ -201,7 +203,7 @@ def group_figures(prompts: list[Prompt], greedy: list[str], gold_greedy: list[fl
         if p.meta.get(key) is not None:
             groups.setdefault(str(p.meta[key]), []).append(i)
     pick = lambda values, rows: None if values is None else [values[i] for i in rows]  # noqa: E731
-    return {value: greedy_figures(pick(prompts, rows), pick(greedy, rows), pick(gold_greedy, rows), pick(base, rows))
+    return {value: greedy_figures(pick(correct, rows), pick(gold_greedy, rows), pick(base, rows))
             for value, rows in sorted(groups.items())}
 
 
@@ -212,8 +214,9 @@ def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft:
     gold_greedy = [gold.score(p, t) for p, t in zip(prompts, a.greedy)]
     gold_sampled = [gold.score(p, t) for p, texts in zip(prompts, a.sampled) for t in texts[:n]]
     kl = _mean([v for row in a.kl for v in row[:n]])
+    correct = greedy_correct(prompts, a.greedy)
     base = sft.correct if sft is not None else None
-    greedy = greedy_figures(prompts, a.greedy, gold_greedy, base)
+    greedy = greedy_figures(correct, gold_greedy, base)
     return PolicyMetrics(
         path=path, gold_greedy=greedy["gold_greedy"], gold_sampled=_mean(gold_sampled),
         correct_greedy=greedy["correct_greedy"],
@@ -225,8 +228,8 @@ def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft:
         correct_greedy_ci=greedy["correct_greedy_ci"],
         correct_greedy_gain=greedy.get("correct_greedy_gain"),
         correct_greedy_gain_ci=greedy.get("correct_greedy_gain_ci"),
-        by_group=group_figures(prompts, a.greedy, gold_greedy, group_by, base),
-    ), GreedyScores(gold_greedy, greedy_correct(prompts, a.greedy))
+        by_group=group_figures(prompts, correct, gold_greedy, group_by, base),
+    ), GreedyScores(gold_greedy, correct)
 
 
 def best_of_n_table(prompts: list[Prompt], a: Answers, gold_scores: list[list[float]],
@@ -235,7 +238,7 @@ def best_of_n_table(prompts: list[Prompt], a: Answers, gold_scores: list[list[fl
     carry an answer) and proxy score of the proxy-best of n SFT samples, and its analytic KL, for each n."""
     keyed = [(p, proxy, texts) for p, proxy, texts in zip(prompts, a.proxy_sampled, a.sampled)
              if p.meta.get("answer") is not None]
-    correct = [[float(match_answer(str(p.meta["answer"]), t).correct) for t in texts] for p, _, texts in keyed]
+    correct = [[answer_correct(p, t) for t in texts] for p, _, texts in keyed]
     return [{"n": n, "kl": best_of_n_kl(n), "sqrt_kl": math.sqrt(best_of_n_kl(n)),
              "gold": best_of_n(a.proxy_sampled, gold_scores, n),
              "correct": best_of_n([proxy for _, proxy, _ in keyed], correct, n) if keyed else None,
