@@ -61,7 +61,9 @@ class PostgresServer:
                 os.chmod(parent, os.stat(parent).st_mode | 0o011)
         data = folder / "data"
         self._run([initdb, "-D", str(data), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"])
-        options = f"-p {self.port} -k {folder} -h 127.0.0.1 -c fsync=off -c max_connections=200"
+        # no archive or replica: WAL is recycled after each checkpoint instead of growing to 1 GB (max_wal_size)
+        options = (f"-p {self.port} -k {folder} -h 127.0.0.1 -c fsync=off -c max_connections=200 "
+                   "-c wal_level=minimal -c max_wal_senders=0 -c max_wal_size=64MB -c min_wal_size=32MB")
         self._run([pg_ctl, "-D", str(data), "-o", options, "-l", str(folder / "server.log"), "-w", "start"])
         self.data = data
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
@@ -79,9 +81,17 @@ def create_database(server_url: str, name: str) -> str:
     """A new empty database on the server at ``server_url``; returns its URL."""
     import psycopg
 
-    with psycopg.connect(server_url.replace("postgresql://", "postgresql://", 1), autocommit=True) as conn:
+    with psycopg.connect(server_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return re.sub(r"/[^/]*$", f"/{name}", server_url)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    """Drop database ``name`` (each is ~8 MB on disk; a test session makes dozens), closing its connections."""
+    import psycopg
+
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="session")
@@ -103,9 +113,12 @@ def postgres_server(tmp_path_factory):
 def database_url(request, tmp_path):
     """A fresh, empty database URL: a SQLite file, or a new database on the test PostgreSQL server."""
     if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'app.db'}"
+        yield f"sqlite:///{tmp_path / 'app.db'}"
+        return
     server = request.getfixturevalue("postgres_server")
-    return create_database(server, f"rlhf_test_{os.getpid()}_{next(_databases)}")
+    name = f"rlhf_test_{os.getpid()}_{next(_databases)}"
+    yield create_database(server, name)
+    drop_database(server, name)
 
 
 # --- the app --------------------------------------------------------------------------------------
