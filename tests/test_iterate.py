@@ -133,6 +133,8 @@ def test_two_rounds_killed_in_every_sub_stage_resume_without_redoing_or_losing_a
     gain_2 = json.loads((run / "round_2" / "ppo" / "summary.json").read_text())["score_gain"]
     assert f"| 2 | {by_round[2]['collect']['metrics']['rankings']} |" in out and f"| {gain_2:.3f} |" in out
     assert "## Rounds" in out and "## Policies" in out and "round_2" in out
+    # round 1's PPO continued from its checkpoint; once finished, no sub-stage keeps its training state
+    assert not list(run.glob("round_*/*/checkpoints")) and (run / "round_1" / "ppo" / "policy").is_dir()
     memory = rounds["memory"]  # the loop's own process holds no model
     stage_peaks = [s["metrics"]["peak_rss_mib"] for r in by_round.values() for k, s in r.items() if k != "round"]
     assert memory["orchestrator_peak_rss_mib"] < min(stage_peaks)
@@ -214,3 +216,20 @@ def test_a_sub_stage_s_config_is_the_loop_s_with_its_stage_and_settings(tmp_path
     sub = iterate.stage_config(cfg, "ppo", {"ppo.reference_from": "/sft", "seed": 7})
     assert (sub.stage, sub.resume, sub.seed, sub.ppo.reference_from) == ("ppo", None, 7, "/sft")
     assert (cfg.stage, cfg.seed, cfg.ppo.reference_from) == ("iterate", 0, "policy")  # the loop's own is unchanged
+
+
+@pytest.mark.parametrize("keep", [False, True])
+def test_a_finished_sub_stage_s_training_state_is_deleted_unless_kept(tmp_path, monkeypatch, keep):
+    def fake_stage(cfg, sub_dir, inputs, what, root):  # a stage that checkpoints, exports its model and finishes
+        (sub_dir / "checkpoints").mkdir()
+        (sub_dir / "checkpoints" / "last.pt").write_bytes(b"state")
+        (sub_dir / "policy").mkdir()
+        (sub_dir / "summary.json").write_text(json.dumps({"policy_dir": str(sub_dir / "policy"), "updates": 1}))
+
+    monkeypatch.setattr(iterate, "run_in_child", lambda cfg, sub_dir, *rest: (sub_dir.mkdir(parents=True),
+                                                                               fake_stage(cfg, sub_dir, *rest)))
+    cfg = _loop_cfg(f"iterate.keep_checkpoints={str(keep).lower()}")
+    done = iterate.Lineage(tmp_path).run(cfg, 1, "ppo", "round 1/1", {}, {})
+    sub_dir = tmp_path / "round_1" / "ppo"
+    assert done.outputs == {"policy": str(sub_dir / "policy")} and (sub_dir / "policy").is_dir()
+    assert (sub_dir / "checkpoints" / "last.pt").is_file() == keep

@@ -254,6 +254,8 @@ class Lineage:
             log.info("%s: %s → %s", step, stage, sub_dir)
             run_in_child(stage_config(cfg, stage, overrides), sub_dir, inputs, f"{step} {stage}", self.root)
             summary = read_json_or_none(sub_dir / "summary.json")
+            if not cfg.iterate.keep_checkpoints:
+                drop_training_state(sub_dir)
         elif r in self.rounds and stage in self.rounds[r]:
             return self.rounds[r][stage]
         scalars = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
@@ -263,6 +265,15 @@ class Lineage:
                         {OUTPUT_OF[stage]: summary[f"{OUTPUT_OF[stage]}_dir"]}, scalars)
         self.note(r, stage, done)
         return done
+
+
+def drop_training_state(sub_dir: Path) -> None:
+    """Delete a finished sub-stage's ``checkpoints/`` (weights and optimiser state to continue
+    training it: ~1.6 GB per 135M model). The loop never resumes a finished sub-stage; its exported
+    model is what later rounds use."""
+    checkpoints = sub_dir / "checkpoints"
+    if checkpoints.is_dir():
+        shutil.rmtree(checkpoints)
 
 
 def stage_config(cfg: DictConfig, stage: str, overrides: Mapping[str, Any]) -> DictConfig:
