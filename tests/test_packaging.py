@@ -4,7 +4,6 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
@@ -23,7 +22,9 @@ def _tree() -> dict[str, Path]:
 
 
 def test_pyproject_declares_every_directory_of_the_package():
-    declared = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
+    from setuptools.config.pyprojecttoml import read_configuration  # tomllib is 3.11+; the project runs on 3.10
+
+    declared = read_configuration(REPO / "pyproject.toml")["tool"]["setuptools"]["packages"]
     assert sorted(declared) == sorted(_tree()), "pyproject.toml [tool.setuptools] packages differs from the tree"
 
 
@@ -43,5 +44,6 @@ def test_the_wheel_holds_every_file_of_the_tree(tmp_path):
     expected = {"/".join([*package.split("."), file.name])
                 for package, folder in _tree().items() for file in folder.iterdir()
                 if file.is_file() and file.suffix != ".pyc"}
-    assert {"rlhf_pl/conf/config.yaml", "rlhf_pl/conf/stage/iterate.yaml", "rlhf_pl/app/templates/base.html"} <= expected
+    assert {"rlhf_pl/conf/config.yaml", "rlhf_pl/conf/stage/iterate.yaml",
+            "rlhf_pl/app/templates/base.html"} <= expected
     assert expected - shipped == set()
