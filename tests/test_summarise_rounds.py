@@ -23,7 +23,7 @@ def fake_run(root: Path, seed: int, sft: float, round_1: float, gain_ci: float) 
         "policies": {"sft": policy(sft, correct_greedy_gain=None),
                      "round_1": policy(round_1, correct_greedy_gain=round_1 - sft, correct_greedy_gain_ci=gain_ci)},
         "best_of_n": [{"n": 1, "correct": 0.25, "gold": 1.0}, {"n": 16, "correct": 0.375, "gold": 1.5}],
-        "proxy_agreement": {"accuracy": 0.8, "pairs": 100}}))
+        "proxy_agreement": {"accuracy": 0.8, "pairs": 100}}, sort_keys=True))  # as eval writes it
     (root / "rounds.json").write_text(json.dumps({"rounds": [
         {"round": 0, "sft": {"metrics": {"wall_time_s": 60}}},
         {"round": 1, "rm": {"metrics": {"val_accuracy": 0.7, "wall_time_s": 120}},
@@ -42,6 +42,9 @@ def test_rows_and_mean_over_runs_against_hand_computed_figures(tmp_path, capsys)
     assert "sft gain over SFT" not in row and row["RM 1 accuracy"] == 0.7
     assert row["best-of-16 correct gain"] == 0.125 and row["best-of-16 gold gain"] == 0.5
     assert row["minutes"] == pytest.approx(300 / 60)
+    assert [k for k in row if k.endswith(" correct")] == ["sft correct", "round_1 correct"]  # SFT's column first
+    names = ["round_10", "x", "round_2", "sft"]
+    assert sorted(names, key=tool._policy_order) == ["sft", "round_2", "round_10", "x"]  # by number, not as text
     assert tool.main([str(a), str(b)]) == 0
     out = capsys.readouterr().out
     gains = [0.125, 0.0]

@@ -36,7 +36,7 @@ def row_of(root: Path) -> dict[str, Any]:
     report = json.loads(Path(rounds[last]["eval"]["outputs"]["eval"]).read_text())
     policies, bon = report["policies"], {int(b["n"]): b for b in report["best_of_n"]}
     row: dict[str, Any] = {"run": root.name, "seed": _seed(root)}
-    for name, m in policies.items():
+    for name, m in sorted(policies.items(), key=lambda item: _policy_order(item[0])):
         row[f"{name} correct"] = m["correct_greedy"]
         for group, g in m.get("by_group", {}).items():
             row[f"{name} correct ({group})"] = g["correct_greedy"]
@@ -58,6 +58,14 @@ def row_of(root: Path) -> dict[str, Any]:
     row["minutes"] = sum(s["metrics"].get("wall_time_s", 0) for subs in rounds.values()
                          for k, s in subs.items() if k != "round") / 60
     return {k: v for k, v in row.items() if v is not None}
+
+
+def _policy_order(name: str) -> tuple[int, int, str]:
+    """SFT first, then round_1, round_2, … by number (eval.json's keys are sorted as text), then others."""
+    if name == "sft":
+        return (0, 0, name)
+    number = name.removeprefix("round_")
+    return (1, int(number), name) if number.isdigit() else (2, 0, name)
 
 
 def _seed(root: Path) -> Any:
