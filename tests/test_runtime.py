@@ -14,6 +14,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from rlhf_pl.models.generate import position_ids_from_mask
+from rlhf_pl.models.loading import enable_gradient_checkpointing
 from rlhf_pl.runtime import (
     PLAIN_ATTENTION_MAX_LENGTH,
     _glibc,
@@ -63,7 +64,7 @@ def test_plain_attention_only_for_short_bf16_cpu_sequences(tiny_model):
     recomputes its forward in backward (gradient checkpointing runs it outside the block)."""
     cpu = torch.device("cpu")
     checkpointed = copy.deepcopy(tiny_model)
-    checkpointed.gradient_checkpointing_enable()
+    enable_gradient_checkpointing(checkpointed)  # as the stages do
     assert not uses_plain_attention(64, cpu)  # float32: the fused kernel is as fast or faster
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert uses_plain_attention(64, cpu)
