@@ -233,3 +233,13 @@ def test_a_finished_sub_stage_s_training_state_is_deleted_unless_kept(tmp_path, 
     sub_dir = tmp_path / "round_1" / "ppo"
     assert done.outputs == {"policy": str(sub_dir / "policy")} and (sub_dir / "policy").is_dir()
     assert (sub_dir / "checkpoints" / "last.pt").is_file() == keep
+
+
+def test_training_state_left_by_a_loop_killed_after_the_sub_stage_finished_is_deleted_on_resume(tmp_path, monkeypatch):
+    sub_dir = tmp_path / "round_1" / "ppo"  # finished (summary.json), killed before its checkpoints/ went
+    (sub_dir / "checkpoints").mkdir(parents=True)
+    (sub_dir / "checkpoints" / "last.pt").write_bytes(b"state")
+    (sub_dir / "summary.json").write_text(json.dumps({"policy_dir": str(sub_dir / "policy")}))
+    monkeypatch.setattr(iterate, "run_in_child", lambda *args: pytest.fail("a finished sub-stage ran again"))
+    done = iterate.Lineage(tmp_path).run(_loop_cfg(), 1, "ppo", "round 1/1", {}, {})
+    assert done.outputs == {"policy": str(sub_dir / "policy")} and not (sub_dir / "checkpoints").exists()

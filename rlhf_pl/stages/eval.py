@@ -159,8 +159,7 @@ def answer_correct(prompt: Prompt, text: str) -> float | None:
 
 def correct_rate(prompts: list[Prompt], answers: list[list[str]]) -> float | None:
     """Fraction of correct answers over the prompts that carry an ``answer``; None when none does."""
-    rated = [answer_correct(p, text) for p, texts in zip(prompts, answers) for text in texts
-             if p.meta.get("answer") is not None]
+    rated = [c for p, texts in zip(prompts, answers) for text in texts if (c := answer_correct(p, text)) is not None]
     return _mean(rated) if rated else None
 
 

@@ -50,6 +50,7 @@ USES_LIGHTNING = False  # run_stage runs it without Lightning or torch: its sub-
 INPUTS = {"sft": InputSpec("iterate.sft_from", stage="sft", output="model", marker="config.json", required=False)}
 OUTPUT_OF = {"sft": "model", "collect": "comparisons", "rm": "reward_model", "ppo": "policy", "eval": "eval"}
 ROUNDS_FILE = "rounds.json"
+CHECKPOINTS = "checkpoints"  # a stage's training state (rlhf_pl.checkpoint.CHECKPOINT_DIR; that module imports torch)
 # keys a resumed loop may be given differently from the run's own config
 RESUMABLE_CHANGES = ("resume", "iterate.rounds", "trainer.enable_progress_bar")
 
@@ -245,7 +246,7 @@ class Lineage:
         summary = read_json_or_none(sub_dir / "summary.json")
         if summary is None:
             overrides = dict(settings)
-            if sub_dir.exists() and stage == "ppo" and (sub_dir / "checkpoints").is_dir():
+            if sub_dir.exists() and stage == "ppo" and (sub_dir / CHECKPOINTS).is_dir():
                 overrides["resume"] = str(sub_dir)
                 log.info("%s: %s continues from its checkpoint in %s", step, stage, sub_dir)
             elif sub_dir.exists():
@@ -254,10 +255,10 @@ class Lineage:
             log.info("%s: %s → %s", step, stage, sub_dir)
             run_in_child(stage_config(cfg, stage, overrides), sub_dir, inputs, f"{step} {stage}", self.root)
             summary = read_json_or_none(sub_dir / "summary.json")
-            if not cfg.iterate.keep_checkpoints:
-                drop_training_state(sub_dir)
         elif r in self.rounds and stage in self.rounds[r]:
             return self.rounds[r][stage]
+        if not cfg.iterate.keep_checkpoints:  # here, not only after a run: a loop killed in between left them
+            drop_training_state(sub_dir)
         scalars = {k: v for k, v in summary.items() if not isinstance(v, (list, dict))}
         scalars.update({k: v for k, v in summary.items() if stage == "eval" and isinstance(v, dict)})
         done = SubStage(r, stage, str(sub_dir), {k: str(v) for k, v in inputs.items()},
@@ -271,7 +272,7 @@ def drop_training_state(sub_dir: Path) -> None:
     """Delete a finished sub-stage's ``checkpoints/`` (weights and optimiser state to continue
     training it: ~1.6 GB per 135M model). The loop never resumes a finished sub-stage; its exported
     model is what later rounds use."""
-    checkpoints = sub_dir / "checkpoints"
+    checkpoints = sub_dir / CHECKPOINTS
     if checkpoints.is_dir():
         shutil.rmtree(checkpoints)
 
