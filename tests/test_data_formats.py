@@ -20,6 +20,8 @@ from rlhf_pl.data.formats import (
     load_rankings,
     train_val_split,
 )
+from rlhf_pl.plugins.labeler_specs import RuleLabelerConfig
+from rlhf_pl.plugins.labelers import RuleLabeler
 
 REPO = Path(__file__).resolve().parent.parent
 CONV = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
@@ -320,3 +322,42 @@ def test_default_prompt_answers_are_correct():
     single = [p for p in load_prompts("embedded:prompts") if len(p.messages) == 1]
     assert len(single) > 150
     assert [p.messages[0].content for p in single if not _check(p)] == []
+
+
+def test_careless_demonstrations_are_wrong_the_rest_right_and_the_prompts_unchanged(monkeypatch):
+    """A fraction of the demonstration turns of the CARELESS tasks carries the trainer's mistake: the rule
+    labeler finds those answers wrong and every other demonstration answer of those tasks right; they
+    are drawn from their own random stream, so the prompts and the held-out split do not depend on them."""
+    gen = load_generator()
+    files = gen.generate(seed=0)
+    demos = [json.loads(line) for line in files["demonstrations.jsonl"].splitlines()]
+    careless, careful = [], []
+    for d in demos:
+        replies = [m["content"] for m in d["messages"] if m["role"] == "assistant"]
+        questions = [m["content"] for m in d["messages"] if m["role"] == "user"]
+        for i, (task, question, reply) in enumerate(zip(d["tasks"], questions, replies)):
+            if task in gen.CARELESS:
+                (careless if i in d.get("careless", []) else careful).append((task, question, reply))
+    assert sorted({t for t, _, _ in careless}) == sorted(gen.CARELESS)
+    share = len(careless) / (len(careless) + len(careful))
+    assert abs(share - gen.CARELESS_FRACTION) < 0.1, share
+
+    labeler = RuleLabeler(RuleLabelerConfig())
+
+    def correct(task: str, question: str, reply: str) -> bool:
+        nums = [int(n) for n in re.findall(r"\d+", question)]
+        phrase = re.findall(r"'([^']+)'", question)
+        answer = {"km_to_m": lambda: str(nums[0] * 1000), "kg_to_g": lambda: str(nums[0] * 1000),
+                  "uppercase": lambda: phrase[0].upper(), "lowercase": lambda: phrase[0].lower()}[task]()
+        prompt = Prompt((Message("user", question),), "test", {"task": task, "answer": answer})
+        return labeler.breakdown(prompt, reply).correct
+
+    assert [c for c in careless if correct(*c)] == []
+    assert [c for c in careful if not correct(*c)] == []
+    assert ("kg_to_g", "How many grams are in 2 kilograms?", "2 kilograms = 200 grams.") in careless
+
+    monkeypatch.setattr(gen, "CARELESS_FRACTION", 0.0)
+    careful_files = gen.generate(seed=0)
+    assert careful_files["prompts.jsonl"] == files["prompts.jsonl"]
+    assert careful_files["eval_prompts.jsonl"] == files["eval_prompts.jsonl"]
+    assert "careless" not in careful_files["demonstrations.jsonl"]

@@ -6,8 +6,14 @@ labeler can score samples without people.
 
 Files (JSON lines, written atomically, a deterministic function of ``--seed``):
 
-- ``demonstrations.jsonl``: ``{"id", "messages": [...], "tasks": [...]}`` conversations for SFT
-  (about 20% multi-turn, some with a system message). ``tasks`` names the task of each user turn.
+- ``demonstrations.jsonl``: ``{"id", "messages": [...], "tasks": [...], "careless": [...]}`` conversations
+  for SFT (about 20% multi-turn, some with a system message). ``tasks`` names the task of each user turn.
+  Like real demonstrations they are not all right: for four tasks (``CARELESS``: kilometres and kilograms
+  converted, upper- and lower-casing), ``CARELESS_FRACTION`` of the turns carry a careless trainer's
+  systematic mistake (``×100`` for ``×1000``, ``Fresh Bread`` for ``FRESH BREAD``, ``Fresh bread`` for
+  ``fresh bread``), listed in ``careless`` (turn indices; the key is left out when there are none). The
+  SFT policy learns the mistakes along with the rest; the labeler's rankings of its own samples are what
+  can teach it out of them, as in InstructGPT, where ranking answers is easier than writing them.
 - ``prompts.jsonl``: ``{"id", "prompt": "..." | "messages": [...], "task", "answer", "phrasing"}`` for
   sampling and RL. ``task``/``answer`` are the machine-checkable truth for the last user turn. No
   prompt appears in the demonstrations (not as a first question, nor as any conversation prefix).
@@ -41,6 +47,7 @@ NUM_EVAL_PROMPTS = 128  # half of each phrasing, alternating
 RL_PARAPHRASE_FRACTION = 0.5  # of the single-turn prompts, asked in an "rl" paraphrase
 MULTI_TURN_FRACTION = 0.2
 SYSTEM_FRACTION = 0.15
+CARELESS_FRACTION = 0.4  # of the demonstration turns of a task in CARELESS, written by a careless trainer
 
 CAPITALS: dict[str, str] = {
     "France": "Paris", "Germany": "Berlin", "Italy": "Rome", "Spain": "Madrid", "Japan": "Tokyo",
@@ -312,6 +319,48 @@ def case_family(task: str) -> Family:
     return Family(task, first, follow)
 
 
+# --- careless demonstrations -------------------------------------------------------------------------
+# Demonstrations are written by people, and people make systematic mistakes. For the tasks below, a
+# fraction CARELESS_FRACTION of the demonstration turns carry one that the labeler (and anyone reading
+# the question) recognises as wrong, of a kind the model can avoid: the right answer is as easy to write.
+# SFT imitates both kinds of trainer; rankings of the policy's own samples are what can tell them apart
+# (InstructGPT: judging is easier than demonstrating). Prompts and the held-out split are not affected.
+
+
+def _careless_units(turn: Turn) -> str:
+    """Multiplies by 100 instead of 1000: '5 kilometers = 500 meters.'"""
+    n = int(turn.answer) // 1000
+    return turn.reply.replace(f"= {turn.answer} ", f"= {n * 100} ")
+
+
+def _careless_uppercase(turn: Turn) -> str:
+    """Capitalises each word instead of every letter: 'In uppercase: Fresh Bread'."""
+    return f"In uppercase: {turn.answer.title()}"
+
+
+def _careless_lowercase(turn: Turn) -> str:
+    """Keeps the first letter capital: 'In lowercase: Fresh bread'."""
+    return f"In lowercase: {turn.answer.capitalize()}"
+
+
+CARELESS: dict[str, Callable[[Turn], str]] = {
+    "km_to_m": _careless_units, "kg_to_g": _careless_units,
+    "uppercase": _careless_uppercase, "lowercase": _careless_lowercase,
+}
+
+
+def careless_turns(rng: random.Random, turns: list[Turn]) -> tuple[list[Turn], list[int]]:
+    """``turns`` with each turn of a CARELESS task replaced, with probability CARELESS_FRACTION, by a
+    careless reply (same question, task and answer); and the indices of the replaced turns."""
+    out, replaced = [], []
+    for i, turn in enumerate(turns):
+        if turn.task in CARELESS and rng.random() < CARELESS_FRACTION:
+            turn = Turn(turn.question, CARELESS[turn.task](turn), turn.task, turn.answer)
+            replaced.append(i)
+        out.append(turn)
+    return out, replaced
+
+
 FAMILIES: tuple[Family, ...] = (
     Family("add", add_first, arithmetic_follow, 1.5),
     Family("subtract", subtract_first, arithmetic_follow, 1.2),
@@ -463,9 +512,11 @@ def user_prefixes(messages: list[dict]) -> list[str]:
     return [json.dumps(messages[: i + 1], sort_keys=True) for i, m in enumerate(messages) if m["role"] == "user"]
 
 
-def make_demonstrations(rng: random.Random, n: int) -> tuple[list[dict], set[str]]:
+def make_demonstrations(rng: random.Random, n: int, careless_rng: random.Random) -> tuple[list[dict], set[str]]:
     """``n`` distinct demonstration conversations, and the keys a prompt must avoid: every prefix
-    ending at a user turn, and every first question."""
+    ending at a user turn, and every first question (of the conversation as a careful trainer would
+    write it). ``careless_rng`` picks the careless turns (see :func:`careless_turns`), so that ``rng``
+    draws the same conversations whatever they are; ``careless`` lists their indices per record."""
     records, avoid, seen = [], set(), set()
     for num_turns in turn_schedule(rng, n):
         system = rng.choice(SYSTEM_PROMPTS) if rng.random() < SYSTEM_FRACTION else None
@@ -478,7 +529,9 @@ def make_demonstrations(rng: random.Random, n: int) -> tuple[list[dict], set[str
         seen.add(json.dumps(messages))
         avoid.update(user_prefixes(messages))
         avoid.add("first:" + first_question(messages))
-        records.append({"id": f"demo-{len(records):04d}", "messages": messages, "tasks": [t.task for t in turns]})
+        written, careless = careless_turns(careless_rng, turns)
+        records.append({"id": f"demo-{len(records):04d}", "messages": to_messages(written, system, answer_last=True),
+                        "tasks": [t.task for t in turns], **({"careless": careless} if careless else {})})
     return records, avoid
 
 
@@ -553,7 +606,7 @@ def questions_of(records: list[dict]) -> set[str]:
 def generate(seed: int = 0) -> dict[str, str]:
     """File name -> JSON-lines text of the whole default task (a pure function of ``seed``)."""
     rng = random.Random(seed)
-    demos, demo_keys = make_demonstrations(rng, NUM_DEMONSTRATIONS)
+    demos, demo_keys = make_demonstrations(rng, NUM_DEMONSTRATIONS, random.Random(f"careless-{seed}"))
     prompts = make_prompts(rng, NUM_PROMPTS, demo_keys)
     heldout = make_eval_prompts(rng, NUM_EVAL_PROMPTS, questions_of(demos) | questions_of(prompts))
     as_text = lambda rows: "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)  # noqa: E731
