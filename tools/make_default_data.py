@@ -329,8 +329,7 @@ def case_family(task: str) -> Family:
 
 def _careless_units(turn: Turn) -> str:
     """Multiplies by 100 instead of 1000: '5 kilometers = 500 meters.'"""
-    n = int(turn.answer) // 1000
-    return turn.reply.replace(f"= {turn.answer} ", f"= {n * 100} ")
+    return turn.reply.replace(f"= {turn.answer} ", f"= {int(turn.answer) // 10} ")
 
 
 def _careless_uppercase(turn: Turn) -> str:
