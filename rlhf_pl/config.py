@@ -271,7 +271,8 @@ class EvalConfig:
     # phrasings (new instances) with paraphrases no training record uses
     prompts: str = "embedded:eval_prompts"
     num_prompts: int = setting(64, ge=1)  # the first N prompts of eval.prompts
-    group_by: Optional[str] = "phrasing"  # a prompt key whose values are reported separately (null: none)
+    # prompt keys whose values are reported separately, a table per key (the embedded split: phrasing, task; []: none)
+    group_by: List[str] = field(default_factory=lambda: ["phrasing", "task"])
     samples: int = setting(4, ge=1)  # sampled answers per prompt and policy (at the sampler's temperature)
     best_of: List[int] = setting(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, ge=1)  # n of best-of-n
     max_new_tokens: int = setting(48, ge=1)  # tokens per answer at most

@@ -122,7 +122,7 @@ def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread, monkey
             f"eval.reference_from={ppo_inputs / 'sft'}", f"eval.reward_from={ppo_inputs / 'rm'}",
             f"eval.extra_policies=[{ppo_inputs / 'sft'}]", "eval.num_prompts=4", "eval.samples=2",
             "eval.best_of=[1,2,4]", "eval.max_new_tokens=5", "sampler.temperature=1.2"])
-    assert cfg.eval.prompts == "embedded:eval_prompts" and cfg.eval.group_by == "phrasing"
+    assert cfg.eval.prompts == "embedded:eval_prompts" and list(cfg.eval.group_by) == ["phrasing", "task"]
     result = run_stage(cfg, tmp_path / "run")
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result.outputs["eval"] == tmp_path / "run" / "eval.json"
@@ -142,7 +142,12 @@ def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread, monkey
     assert sum(row["correct_greedy"] for row in rows) / 4 == sft["correct_greedy"]
     assert sum(row["gold_greedy"] for row in rows) / 4 == pytest.approx(sft["gold_greedy"])
     assert 0.0 <= sft["correct_greedy"] <= 1.0 and 0.0 <= sft["eos_rate"] <= 1.0 and sft["length"] > 0
-    assert {g: v["prompts"] for g, v in sft["by_group"].items()} == {"template": 2, "paraphrase": 2}
+    assert {g: v["prompts"] for g, v in sft["by_group"]["phrasing"].items()} == {"template": 2, "paraphrase": 2}
+    tasks = [r["meta"]["task"] for r in records]
+    assert {g: v["prompts"] for g, v in sft["by_group"]["task"].items()} == {t: tasks.count(t) for t in set(tasks)}
+    for task, figures in sft["by_group"]["task"].items():  # each task's rate is its prompts' mean
+        right = [r["policies"]["sft"]["correct_greedy"] for r in records if r["meta"]["task"] == task]
+        assert figures["correct_greedy"] == pytest.approx(sum(right) / len(right))
     assert [r["n"] for r in report["best_of_n"]] == [1, 2, 4]
     assert all(0.0 <= r["correct"] <= 1.0 for r in report["best_of_n"])
     assert report["proxy_agreement"]["pairs"] >= 0
@@ -151,7 +156,9 @@ def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread, monkey
     assert proxies == sorted(proxies)  # the proxy-best of more samples scores at least as high on the proxy
     text = (tmp_path / "run" / "eval.md").read_text()
     assert "## Policies" in text and "## Best-of-n from the SFT policy" in text and "| sft |" in text
-    assert "by phrasing" in text and "template (2 prompts)" in text
+    assert "## Correct rate of greedy answers by phrasing" in text and "| template (n = 2) |" in text
+    assert "## Correct rate of greedy answers by task" in text  # a row per task, with its number of prompts
+    assert all(f"| {t} (n = {tasks.count(t)}) |" in text for t in set(tasks))
     assert "gain over SFT (greedy, paired)" in text and "| +0.000 ± 0.000 |" in text
     assert (tmp_path / "run" / "eval.png").read_bytes()[:4] == b"\x89PNG"
     assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))

@@ -16,9 +16,10 @@ def fake_run(root: Path, seed: int, sft: float, round_1: float, gain_ci: float) 
     """An iterate run directory with SFT and one round; greedy correct rates ``sft`` → ``round_1``."""
     (root / "round_1" / "eval").mkdir(parents=True)
     eval_json = root / "round_1" / "eval" / "eval.json"
+    by_group = lambda correct: {"phrasing": {"paraphrase": {"correct_greedy": correct}},  # noqa: E731
+                                "task": {"add": {"correct_greedy": 1.0}}}
     policy = lambda correct, **more: {"correct_greedy": correct, "kl": 0.5, "correct_sampled": 0.25,  # noqa: E731
-                                      "gold_sampled": 1.0, "by_group": {"paraphrase": {"correct_greedy": correct}},
-                                      **more}
+                                      "gold_sampled": 1.0, "by_group": by_group(correct), **more}
     eval_json.write_text(json.dumps({
         "policies": {"sft": policy(sft, correct_greedy_gain=None),
                      "round_1": policy(round_1, correct_greedy_gain=round_1 - sft, correct_greedy_gain_ci=gain_ci)},
@@ -43,6 +44,9 @@ def test_rows_and_mean_over_runs_against_hand_computed_figures(tmp_path, capsys)
     assert row["best-of-16 correct gain"] == 0.125 and row["best-of-16 gold gain"] == 0.5
     assert row["minutes"] == pytest.approx(300 / 60)
     assert [k for k in row if k.endswith(" correct")] == ["sft correct", "round_1 correct"]  # SFT's column first
+    assert not [k for k in row if "(add)" in k]  # per task: in each run's eval.md, too many for one row
+    old_format = {"paraphrase": {"correct_greedy": 0.5}}  # eval.json before group_by took several keys
+    assert tool.phrasings(old_format) == old_format
     names = ["round_10", "x", "round_2", "sft"]
     assert sorted(names, key=tool._policy_order) == ["sft", "round_2", "round_10", "x"]  # by number, not as text
     assert tool.main([str(a), str(b)]) == 0

@@ -38,7 +38,7 @@ def row_of(root: Path) -> dict[str, Any]:
     row: dict[str, Any] = {"run": root.name, "seed": _seed(root)}
     for name, m in sorted(policies.items(), key=lambda item: _policy_order(item[0])):
         row[f"{name} correct"] = m["correct_greedy"]
-        for group, g in m.get("by_group", {}).items():
+        for group, g in phrasings(m.get("by_group", {})).items():
             row[f"{name} correct ({group})"] = g["correct_greedy"]
         if name != "sft":
             if m.get("correct_greedy_gain") is not None:  # paired over prompts: the interval the targets are read from
@@ -58,6 +58,14 @@ def row_of(root: Path) -> dict[str, Any]:
     row["minutes"] = sum(s["metrics"].get("wall_time_s", 0) for subs in rounds.values()
                          for k, s in subs.items() if k != "round") / 60
     return {k: v for k, v in row.items() if v is not None}
+
+
+def phrasings(by_group: dict[str, Any]) -> dict[str, Any]:
+    """The figures per phrasing (template | paraphrase) of a policy's ``by_group``: keyed by eval.group_by key
+    (``{"phrasing": {value: figures}, "task": …}``), or by phrasing alone as eval.json had it before 2026-12-07."""
+    if all(isinstance(v, dict) and "correct_greedy" in v for v in by_group.values()):
+        return by_group
+    return by_group.get("phrasing", {})
 
 
 def _policy_order(name: str) -> tuple[int, int, str]:

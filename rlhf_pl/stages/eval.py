@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -95,7 +96,8 @@ class PolicyMetrics:
     # greedy correct rate minus the SFT policy's, paired over the same prompts, and its 95% half-width (None for SFT)
     correct_greedy_gain: float | None = None
     correct_greedy_gain_ci: float | None = None
-    by_group: dict[str, dict[str, Any]] = field(default_factory=dict)  # eval.group_by value -> its figures
+    # eval.group_by key -> its value -> the greedy figures of the prompts with that value
+    by_group: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
 
 
 # --- answers ----------------------------------------------------------------------------------
@@ -192,11 +194,10 @@ def greedy_figures(correct: list[float | None], gold_greedy: list[float],
     return figures
 
 
-def group_figures(prompts: list[Prompt], correct: list[float | None], gold_greedy: list[float], key: str | None,
+def group_figures(prompts: list[Prompt], correct: list[float | None], gold_greedy: list[float], key: str,
                   base: list[float | None] | None = None) -> dict[str, dict[str, Any]]:
-    """:func:`greedy_figures` per value of the prompts' ``key`` (e.g. phrasing: template | paraphrase)."""
-    if key is None:
-        return {}
+    """:func:`greedy_figures` per value of the prompts' ``key`` (e.g. phrasing: template | paraphrase);
+    prompts without the key are left out ({} if none has it)."""
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         if p.meta.get(key) is not None:
@@ -207,7 +208,7 @@ def group_figures(prompts: list[Prompt], correct: list[float | None], gold_greed
 
 
 def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft: GreedyScores | None,
-                   n: int, group_by: str | None = None) -> tuple[PolicyMetrics, GreedyScores]:
+                   n: int, group_by: Sequence[str] = ()) -> tuple[PolicyMetrics, GreedyScores]:
     """The metrics of one policy's answers (its first ``n`` samples per prompt), against the SFT
     policy's greedy ones (``sft``; None: this is the SFT policy), and its own greedy scores."""
     gold_greedy = [gold.score(p, t) for p, t in zip(prompts, a.greedy)]
@@ -227,7 +228,7 @@ def policy_metrics(path: str, prompts: list[Prompt], a: Answers, gold: Any, sft:
         correct_greedy_ci=greedy["correct_greedy_ci"],
         correct_greedy_gain=greedy.get("correct_greedy_gain"),
         correct_greedy_gain_ci=greedy.get("correct_greedy_gain_ci"),
-        by_group=group_figures(prompts, correct, gold_greedy, group_by, base),
+        by_group={key: found for key in group_by if (found := group_figures(prompts, correct, gold_greedy, key, base))},
     ), GreedyScores(gold_greedy, correct)
 
 
@@ -354,15 +355,15 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
         "correct_greedy_ci": {n: m.correct_greedy_ci for n, m in metrics.items()},
         "correct_greedy_gain": {n: m.correct_greedy_gain for n, m in metrics.items() if n != "sft"},
         "correct_greedy_gain_ci": {n: m.correct_greedy_gain_ci for n, m in metrics.items() if n != "sft"},
-        "correct_greedy_by_group": {n: {g: v["correct_greedy"] for g, v in m.by_group.items()}
-                                    for n, m in metrics.items()},
+        "correct_greedy_by_group": {n: {key: {g: v["correct_greedy"] for g, v in groups.items()}
+                                        for key, groups in m.by_group.items()} for n, m in metrics.items()},
         "win_rate_vs_sft": {n: m.win_rate_vs_sft for n, m in metrics.items()},
         "kl": {n: m.kl for n, m in metrics.items()}, "best_of_n_gold": {int(r["n"]): r["gold"] for r in bon},
         "proxy_agreement": agreement["accuracy"]})
 
 
 def write_report(run_dir: Path, metrics: dict[str, PolicyMetrics], bon: list[dict[str, float]],
-                 fits: dict[str, Any], group_by: str | None = None, agreement: dict[str, Any] | None = None) -> str:
+                 fits: dict[str, Any], group_by: Sequence[str] = (), agreement: dict[str, Any] | None = None) -> str:
     """``eval.md`` (policies and best-of-n tables), TensorBoard text, and ``eval.png``."""
     fmt = lambda v: "—" if v is None else f"{v:.3f}"  # noqa: E731
     pm = lambda v, ci: "—" if v is None else f"{v:.3f} ± {ci:.3f}" if ci is not None else f"{v:.3f}"  # noqa: E731
@@ -375,7 +376,6 @@ def write_report(run_dir: Path, metrics: dict[str, PolicyMetrics], bon: list[dic
              "length": f"{m.length:.1f}", "EOS": fmt(m.eos_rate)} for name, m in metrics.items()]
     bon_rows = [{"n": int(r["n"]), "KL": fmt(r["kl"]), "gold": fmt(r["gold"]), "correct": fmt(r.get("correct")),
                  "proxy": fmt(r["proxy"])} for r in bon]
-    groups = sorted({g for m in metrics.values() for g in m.by_group})
 
     def group_cell(figures: dict[str, Any]) -> str:  # "rate ± ci (gain ± ci)", the gain for policies other than SFT
         cell = pm(figures["correct_greedy"], figures["correct_greedy_ci"])
@@ -383,11 +383,18 @@ def write_report(run_dir: Path, metrics: dict[str, PolicyMetrics], bon: list[dic
             return cell
         return f"{cell} ({signed(figures['correct_greedy_gain'], figures['correct_greedy_gain_ci'])})"
 
-    group_rows = [{"policy": name, **{f"{g} ({m.by_group[g]['prompts']} prompts)": group_cell(m.by_group[g])
-                                      for g in groups if g in m.by_group}} for name, m in metrics.items()]
-    by_group = (f"## Correct rate of greedy answers by {group_by} (± 95% interval over prompts; in brackets the "
-                f"gain over SFT, paired over prompts)\n\n"
-                f"{markdown_table(group_rows)}\n\n" if groups else "")
+    def group_table(key: str) -> str:  # a row per value of the key, a column per policy
+        values = sorted({g for m in metrics.values() for g in m.by_group.get(key, {})})
+        if not values:
+            return ""
+        prompts = {g: next(m.by_group[key][g]["prompts"] for m in metrics.values() if g in m.by_group.get(key, {}))
+                   for g in values}
+        rows = [{key: f"{g} (n = {prompts[g]})", **{name: group_cell(m.by_group[key][g]) if g in m.by_group.get(key, {})
+                                                 else "—" for name, m in metrics.items()}} for g in values]
+        return (f"## Correct rate of greedy answers by {key} (n prompts each; ± 95% interval over prompts; in brackets "
+                f"the gain over SFT, paired over prompts)\n\n{markdown_table(rows)}\n\n")
+
+    by_group = "".join(group_table(key) for key in group_by)
     agrees = (f"The proxy reward model orders {agreement['pairs']} pairs of the SFT policy's sampled answers as the "
               f"gold labeler does {fmt(agreement['accuracy'])} of the time (0.5: chance).\n\n"
               if agreement and agreement["pairs"] else "")
