@@ -310,6 +310,9 @@ class IterateConfig:
     collect_k: Optional[int] = setting(8, ge=2, le=64)
     # collect's sampling temperature (InstructGPT: 1; PPO keeps sampler.temperature): diverse completions to rank
     collect_temperature: Optional[float] = setting(1.0, gt=0)
+    # PPO's rollout (and logprob) temperature (InstructGPT: 1; eval keeps sampler.temperature); null:
+    # sampler.temperature (0.7). T = 1 with more careless demonstrations was no better in one seed (docs/results.md)
+    ppo_temperature: Optional[float] = setting(None, gt=0)
     # passes of each round's reward model over its rankings (rm.epochs): on 163 rankings 2 passes agreed with the
     # gold labeler on 0.81 of the SFT policy's answer pairs, 1 pass on 0.73 (docs/results.md)
     rm_epochs: Optional[int] = setting(2, ge=1)

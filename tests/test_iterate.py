@@ -20,10 +20,11 @@ from rlhf_pl.stages import iterate
 REPO = Path(__file__).resolve().parent.parent
 SUB_STAGES = ("collect", "rm", "ppo", "eval")
 # a small loop: 2 rounds of the quick experiment on 48 prompts; PPO checkpoints every 2 of 8 updates; the
-# loop's own collect and RM budgets (iterate.collect_k, iterate.rm_epochs[_continued]) replace collect.k and rm.epochs
+# loop's own collect and RM budgets (iterate.collect_k, iterate.rm_epochs[_continued]) replace collect.k and rm.epochs,
+# and PPO samples at iterate.ppo_temperature
 LOOP = ["+stage=iterate", "experiment=quick", "iterate.rounds=2", "data.limit=48", "ppo.updates=8",
         "ppo.checkpoint_every=2", "eval.num_prompts=8", "eval.best_of=[1,2,4]", "trainer.enable_progress_bar=false",
-        "iterate.collect_k=3", "collect.k=5", "iterate.rm_epochs=2"]
+        "iterate.collect_k=3", "collect.k=5", "iterate.rm_epochs=2", "iterate.ppo_temperature=0.9"]
 
 
 def _descendants(pid: int) -> list[int]:
@@ -101,6 +102,9 @@ def test_two_rounds_killed_in_every_sub_stage_resume_without_redoing_or_losing_a
         settings = by_round[r]["ppo"]["settings"]
         assert (settings["ppo.critic"], settings["ppo.samples_per_prompt"], settings["ppo.score_baseline"],
                 settings["ppo.batch_size"], settings["ppo.policy_optim.lr"]) == ("none", 4, "group", 8, 1e-4)
+        # PPO rolls out at iterate.ppo_temperature; eval keeps sampler.temperature
+        assert settings["sampler.temperature"] == 0.9
+        assert OmegaConf.load(run / f"round_{r}" / "ppo" / "config.yaml").sampler.temperature == 0.9
         rows = json.loads((run / f"round_{r}" / "ppo" / "summary.json").read_text())["rows_forwarded"]
         assert "critic_rollout" not in rows and "critic_train" not in rows
         if r == 2:  # not interrupted: updates × prompts × answers
@@ -128,6 +132,7 @@ def test_two_rounds_killed_in_every_sub_stage_resume_without_redoing_or_losing_a
         assert rm["init_from"] == (init if r == 1 else f"reward model {init}")
 
     assert set(by_round[2]["eval"]["metrics"]["gold_greedy"]) == {"sft", "round_1", "round_2"}
+    assert OmegaConf.load(run / "round_2" / "eval" / "config.yaml").sampler.temperature == 0.7
     assert (run / "rounds.png").stat().st_size > 0 and "| round |" in (run / "rounds.md").read_text()
     # the rounds table shows the gain of PPO's own score (every baseline measures it; group: no reference score)
     gain_2 = json.loads((run / "round_2" / "ppo" / "summary.json").read_text())["score_gain"]

@@ -110,7 +110,8 @@ def run(cfg: DictConfig, run_dir: Path, inputs: Any) -> StageResult:
         reward_model = rm.output
         ppo = lineage.run(cfg, r, "ppo", step, {"policy": policy, "reward_model": reward_model},
                           {"ppo.reference_from": str(sft), "seed": cfg.seed + r,
-                           **_budget("ppo.updates", it.ppo_updates), **ppo_settings})
+                           **_budget("ppo.updates", it.ppo_updates),
+                           **_budget("sampler.temperature", it.ppo_temperature), **ppo_settings})
         policy = ppo.output
         if it.eval_every_round or r == it.rounds:
             policies = [f"round_{i}={lineage.get(i, 'ppo').output}" for i in range(1, r + 1)]
