@@ -34,12 +34,16 @@ def test_the_gold_fit_s_peak_is_where_d_alpha_minus_beta_log_d_turns_down():
     assert fitted["proxy"]["beta"] == pytest.approx(0.0, abs=1e-9)  # the proxy rises linearly: no peak
 
 
-def test_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread, capsys):
+# bf16-mixed: the frozen models hold bfloat16 linear weights, so the measurements must run under PPO's autocast
+# (precision=auto picks it on CPUs with native bfloat16; experiment=quick's fp32 alone would not see a mismatch)
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread, capsys, precision):
     random.seed(0)
     code = tool.main(["--model", "tiny", "--sft", str(ppo_inputs / "sft"), "--rankings", "24", "--updates", "4",
                       "--eval-every", "2", "--prompts", "4", "--samples", "2", "--out", str(tmp_path / "o"),
                       "experiment=quick", f"paths.output_root={tmp_path / 'out'}", "ppo.batch_size=4",
-                      "ppo.num_minibatches=1", "ppo.max_new_tokens=6", "eval.max_new_tokens=6"])
+                      "ppo.num_minibatches=1", "ppo.max_new_tokens=6", "eval.max_new_tokens=6",
+                      f"precision={precision}"])
     assert code == 0
     result = json.loads((tmp_path / "o" / "overoptimisation.json").read_text())
     assert [p["update"] for p in result["points"]] == [0, 2, 4]

@@ -142,7 +142,8 @@ class GoldTracker:
         ids = [tokenize_prompt(module.tokenizer, p.messages)[-self.cfg.data.max_prompt_length:] for p in self.prompts]
         was_training = module.policy.training
         module.policy.eval()
-        with torch.no_grad():
+        # the autocast PPO's own rollouts run under: the frozen models' linear weights are stored in its dtype
+        with torch.no_grad(), module.trainer.precision_plugin.forward_context():
             answers = answers_of(module.policy, module.reference, module.tokenizer, ids, self.samples, self.sampler,
                                  self.cfg, module.scorer)
         module.policy.train(was_training)
