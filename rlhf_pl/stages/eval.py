@@ -384,13 +384,13 @@ def write_report(run_dir: Path, metrics: dict[str, PolicyMetrics], bon: list[dic
         return f"{cell} ({signed(figures['correct_greedy_gain'], figures['correct_greedy_gain_ci'])})"
 
     def group_table(key: str) -> str:  # a row per value of the key, a column per policy
-        values = sorted({g for m in metrics.values() for g in m.by_group.get(key, {})})
-        if not values:
+        # every policy answered the same prompts, so each has the same values and counts as the first
+        first = next(iter(metrics.values())).by_group.get(key)
+        if not first:
             return ""
-        prompts = {g: next(m.by_group[key][g]["prompts"] for m in metrics.values() if g in m.by_group.get(key, {}))
-                   for g in values}
-        rows = [{key: f"{g} (n = {prompts[g]})", **{name: group_cell(m.by_group[key][g]) if g in m.by_group.get(key, {})
-                                                 else "—" for name, m in metrics.items()}} for g in values]
+        rows = [{key: f"{g} (n = {figures['prompts']})",
+                 **{name: group_cell(m.by_group[key][g]) for name, m in metrics.items()}}
+                for g, figures in first.items()]
         return (f"## Correct rate of greedy answers by {key} (n prompts each; ± 95% interval over prompts; in brackets "
                 f"the gain over SFT, paired over prompts)\n\n{markdown_table(rows)}\n\n")
 
