@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 #: ``scorer(sequences (b, t), attention_mask (b, t)) -> RewardOutput`` with (b,) fields, read at the
 #: last attended token. :class:`rlhf_pl.models.reward.RewardModel` is one; tests inject rule-based ones.
+#: A scorer with ``takes_prefix_length = True`` also gets ``prefix_length=p``: rows sharing the first p
+#: columns (the K samples of a prompt) may run them once.
 Scorer = Callable[[Tensor, Tensor], Any]
 
 HF = HFGeneration(HFGenerationConfig())  # the backend when a caller passes none
@@ -115,7 +117,8 @@ def sample(model: Any, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Any, ma
 @torch.no_grad()
 def score(completions: Completions, scorer: Scorer) -> Completions:
     """``completions`` with the scorer's output over prompt + response (read at the last valid token)."""
-    return completions._replace(scores=scorer(completions.sequences, completions.attention_mask))
+    kwargs = {"prefix_length": completions.prompt_length} if getattr(scorer, "takes_prefix_length", False) else {}
+    return completions._replace(scores=scorer(completions.sequences, completions.attention_mask, **kwargs))
 
 
 class Sample(NamedTuple):

@@ -42,6 +42,37 @@ def pad_left(seqs: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tensor
     return _pad(seqs, pad_id, left=True)
 
 
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """How many leading tokens all of ``seqs`` share, at most the shortest length − 1 (every row keeps a token)."""
+    shortest = min(len(s) for s in seqs)
+    n = 0
+    while n < shortest - 1 and all(s[n] == seqs[0][n] for s in seqs):
+        n += 1
+    return n
+
+
+def pad_shared_prefix(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) -> tuple[Tensor, Tensor, int]:
+    """Rows of groups (a prompt's K completions) laid out so that a group's rows share columns [0, P).
+
+    Each group's rows split after their :func:`common_prefix_length`; the prefixes are left-padded to
+    the longest one (P), the rest right-padded after column P. Returns ids (n, P + S) and mask
+    (n, P + S), both long, rows in order, and P (:func:`rlhf_pl.models.forward.forward_columns`'s
+    ``prefix_length``).
+    """
+    if not groups or not all(groups):
+        raise ValueError("pad_shared_prefix: expected groups of at least one sequence each")
+    splits = [common_prefix_length(g) for g in groups]
+    rows = [(s[:c], s[c:]) for g, c in zip(groups, splits) for s in g]
+    p, t = max(splits), max(len(tail) for _, tail in rows)
+    ids = torch.full((len(rows), p + t), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), p + t), dtype=torch.long)
+    for row, (head, tail) in enumerate(rows):
+        ids[row, p - len(head):p] = torch.as_tensor(list(head), dtype=torch.long)
+        ids[row, p:p + len(tail)] = torch.as_tensor(list(tail), dtype=torch.long)
+        mask[row, p - len(head):p + len(tail)] = 1
+    return ids, mask, p
+
+
 def trim_left_padding(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Drop the leading columns that are padding in every row (a subset of a left-padded batch).
     Shapes: ids, mask (b, p) -> (b, p') with p' <= p."""

@@ -367,7 +367,7 @@ class PolicyReference:
         def forward(*args: Any, **kwargs: Any) -> Any:
             return self._forward(*args, **kwargs)
 
-        forward.__signature__ = inspect.signature(policy.forward)  # what generate._accepts inspects
+        forward.__signature__ = inspect.signature(policy.forward)  # what forward.accepts inspects
         self.forward = forward
 
     def _forward(self, *args: Any, **kwargs: Any) -> Any:

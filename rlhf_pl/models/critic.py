@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from rlhf_pl.models.generate import position_ids_from_mask
+from rlhf_pl.models.forward import forward_columns
 from rlhf_pl.models.loading import set_dropout
 from rlhf_pl.models.reward import RewardModel
 from rlhf_pl.rl.masked import valid_only
@@ -69,10 +69,9 @@ class Critic(nn.Module):
 
     def forward(self, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
         """Shapes: sequences, attention_mask (b, p + n) -> values (b, n) float32, 0 after the response."""
-        with attention_kernel(sequences.shape[1], sequences.device, self.trunk):
-            hidden = self.trunk(input_ids=sequences, attention_mask=attention_mask,
-                                position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
-        values = self.head(hidden[:, prompt_length - 1:-1])
+        with attention_kernel(sequences.shape[1], sequences.device, self.trunk):  # the prompt once per K rows
+            hidden = forward_columns(self.trunk, sequences, attention_mask, prompt_length, prompt_length - 1, "hidden")
+        values = self.head(hidden[:, :-1])
         return valid_only(values, attention_mask[:, prompt_length:])
 
 

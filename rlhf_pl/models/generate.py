@@ -23,7 +23,6 @@ Shapes: ``b`` batch, ``p`` prompt length (padded), ``n`` generated tokens, ``t =
 """
 from __future__ import annotations
 
-import inspect
 from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import torch
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from transformers.cache_utils import DynamicCache
 
+from rlhf_pl.models.forward import accepts, forward_columns, position_ids_from_mask
 from rlhf_pl.plugins.samplers import Sampler
 from rlhf_pl.rl.masked import AllReduce
 
@@ -47,15 +47,6 @@ class Generation(NamedTuple):
     response_mask: Tensor  # (b, n) long: 1 up to and including the first EOS, 0 after
     ended: Tensor  # (b,) bool: the response contains EOS (False: it hit max_new_tokens)
     attention_mask: Tensor  # (b, p + n) long: cat(prompt_mask, response_mask)
-
-
-def position_ids_from_mask(mask: Tensor) -> Tensor:
-    """Positions counting only attended tokens. Shape: (b, t) -> (b, t) long.
-
-    ``cumsum(mask) - 1`` clamped at 0: left padding gets 0, the first real token 0, and a padded
-    position after the last real token repeats the last real position.
-    """
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def _check_prompt(prompt_ids: Tensor, prompt_mask: Tensor) -> None:
@@ -85,13 +76,6 @@ class GreedySampler:
         return "GreedySampler()"
 
 
-def _accepts(model: Any, name: str) -> bool:
-    """``model.forward`` takes ``name`` (an FSDP root: its wrapped model's forward, which it calls)."""
-    from rlhf_pl.strategies import unwrapped
-
-    return name in inspect.signature(unwrapped(model).forward).parameters
-
-
 def _step(model: Any, input_ids: Tensor, mask: Tensor, cache: Any, keep_last: bool,
           params: Optional[dict[str, Tensor]] = None) -> tuple[Tensor, Any]:
     """One forward with the KV cache (None: the model makes a new one); ``params`` (if given) replace
@@ -100,7 +84,7 @@ def _step(model: Any, input_ids: Tensor, mask: Tensor, cache: Any, keep_last: bo
     Shapes: input_ids (b, s), mask (b, past + s) -> last logits (b, v) float32, updated cache.
     """
     kwargs: dict[str, Any] = {}
-    if keep_last and _accepts(model, "logits_to_keep"):
+    if keep_last and accepts(model, "logits_to_keep"):
         kwargs["logits_to_keep"] = 1
     positions = position_ids_from_mask(mask)[:, -input_ids.shape[1]:]
     kwargs.update(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
@@ -282,19 +266,14 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
 def response_logits(model: Any, sequences: Tensor, attention_mask: Tensor, prompt_length: int) -> Tensor:
     """Logits predicting each response token. Shapes: sequences, mask (b, t) -> (b, t - p, v).
 
-    One full forward pass with position ids from the mask; the logits at column ``p - 1 + i``
-    predict response token ``i``. Grad mode and train/eval mode are the caller's.
+    The logits at column ``p - 1 + i`` predict response token ``i``; rows with the same prompt
+    columns (the K samples of a prompt) run them once (:func:`rlhf_pl.models.forward.forward_columns`).
+    Grad mode and train/eval mode are the caller's.
     """
     if not 0 < prompt_length < sequences.shape[1]:
         raise ValueError(f"prompt_length must be in [1, {sequences.shape[1] - 1}] for sequences of length "
                          f"{sequences.shape[1]}, got {prompt_length}")
-    kwargs: dict[str, Any] = {}
-    n = sequences.shape[1] - prompt_length
-    if _accepts(model, "logits_to_keep"):
-        kwargs["logits_to_keep"] = n + 1
-    out = model(input_ids=sequences, attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask), use_cache=False, **kwargs)
-    return out.logits[:, -(n + 1):-1, :]
+    return forward_columns(model, sequences, attention_mask, prompt_length, prompt_length - 1)[:, :-1]
 
 
 def response_logprobs(model: Any, sequences: Tensor, attention_mask: Tensor, prompt_length: int,

@@ -17,7 +17,8 @@ from torch import Tensor, nn
 from rlhf_pl import registry
 from rlhf_pl.errors import ConfigError
 from rlhf_pl.models.critic import Critic, ValueHead, freeze, new_value_head
-from rlhf_pl.models.generate import entropy_from_logits, logprobs_from_logits, position_ids_from_mask, response_logits
+from rlhf_pl.models.forward import forward_columns
+from rlhf_pl.models.generate import entropy_from_logits, logprobs_from_logits, response_logits
 from rlhf_pl.models.loading import load_model_and_tokenizer, load_tokenizer, set_dropout
 from rlhf_pl.models.reward import LabelerReward, RewardModel, hidden_size_of, trunk_of
 from rlhf_pl.outputs import model_config_at
@@ -126,7 +127,8 @@ class PolicyEval(NamedTuple):
 
 def evaluate_policy(policy: nn.Module, sequences: Tensor, attention_mask: Tensor, prompt_length: int,
                     temperature: float, value_head: ValueHead | None = None, with_entropy: bool = False) -> PolicyEval:
-    """One forward pass over prompt + response: logprobs (and entropy) of ``softmax(logits / T)``.
+    """A forward pass over prompt + response (each distinct prompt once): logprobs (and entropy) of
+    ``softmax(logits / T)``.
 
     The rollout (no grad) and the update (grad) both call this, on the same rows, which is what
     makes the first minibatch's ratio exactly 1. With ``value_head`` (critic=shared) the values
@@ -137,10 +139,8 @@ def evaluate_policy(policy: nn.Module, sequences: Tensor, attention_mask: Tensor
         if value_head is None:
             logits = response_logits(policy, sequences, attention_mask, prompt_length)  # (b, n, v)
         else:
-            positions = position_ids_from_mask(attention_mask)
-            hidden = trunk_of(policy)(input_ids=sequences, attention_mask=attention_mask, position_ids=positions,
-                                      use_cache=False).last_hidden_state
-            hidden = hidden[:, prompt_length - 1:-1]  # (b, n, d): the columns predicting the response
+            hidden = forward_columns(trunk_of(policy), sequences, attention_mask, prompt_length, prompt_length - 1,
+                                     "hidden")[:, :-1]  # (b, n, d): the columns predicting the response
             logits, values = policy.get_output_embeddings()(hidden), value_head(hidden)
     mask = attention_mask[:, prompt_length:]
     scaled = logits.float() / temperature

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from rlhf_pl import registry
 from rlhf_pl.errors import InputError
 from rlhf_pl.io import atomic_dir
-from rlhf_pl.models.generate import position_ids_from_mask
+from rlhf_pl.models.forward import forward_columns
 from rlhf_pl.plugins.reward_heads import HeadChoice, RewardHeadOutput, build_head, resolve_head
 from rlhf_pl.runtime import attention_kernel
 
@@ -186,19 +186,20 @@ class RewardModel(nn.Module):
 
     # --- scoring -----------------------------------------------------------------------------
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> RewardOutput:
+    #: :func:`rlhf_pl.sampling.score` passes ``prefix_length`` (the K answers of a prompt share its pass)
+    takes_prefix_length = True
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, prefix_length: int = 0) -> RewardOutput:
         """Rewards of (prompt + completion) sequences, padded on either side.
 
         Shape: input_ids (b, t), attention_mask (b, t) -> :class:`RewardOutput` with (b,) fields.
         Position ids come from the mask, so a sequence's reward does not depend on its padding.
+        ``prefix_length``: rows whose first ``prefix_length`` columns are equal (a prompt's K
+        completions, the prompt left-padded to that column) run them once
+        (:func:`rlhf_pl.models.forward.forward_columns`); 0 runs every row whole.
         """
         with attention_kernel(input_ids.shape[1], input_ids.device, self.trunk):
-            hidden = self.trunk(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                position_ids=position_ids_from_mask(attention_mask),
-                use_cache=False,
-            ).last_hidden_state  # (b, t, d)
+            hidden = forward_columns(self.trunk, input_ids, attention_mask, prefix_length, 0, "hidden")  # (b, t, d)
         out = self.head(hidden, attention_mask)
         raw, uncertainty, members = self._check_head_output(out, input_ids.shape[0])
         gain, bias = self.gain.float(), self.bias.float()

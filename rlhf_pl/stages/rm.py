@@ -35,7 +35,7 @@ from torchmetrics.functional import kendall_rank_corrcoef
 from rlhf_pl import registry
 from rlhf_pl.config import OVERLONG_RULES, OptimConfig
 from rlhf_pl.data.chat import LengthReport, tokenize_completion, tokenize_prompt
-from rlhf_pl.data.collate import batched_loader, pad_right
+from rlhf_pl.data.collate import batched_loader, pad_right, pad_shared_prefix
 from rlhf_pl.data.formats import Conversation, Ranking, load_conversations, load_prompts, load_rankings, train_val_split
 from rlhf_pl.errors import ConfigError
 from rlhf_pl.models.loading import load_model_and_tokenizer
@@ -118,9 +118,11 @@ def tokenize_rankings(
 class RankingBatch:
     """A batch of P prompts with n = Σ K_p completions, flattened.
 
-    Shapes: input_ids, attention_mask (n, t) right-padded; pair_index (n_pairs, 2) (winner, loser)
-    rows of the flattened batch; pair_prompt (n_pairs,) prompt of each pair; completion_prompt (n,)
-    prompt of each completion; rank_position (n,) tie-group index in its ranking (0 = best).
+    Shapes: input_ids, attention_mask (n, t), a prompt's rows sharing columns [0, prefix_length) (their
+    common prefix, left-padded; the rest right-padded: :func:`pad_shared_prefix`); pair_index
+    (n_pairs, 2) (winner, loser) rows of the flattened batch; pair_prompt (n_pairs,) prompt of each
+    pair; completion_prompt (n,) prompt of each completion; rank_position (n,) tie-group index in its
+    ranking (0 = best).
     """
 
     input_ids: Tensor
@@ -130,29 +132,31 @@ class RankingBatch:
     completion_prompt: Tensor
     rank_position: Tensor
     n_prompts: int
+    prefix_length: int = 0
 
 
 class RankingCollator:
-    """Flattens the K completions of every prompt into one right-padded (n, t) batch + pair indices."""
+    """Flattens the K completions of every prompt into one (n, t) batch, each prompt's rows sharing their
+    common prefix's columns, + pair indices."""
 
     def __init__(self, pad_id: int) -> None:
         self.pad_id = pad_id
 
     def __call__(self, items: Sequence[TokenizedRanking]) -> RankingBatch:
-        sequences: list[Sequence[int]] = []
         pairs, pair_prompt, completion_prompt, positions = [], [], [], []
+        offset = 0
         for p, item in enumerate(items):
-            k, offset = len(item.sequences), len(sequences)
+            k = len(item.sequences)
             winners, losers = all_pairs(item.groups)
             pairs.append(torch.stack([winners, losers], dim=1) + offset)  # (pairs_p, 2)
             pair_prompt.append(torch.full((len(winners),), p, dtype=torch.long))
             completion_prompt.append(torch.full((k,), p, dtype=torch.long))
             positions.append(group_positions(item.groups, k))
-            sequences.extend(item.sequences)
-        input_ids, attention_mask = pad_right([list(s) for s in sequences], self.pad_id)
+            offset += k
+        input_ids, attention_mask, prefix = pad_shared_prefix([item.sequences for item in items], self.pad_id)
         return RankingBatch(
             input_ids, attention_mask, torch.cat(pairs), torch.cat(pair_prompt),
-            torch.cat(completion_prompt), torch.cat(positions), len(items),
+            torch.cat(completion_prompt), torch.cat(positions), len(items), prefix,
         )
 
 
@@ -221,8 +225,8 @@ class RewardModelModule(L.LightningModule):
         self._pairs_seen = 0
         self._train_seconds = 0.0
 
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> RewardOutput:
-        return self.reward_model(input_ids, attention_mask)
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, prefix_length: int = 0) -> RewardOutput:
+        return self.reward_model(input_ids, attention_mask, prefix_length)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         self._step_started = time.perf_counter()
@@ -230,7 +234,7 @@ class RewardModelModule(L.LightningModule):
     def training_step(self, batch: RankingBatch, batch_idx: int) -> Tensor:
         """The ranking loss averaged over the prompts (with a pair) of every rank's batch; accuracy and
         margin averaged over every rank's pairs (:func:`global_mean`)."""
-        result = ranking_loss(self(batch.input_ids, batch.attention_mask), batch)
+        result = ranking_loss(self(batch.input_ids, batch.attention_mask, batch.prefix_length), batch)
         pairs = batch.pair_index.shape[0]
         prompts_with_pairs = int((torch.bincount(batch.pair_prompt, minlength=batch.n_prompts) > 0).sum())
         loss = global_mean(result.loss * prompts_with_pairs, prompts_with_pairs)  # loss = Σ / prompts
@@ -255,7 +259,7 @@ class RewardModelModule(L.LightningModule):
         self.log("train/comparisons_per_s", pairs / max(elapsed, 1e-9), batch_size=batch.n_prompts)
 
     def validation_step(self, batch: RankingBatch, batch_idx: int) -> None:
-        out = self(batch.input_ids, batch.attention_mask)
+        out = self(batch.input_ids, batch.attention_mask, batch.prefix_length)
         result = ranking_loss(out, batch)
         margins = out.raw[batch.pair_index[:, 0]] - out.raw[batch.pair_index[:, 1]]  # (n_pairs,)
         self.val_loss.update(result.loss, weight=batch.n_prompts)
