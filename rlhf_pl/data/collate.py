@@ -62,15 +62,9 @@ def pad_shared_prefix(groups: Sequence[Sequence[Sequence[int]]], pad_id: int) ->
     if not groups or not all(groups):
         raise ValueError("pad_shared_prefix: expected groups of at least one sequence each")
     splits = [common_prefix_length(g) for g in groups]
-    rows = [(s[:c], s[c:]) for g, c in zip(groups, splits) for s in g]
-    p, t = max(splits), max(len(tail) for _, tail in rows)
-    ids = torch.full((len(rows), p + t), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), p + t), dtype=torch.long)
-    for row, (head, tail) in enumerate(rows):
-        ids[row, p - len(head):p] = torch.as_tensor(list(head), dtype=torch.long)
-        ids[row, p:p + len(tail)] = torch.as_tensor(list(tail), dtype=torch.long)
-        mask[row, p - len(head):p + len(tail)] = 1
-    return ids, mask, p
+    head_ids, head_mask = pad_left([s[:c] for g, c in zip(groups, splits) for s in g], pad_id)
+    tail_ids, tail_mask = pad_right([s[c:] for g, c in zip(groups, splits) for s in g], pad_id)
+    return torch.cat([head_ids, tail_ids], dim=1), torch.cat([head_mask, tail_mask], dim=1), head_ids.shape[1]
 
 
 def trim_left_padding(ids: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
