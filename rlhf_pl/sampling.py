@@ -8,8 +8,8 @@ Two levels:
   sequences, the response mask cut at EOS or a stop string, whether each ended; the scores when a
   scorer is given). The sampler plugin draws the tokens; the generation backend
   (:mod:`rlhf_pl.generation`, ``generation=hf|static``, built by :func:`build_backend`) runs the model.
-- :func:`sample_texts`: ``n`` completions of each of a list of tokenized prompts, batched by
-  prompt length, with progress → one list of :class:`Sample` (decoded text, tokens, ended,
+- :func:`sample_texts`: ``n`` completions of each of a list of tokenized prompts (or a count per
+  prompt), batched by prompt length, with progress → one list of :class:`Sample` (decoded text, tokens, ended,
   reward) per prompt. The ``n`` completions of a prompt share one prefill of it
   (``generate(..., num_samples=n)``).
 
@@ -17,6 +17,7 @@ Shapes: ``b`` sequences, ``p`` prompt columns (left-padded), ``n`` response colu
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
@@ -135,38 +136,50 @@ def model_device(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def sample_texts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], n: int, sampler: Any,
+def sample_texts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], n: int | Sequence[int], sampler: Any,
                  max_new_tokens: int, *, batch_size: int = 16, stop_strings: Sequence[str] = (),
                  generator: Optional[torch.Generator] = None, scorer: Optional[Scorer] = None,
                  progress: Optional[str] = None, backend: Optional[GenerationBackend] = None) -> list[list[Sample]]:
     """``n`` completions of each tokenized prompt (chat-templated ids ending with the generation
-    prompt), about ``batch_size`` sequences at a time: a batch holds ``max(1, batch_size // n)``
-    distinct prompts, each prefilled once and then sampled ``n`` times (``sample(..., num_samples=n)``).
-    Prompts are sorted by length (stable) so that a batch pads little. ``progress``: a label to show
-    a progress bar over the sequences (a log line per batch when stderr is not a terminal).
-    ``backend``: the generation backend (None: ``generation=hf``). Returns one list of ``n`` samples
-    per prompt, in prompt order."""
-    if n < 1 or batch_size < 1:
-        raise ValueError(f"n={n} and batch_size={batch_size} must be >= 1")
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    per_batch = max(1, batch_size // n)
+    prompt), or ``n[i]`` of prompt i (0 allowed: collect's resampling asks each prompt for the
+    completions it still lacks). About ``batch_size`` sequences at a time: a batch holds
+    ``max(1, batch_size // n)`` distinct prompts of one count n, each prefilled once and then sampled
+    n times (``sample(..., num_samples=n)``). Prompts are sorted by count, then length (stable), so
+    that a batch pads little. ``progress``: a label to show a progress bar over the sequences (a log
+    line per batch when stderr is not a terminal). ``backend``: the generation backend (None:
+    ``generation=hf``). Returns one list of ``n[i]`` samples per prompt, in prompt order."""
+    counts = [n] * len(prompts) if isinstance(n, int) else list(n)
+    if len(counts) != len(prompts) or batch_size < 1 or (isinstance(n, int) and n < 1) or min(counts, default=0) < 0:
+        raise ValueError(f"n={n} must be >= 1 (or one count >= 0 per prompt, {len(prompts)} prompts) "
+                         f"and batch_size={batch_size} >= 1")
     results: list[list[Sample]] = [[] for _ in prompts]
     device = model_device(model)
-    with _Progress(progress, len(prompts) * n) as bar:
-        for start in range(0, len(order), per_batch):
-            batch = order[start:start + per_batch]
+    with _Progress(progress, sum(counts)) as bar:
+        for count, batch in _batches(prompts, counts, batch_size):
             ids, mask = pad_left([list(prompts[i]) for i in batch], tokenizer.pad_token_id)
             out = sample(model, ids.to(device), mask.to(device), sampler, max_new_tokens, tokenizer,
-                         stop_strings=stop_strings, generator=generator, scorer=scorer, num_samples=n,
+                         stop_strings=stop_strings, generator=generator, scorer=scorer, num_samples=count,
                          backend=backend)
-            rows = len(batch) * n  # row r is sample r % n of prompt batch[r // n]
+            rows = len(batch) * count  # row r is sample r % count of prompt batch[r // count]
             rewards = out.scores.rewards.float().tolist() if out.scores is not None else [None] * rows
             for row, text in enumerate(out.texts(tokenizer)):
-                index = batch[row // n]
+                index = batch[row // count]
                 tokens = tuple(out.response[row, out.mask[row].bool()].tolist())
                 results[index].append(Sample(index, text, tokens, bool(out.ended[row]), rewards[row]))
             bar.advance(rows)
     return results
+
+
+def _batches(prompts: Sequence[Sequence[int]], counts: list[int], batch_size: int) -> list[tuple[int, list[int]]]:
+    """``(count, prompt indices)`` per batch: prompts of one count, sorted by (count, length),
+    ``max(1, batch_size // count)`` to a batch; prompts of count 0 in none."""
+    order = sorted((i for i in range(len(prompts)) if counts[i]), key=lambda i: (counts[i], len(prompts[i])))
+    batches: list[tuple[int, list[int]]] = []
+    for count, group in itertools.groupby(order, key=counts.__getitem__):
+        indices = list(group)
+        per_batch = max(1, batch_size // count)
+        batches += [(count, indices[start:start + per_batch]) for start in range(0, len(indices), per_batch)]
+    return batches
 
 
 class _Progress:

@@ -6,15 +6,17 @@ import json
 import random
 
 import pytest
+import torch
 from hydra import compose, initialize_config_module
 
 from rlhf_pl import outputs
 from rlhf_pl.config import register_configs, validate_config
-from rlhf_pl.data.formats import Conversation, DataError, Message, load_rankings
+from rlhf_pl.data.formats import Conversation, DataError, Message, Prompt, load_rankings
 from rlhf_pl.errors import ConfigError, InputError
+from rlhf_pl.models.generate import GreedySampler
 from rlhf_pl.run import run_stage
 from rlhf_pl.sampling import Sample
-from rlhf_pl.stages.collect import INPUTS, Pool, load_items, pick_turn
+from rlhf_pl.stages.collect import INPUTS, Item, Pool, load_items, pick_turn, sample_pool
 
 
 def _compose(*overrides: str):
@@ -64,7 +66,37 @@ def test_the_pool_keeps_k_distinct_non_empty_completions_and_counts_the_rest():
     pool = Pool(k=2)
     pool.add([Sample(0, t, (1,), True) for t in ("a", "", "a", "b", "c")] + [Sample(1, "x", (2,), False)])
     assert [s.text for s in pool.kept[0]] == ["a", "b"] and (pool.empty, pool.duplicates) == (1, 1)
-    assert pool.missing(2) == [1]
+    assert pool.missing(3) == [0, 1, 2]
+
+
+class _Always(GreedySampler):
+    """A sampler that always picks ``token``. Shape: (b, v) -> (b,)."""
+
+    def __init__(self, token: int) -> None:
+        self.token = token
+
+    def sample(self, logits, generator=None):
+        return torch.full(logits.shape[:-1], self.token, dtype=torch.long)
+
+
+def test_resampling_asks_each_prompt_once_for_all_it_lacks(tiny_model, tiny_tokenizer, one_thread):
+    """A policy that always writes "a" repeats itself: of k=3 samples 2 are duplicates, in the first round and in
+    each of the 2 resampling rounds. Each round prefills every prompt once (forward calls counted: 3 prompt rows per
+    round, never one per missing slot), and the duplicates are counted."""
+    cfg = _compose("collect.k=3", "collect.resample_rounds=2", "collect.batch_size=6", "collect.max_new_tokens=4")
+    items = [Item(Prompt((Message("user", q),), f"p.jsonl:{i}"), f"p.jsonl:{i}")
+             for i, q in enumerate(["Hi.", "What is 2 + 3?", "Spell 'cat', please."])]
+    prefill_rows: list[int] = []
+    handle = tiny_model.register_forward_pre_hook(
+        lambda _, args, kwargs: prefill_rows.append(kwargs["input_ids"].shape[0]) if kwargs["input_ids"].shape[1] > 1
+        else None, with_kwargs=True)
+    try:
+        pool = sample_pool(tiny_model, tiny_tokenizer, items, cfg, _Always(tiny_tokenizer.encode("a")[0]), seed=0)
+    finally:
+        handle.remove()
+    assert sum(prefill_rows) == 3 * 3  # 3 prompts, once in each of 3 rounds
+    assert [len(pool.kept[i]) for i in range(3)] == [1, 1, 1] and pool.duplicates == 3 * 2 * 3
+    assert pool.missing(3) == [2, 2, 2]
 
 
 def test_policy_auto_prefers_the_latest_ppo_output_then_sft(tmp_path, ppo_inputs):

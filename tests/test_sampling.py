@@ -2,6 +2,7 @@
 strings, scored."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlhf_pl.data.chat import tokenize_prompt
@@ -116,3 +117,33 @@ def test_sample_with_num_samples_repeats_the_prompt_mask_and_scores_every_row(ti
     assert torch.equal(out.scores.rewards, out.attention_mask.sum(1).float())
     single = sample(tiny_model, ids, mask, GreedySampler(), 4, tiny_tokenizer)
     assert torch.equal(out.sequences[::2], single.sequences) and torch.equal(out.sequences[1::2], single.sequences)
+
+
+def test_a_count_per_prompt_prefills_each_prompt_once_for_all_its_samples(tiny_model, tiny_tokenizer, one_thread):
+    """n=[2, 0, 3]: prompt 0 gets 2 samples from one prefill, prompt 1 none and no forward call, prompt 2 gets 3
+    from one prefill; a batch holds prompts of one count. Equal counts as a list are the int path, token for token."""
+    prompts = _prompts(tiny_tokenizer)
+    rows: list[tuple[int, int]] = []
+    handle = tiny_model.register_forward_pre_hook(lambda _, args, kwargs: rows.append(tuple(kwargs["input_ids"].shape)),
+                                                  with_kwargs=True)
+    sampler = TemperatureSampler(TemperatureSamplerConfig(temperature=1.5))
+    try:
+        samples = sample_texts(tiny_model, tiny_tokenizer, prompts, [2, 0, 3], sampler, 5, batch_size=6,
+                               generator=torch.Generator().manual_seed(0))
+    finally:
+        handle.remove()
+    assert [shape for shape in rows if shape[1] > 1] == [(1, len(prompts[0])), (1, len(prompts[2]))]
+    assert {shape[0] for shape in rows if shape[1] == 1} <= {2, 3}
+    assert [[s.prompt_index for s in per_prompt] for per_prompt in samples] == [[0, 0], [], [2, 2, 2]]
+    as_list = sample_texts(tiny_model, tiny_tokenizer, prompts, [2, 2, 2], sampler, 5, batch_size=4,
+                           generator=torch.Generator().manual_seed(1))
+    as_int = sample_texts(tiny_model, tiny_tokenizer, prompts, 2, sampler, 5, batch_size=4,
+                          generator=torch.Generator().manual_seed(1))
+    assert as_list == as_int
+
+
+def test_sample_texts_refuses_a_count_list_of_the_wrong_length_or_a_negative_count(tiny_model, tiny_tokenizer):
+    prompts = _prompts(tiny_tokenizer)
+    for n in ([1, 1], [1, -1, 1], 0):
+        with pytest.raises(ValueError, match=r"n=.* must be >= 1"):
+            sample_texts(tiny_model, tiny_tokenizer, prompts, n, GreedySampler(), 5)

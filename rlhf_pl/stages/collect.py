@@ -8,7 +8,8 @@ SFT output; ``base``: ``model.*`` itself; or a model directory) → the records 
 picked at random (seeded; InstructGPT ranks alternatives to a model-written message of a
 conversation) → ``collect.k`` completions per prompt from the ``sampler`` plugin, the k samples
 of a prompt sharing one prefill (:func:`rlhf_pl.sampling.sample_texts`) → empty and duplicate
-completions resampled for up to ``collect.resample_rounds`` more rounds; a prompt left with
+completions resampled for up to ``collect.resample_rounds`` more rounds, all a prompt lacks from
+one prefill of it; a prompt left with
 fewer than 2 distinct completions is reported and counted, one with fewer than k keeps what it
 has → the ``labeler`` plugin ranks them (:func:`rlhf_pl.plugins.labelers.rank_all`, which checks
 every ranking it gets back) → a ranking in which everything ties compares nothing and is
@@ -128,15 +129,16 @@ class Pool:
                 kept.append(s)
 
     def missing(self, n_prompts: int) -> list[int]:
-        """A prompt index per completion still missing (prompts short of k distinct completions)."""
-        return [i for i in range(n_prompts) for _ in range(self.k - len(self.kept.get(i, [])))]
+        """Per prompt, how many distinct completions it still lacks (0 for a full one)."""
+        return [self.k - len(self.kept.get(i, [])) for i in range(n_prompts)]
 
 
 def sample_pool(model: Any, tokenizer: Any, items: list[Item], cfg: DictConfig, sampler: Any, seed: int,
                 backend: Any = None) -> Pool:
     """k distinct non-empty completions per item where the policy gives them: the first round samples
-    all k of a prompt from one prefill, later rounds replace empty and duplicate ones; ``seed`` seeds the
-    sampling generator; ``backend``: the generation backend (None: hf)."""
+    all k of a prompt from one prefill, later rounds replace empty and duplicate ones, again from one
+    prefill per prompt for all it lacks; ``seed`` seeds the sampling generator; ``backend``: the
+    generation backend (None: hf)."""
     c = cfg.collect
     originals = [item.original if c.include_original else None for item in items]
     pool = Pool(c.k)
@@ -148,13 +150,13 @@ def sample_pool(model: Any, tokenizer: Any, items: list[Item], cfg: DictConfig, 
                          backend=backend)
     pool.add([s for per_prompt in first for s in per_prompt])
     for round_no in range(1, c.resample_rounds + 1):
-        todo = pool.missing(len(items))
-        if not todo:
+        missing = pool.missing(len(items))
+        if not any(missing):
             break
-        again = sample_texts(model, tokenizer, [prompt_ids[i] for i in todo], 1, sampler, c.max_new_tokens,
+        again = sample_texts(model, tokenizer, prompt_ids, missing, sampler, c.max_new_tokens,
                              batch_size=c.batch_size, generator=generator, progress=f"resampling (round {round_no})",
                              backend=backend)
-        pool.add([s[0]._replace(prompt_index=i) for i, s in zip(todo, again)])
+        pool.add([s for per_prompt in again for s in per_prompt])
     return pool
 
 
