@@ -249,7 +249,9 @@ class CollectConfig:
     num_prompts: Optional[int] = setting(None, ge=1)
     include_original: bool = False  # a conversation's own assistant message is one of the k
     max_new_tokens: int = setting(48, ge=1)  # tokens per completion at most
-    batch_size: int = setting(32, ge=1)  # sequences generated together
+    # sequences generated together: SmolLM2-135M on 2 CPU cores makes 6.6 / 7.7 / 7.7 completions/s at 32 / 64 / 128
+    # (docs/benchmarks.md)
+    batch_size: int = setting(64, ge=1)
     resample_rounds: int = setting(2, ge=0)  # extra rounds that replace empty or duplicate completions
     round: int = setting(0, ge=0)  # the RLHF round, recorded in every record's provenance
     num_samples: int = setting(4, ge=0)  # rankings shown in samples.md and TensorBoard text
@@ -276,7 +278,7 @@ class EvalConfig:
     samples: int = setting(4, ge=1)  # sampled answers per prompt and policy (at the sampler's temperature)
     best_of: List[int] = setting(default_factory=lambda: [1, 2, 4, 8, 16], min_length=1, ge=1)  # n of best-of-n
     max_new_tokens: int = setting(48, ge=1)  # tokens per answer at most
-    batch_size: int = setting(32, ge=1)  # sequences generated together
+    batch_size: int = setting(64, ge=1)  # sequences generated together (as collect.batch_size)
 
 
 @dataclass
