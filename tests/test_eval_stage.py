@@ -108,7 +108,7 @@ def test_extra_policies_are_named_by_their_run_or_explicitly_and_never_twice(tmp
 def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread, monkeypatch):
     """The SFT model evaluated again as an extra policy: KL to itself exactly 0, all greedy answers
     tie with the SFT's (win rate exactly 0.5); best-of-n rows carry the analytic KL. The SFT policy's
-    own KL takes no second log-prob pass (the extra policy, a separate model, takes one per batch)."""
+    own KL takes no log-prob pass (the extra policy, a separate model, takes two per batch: own and ref)."""
     import rlhf_pl.stages.eval as eval_stage
 
     passes = []
@@ -127,7 +127,7 @@ def test_eval_end_to_end_on_tiny_models(tmp_path, ppo_inputs, one_thread, monkey
     report = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert result.outputs["eval"] == tmp_path / "run" / "eval.json"
     batches = lambda n: math.ceil(4 / max(1, cfg.eval.batch_size // n))  # noqa: E731
-    assert len(passes) == batches(4) + 2 * batches(2)  # SFT: 4 samples for best-of-4, once; the extra: own and ref
+    assert len(passes) == 2 * batches(2)  # SFT against itself: none; the extra: own and ref
     sft, extra = report["policies"]["sft"], report["policies"][f"{ppo_inputs.name}/sft"]
     assert report["prompts"] == 4 and sft["kl"] == 0.0 and extra["kl"] == 0.0
     assert extra["win_rate_vs_sft"] == 0.5 and extra["gold_greedy"] == sft["gold_greedy"]

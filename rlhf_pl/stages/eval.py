@@ -120,17 +120,23 @@ def sampled_answers(model: Any, reference: Any, tokenizer: Any, prompt_ids: list
         ids, mask = pad_left(prompt_ids[start:start + per_batch], tokenizer.pad_token_id)
         c = sample(model, ids.to(device), mask.to(device), sampler, e.max_new_tokens, tokenizer, generator=generator,
                    scorer=scorer, num_samples=n, backend=backend)
-        own = response_logprobs(model, c.sequences, c.attention_mask, c.prompt_length, temperature)
-        # the SFT policy against itself: KL 0 without a second, identical pass
-        ref = own if reference is model else response_logprobs(reference, c.sequences, c.attention_mask,
-                                                                c.prompt_length, temperature)
-        columns = (c.texts(tokenizer), c.scores.rewards.float().tolist(), ((own - ref) * c.mask).sum(1).tolist(),
+        columns = (c.texts(tokenizer), c.scores.rewards.float().tolist(), answer_kl(model, reference, c, temperature),
                    c.mask.sum(1).tolist(), c.ended.tolist())
         for target, values in zip(out, columns):
             target.extend(values[i:i + n] for i in range(0, len(values), n))
         done = min(start + per_batch, len(prompt_ids))
         log.info("sampled answers: %d/%d prompts × %d, %.0f s", done, len(prompt_ids), n, time.perf_counter() - started)
     return out  # type: ignore[return-value]
+
+
+def answer_kl(model: Any, reference: Any, c: Any, temperature: float) -> list[float]:
+    """Σ over each answer's tokens of log π − log π_ref (k1) for the b rows of completions ``c``; the SFT
+    policy against itself is 0 without a logprob pass. Shape: -> b floats."""
+    if reference is model:
+        return [0.0] * c.sequences.shape[0]
+    own = response_logprobs(model, c.sequences, c.attention_mask, c.prompt_length, temperature)
+    ref = response_logprobs(reference, c.sequences, c.attention_mask, c.prompt_length, temperature)
+    return ((own - ref) * c.mask).sum(1).tolist()
 
 
 def answers_of(model: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], n: int, sampler: Any,
