@@ -149,7 +149,8 @@ def sample_texts(model: Any, tokenizer: Any, prompts: Sequence[Sequence[int]], n
     line per batch when stderr is not a terminal). ``backend``: the generation backend (None:
     ``generation=hf``). Returns one list of ``n[i]`` samples per prompt, in prompt order."""
     counts = [n] * len(prompts) if isinstance(n, int) else list(n)
-    if len(counts) != len(prompts) or batch_size < 1 or (isinstance(n, int) and n < 1) or min(counts, default=0) < 0:
+    smallest = 1 if isinstance(n, int) else 0
+    if len(counts) != len(prompts) or any(count < smallest for count in counts) or batch_size < 1:
         raise ValueError(f"n={n} must be >= 1 (or one count >= 0 per prompt, {len(prompts)} prompts) "
                          f"and batch_size={batch_size} >= 1")
     results: list[list[Sample]] = [[] for _ in prompts]

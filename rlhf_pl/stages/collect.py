@@ -6,16 +6,16 @@ Reads top to bottom: the policy (``collect.policy_from``: the latest PPO output,
 SFT output; ``base``: ``model.*`` itself; or a model directory) → the records of
 ``collect.sources``: a prompt as it is, a conversation cut before one of its assistant turns,
 picked at random (seeded; InstructGPT ranks alternatives to a model-written message of a
-conversation) → ``collect.k`` completions per prompt from the ``sampler`` plugin, the k samples
-of a prompt sharing one prefill (:func:`rlhf_pl.sampling.sample_texts`) → empty and duplicate
+conversation) → ``collect.k`` completions per prompt from the ``sampler`` plugin, the k samples of
+a prompt sharing one prefill (:func:`rlhf_pl.sampling.sample_texts`) → empty and duplicate
 completions resampled for up to ``collect.resample_rounds`` more rounds, all a prompt lacks from
-one prefill of it; a prompt left with
-fewer than 2 distinct completions is reported and counted, one with fewer than k keeps what it
-has → the ``labeler`` plugin ranks them (:func:`rlhf_pl.plugins.labelers.rank_all`, which checks
-every ranking it gets back) → a ranking in which everything ties compares nothing and is
-counted, not written → ``comparisons.jsonl``: one K-wise record per prompt in the data format
-the reward model reads, with its provenance (source record and turn, policy, round, labeler,
-seed), checked by the data validation first and then written atomically (a failed run leaves none).
+one prefill of it; a prompt left with fewer than 2 distinct completions is reported and counted,
+one with fewer than k keeps what it has → the ``labeler`` plugin ranks them
+(:func:`rlhf_pl.plugins.labelers.rank_all`, which checks every ranking it gets back) → a ranking
+in which everything ties compares nothing and is counted, not written → ``comparisons.jsonl``: one
+K-wise record per prompt in the data format the reward model reads, with its provenance (source
+record and turn, policy, round, labeler, seed), checked by the data validation first and then
+written atomically (a failed run leaves none).
 Settings: :class:`rlhf_pl.config.CollectConfig` (``collect.*``).
 """
 from __future__ import annotations

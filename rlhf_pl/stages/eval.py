@@ -43,6 +43,7 @@ from rlhf_pl.plugins.labelers import match_answer
 from rlhf_pl.precision import build_for_stage, inference_autocast
 from rlhf_pl.report import markdown_table, plot_points
 from rlhf_pl.rl.eval_metrics import GaoFit, best_of_n, best_of_n_kl, fit_gao, paired_gain, pairwise_agreement, win_rate
+from rlhf_pl.rl.kl import sequence_kl
 from rlhf_pl.sampling import build_backend, model_device, sample, sample_texts
 from rlhf_pl.stages import StageResult
 
@@ -136,7 +137,7 @@ def answer_kl(model: Any, reference: Any, c: Any, temperature: float) -> list[fl
         return [0.0] * c.sequences.shape[0]
     own = response_logprobs(model, c.sequences, c.attention_mask, c.prompt_length, temperature)
     ref = response_logprobs(reference, c.sequences, c.attention_mask, c.prompt_length, temperature)
-    return ((own - ref) * c.mask).sum(1).tolist()
+    return sequence_kl(own, ref, c.mask).tolist()
 
 
 def answers_of(model: Any, reference: Any, tokenizer: Any, prompt_ids: list[list[int]], n: int, sampler: Any,
