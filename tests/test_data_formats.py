@@ -149,10 +149,11 @@ def test_unknown_embedded_name_lists_available():
 
 
 def test_embedded_eval_split_is_held_out_and_half_paraphrased():
-    """No question of the eval split is asked in any demonstration or training prompt; half of it
-    uses the training phrasings, half words no training record uses."""
+    """No question of the eval split is asked in any demonstration, training prompt or shipped ranking;
+    half of it uses the training phrasings, half words no training record uses."""
     train = {m.content for c in load_conversations("embedded:demonstrations") for m in c.messages if m.role == "user"}
     train |= {m.content for p in load_prompts("embedded:prompts") for m in p.messages if m.role == "user"}
+    train |= {m.content for r in load_rankings("embedded:comparisons") for m in r.prompt if m.role == "user"}
     held = load_prompts("embedded:eval_prompts")
     assert len(held) == 128 and not {p.messages[-1].content for p in held} & train
     assert [p.meta["phrasing"] for p in held[:4]] == ["template", "paraphrase", "template", "paraphrase"]
