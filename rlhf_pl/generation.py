@@ -72,10 +72,11 @@ class HFGeneration:
                  sync_ranks: Optional[AllReduce] = None) -> Generation:
         """See :class:`GenerationBackend`."""
         return generate(model, prompt_ids, prompt_mask, sampler, max_new_tokens, eos_token_id, pad_token_id,
-                        generator, num_samples=num_samples, on_token=on_token, sync_ranks=sync_ranks)
+                        generator, num_samples=num_samples, on_token=on_token, sync_ranks=sync_ranks,
+                        compact=self.config.compact)
 
     def __repr__(self) -> str:
-        return "HFGeneration()"
+        return f"HFGeneration(compact={self.config.compact})"
 
 
 class _StaticLayer(StaticLayer):

@@ -12,6 +12,7 @@ from torch import nn
 
 from rlhf_pl.data.collate import pad_left
 from rlhf_pl.models.generate import (
+    DynamicCacheDecoder,
     Generation,
     entropy_from_logits,
     generate,
@@ -259,6 +260,59 @@ def test_num_samples_must_be_a_positive_integer(model):
             generate(model, ids, mask, Greedy(), 2, EOS, PAD, num_samples=bad)
 
 
+class NoEOSTemperature(TemperatureSampler):
+    """Temperature sampling with EOS banned: a row ends only when ``on_token`` ends it."""
+
+    def warp(self, logits):
+        return super().warp(logits).index_fill(-1, torch.tensor([EOS]), float("-inf"))
+
+
+class AllRows:
+    """The hf decoder without ``keep``: every row stays in the cache until the loop ends."""
+
+    def __init__(self, model):
+        self.inner = DynamicCacheDecoder(model)
+
+    def prefill(self, prompt_ids, prompt_mask, num_samples):
+        return self.inner.prefill(prompt_ids, prompt_mask, num_samples)
+
+    def step(self, tokens, mask):
+        return self.inner.step(tokens, mask)
+
+
+def end_rows_at(steps: dict[int, int], rows: int):
+    """An ``on_token`` that ends row i after its ``steps[i]``-th token."""
+    count = 0
+
+    def on_token(tokens, ended):
+        nonlocal count
+        count += 1
+        return torch.tensor([steps.get(i) == count for i in range(rows)])
+
+    return on_token
+
+
+def test_once_half_the_rows_ended_the_cache_drops_them_and_the_rest_sample_as_before(model):
+    """Row 0 ends after 1 token, rows 1 and 2 after 2, row 3 runs to the end: the step after the second
+    token holds 1 row of 4 unended, so the cache keeps row 3 alone from then on (forward shapes), and every
+    row's tokens are those of the loop that keeps all rows, with the same seed (all rows are still sampled)."""
+    ids, mask = left_pad([PROMPT_A, PROMPT_B, PROMPT_B, PROMPT_A])
+    sampler = NoEOSTemperature(TemperatureSamplerConfig(temperature=1.0))
+    stops = {0: 1, 1: 2, 2: 2}
+    shapes, handle = forward_shapes(model)
+    try:
+        compacted = generate(model, ids, mask, sampler, 8, EOS, PAD, generator=torch.Generator().manual_seed(5),
+                             on_token=end_rows_at(stops, 4))
+    finally:
+        handle.remove()
+    full = generate(model, ids, mask, sampler, 8, EOS, PAD, generator=torch.Generator().manual_seed(5),
+                    on_token=end_rows_at(stops, 4), decoder=AllRows(model))
+    assert shapes == [(4, 8), (4, 1)] + [(1, 1)] * 6
+    assert torch.equal(compacted.sequences, full.sequences)
+    assert torch.equal(compacted.attention_mask, full.attention_mask)
+    assert compacted.response_mask.sum(1).tolist() == [1, 2, 2, 8]
+
+
 class TupleCache(nn.Module):
     """A model returning its KV cache as legacy tuples (no batch_repeat_interleave)."""
 
@@ -307,7 +361,8 @@ def test_sync_ranks_keeps_calling_the_model_until_every_process_ended_and_return
     finally:
         handle.remove()
     assert calls_alone == 2  # prefill, one step
-    assert shapes[calls_alone:] == [(2, 8)] + [(2, 1)] * 7  # prefill, then a step per sync call that said "running"
+    # prefill, then a step per sync call that said "running", on row 1 alone: row 0 ended at the first token
+    assert shapes[calls_alone:] == [(2, 8)] + [(1, 1)] * 7
     assert sync.calls == 8  # the 8th said "all ended"
     for field in Generation._fields:
         assert torch.equal(torch.as_tensor(getattr(synced, field)), torch.as_tensor(getattr(alone, field))), field

@@ -102,7 +102,9 @@ def response_mask_from_tokens(response: Tensor, eos_token_id: int) -> Tensor:
 
 
 class Decoder(Protocol):
-    """How one generation calls the model: the prompts once, then one cached step per new token."""
+    """How one generation calls the model: the prompts once, then one cached step per new token. A
+    decoder may also have ``keep(rows)``: drop every row but ``rows`` (positions among the rows it
+    holds) from its cache; the loop then steps only those (:func:`_compact`)."""
 
     def prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, num_samples: int) -> Tensor:
         """Run the b distinct prompts once and make the KV cache of their b·K rows (row i·K + j: sample j
@@ -131,9 +133,13 @@ class DynamicCacheDecoder:
         return logits
 
     def step(self, tokens: Tensor, mask: Tensor) -> Tensor:
-        """(b·K,), (b·K, p + s) -> (b·K, v) float32."""
+        """(r,), (r, p + s) -> (r, v) float32 for the r rows the cache holds."""
         logits, self.cache = _step(self.model, tokens.unsqueeze(-1), mask, self.cache, keep_last=True)
         return logits
+
+    def keep(self, rows: Tensor) -> None:
+        """Hold only ``rows`` (positions among the rows held now, ascending) from now on. Shape: (r',) long."""
+        self.cache.batch_select_indices(rows)
 
 
 @torch.no_grad()
@@ -151,6 +157,7 @@ def generate(
     on_token: Optional[OnToken] = None,
     decoder: Optional[Decoder] = None,
     sync_ranks: Optional[AllReduce] = None,
+    compact: bool = True,
 ) -> Generation:
     """Sample up to ``max_new_tokens`` tokens per prompt with the KV cache, ``num_samples`` (K) per prompt.
 
@@ -170,6 +177,11 @@ def generate(
     ``decoder``: how the model is called (:class:`Decoder`, made for this call); None is
     :class:`DynamicCacheDecoder` of ``model``.
 
+    ``compact``: once at most half of the rows the decoder holds are unended, a decoder with ``keep``
+    drops the ended ones and later steps run on the rest (:func:`_compact`). Every row is still
+    sampled, so the generator draws the same numbers; in float32 the tokens are the same (tested),
+    under bfloat16 a step over fewer rows may round its logits differently.
+
     ``sync_ranks``: for a model sharded over processes (FSDP), whose every forward is collective: an
     all-reduce-max over the processes. Every process then calls the model until the rows of *all*
     processes have ended; once its own have, a process feeds padding without sampling (its generator
@@ -185,7 +197,7 @@ def generate(
     try:
         return _sample_loop(decoder if decoder is not None else DynamicCacheDecoder(model), prompt_ids,
                             prompt_mask.long(), sampler, max_new_tokens, eos_token_id, pad_token_id, generator,
-                            num_samples, on_token, sync_ranks)
+                            num_samples, on_token, sync_ranks, compact)
     finally:
         model.train(was_training)
 
@@ -204,7 +216,7 @@ def _repeat_cache(cache: Any, repeats: int) -> Any:
 def _sample_loop(decoder: Decoder, prompt_ids: Tensor, prompt_mask: Tensor, sampler: Sampler, max_new_tokens: int,
                  eos_token_id: int, pad_token_id: int, generator: Optional[torch.Generator],
                  num_samples: int = 1, on_token: Optional[OnToken] = None,
-                 sync_ranks: Optional[AllReduce] = None) -> Generation:
+                 sync_ranks: Optional[AllReduce] = None, compact: bool = True) -> Generation:
     """Prefill the prompts (the decoder repeats the result K = ``num_samples`` times), then one cached
     step per token. prompt_ids, prompt_mask (b, p) -> Generation with b·K rows."""
     p = prompt_ids.shape[1]
@@ -214,6 +226,7 @@ def _sample_loop(decoder: Decoder, prompt_ids: Tensor, prompt_mask: Tensor, samp
         mask, prompt_ids = mask.repeat_interleave(num_samples, dim=0), prompt_ids.repeat_interleave(num_samples, dim=0)
     ended = torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device)
     running, fed_mask = True, mask  # running: this process's rows go on; fed_mask: what the decoder has seen
+    live = None  # rows the decoder still holds (None: all); see _compact
     for step in range(max_new_tokens):
         if running:
             next_tokens = sampler.sample(logits, generator=generator)  # (b,)
@@ -229,7 +242,9 @@ def _sample_loop(decoder: Decoder, prompt_ids: Tensor, prompt_mask: Tensor, samp
             fed_mask = F.pad(fed_mask, (0, 1))
         if step == max_new_tokens - 1 or not _any_running(running, sync_ranks, ended.device):
             break
-        logits = decoder.step(next_tokens, fed_mask)
+        if running and compact:
+            live = _compact(decoder, live, ended)
+        logits = _step_held(decoder, live, next_tokens, fed_mask, logits)
     response = torch.stack(tokens, dim=-1)  # (b, n)
     return Generation(
         sequences=torch.cat([prompt_ids, response], dim=-1),
@@ -239,6 +254,29 @@ def _sample_loop(decoder: Decoder, prompt_ids: Tensor, prompt_mask: Tensor, samp
         ended=ended,
         attention_mask=mask,
     )
+
+
+def _step_held(decoder: Decoder, live: Optional[Tensor], tokens: Tensor, mask: Tensor, last: Tensor) -> Tensor:
+    """One step of the rows the decoder holds (``live``; None: all), as logits of every row: zeros for
+    the dropped ones, which have ended and are never used, but are still sampled, so that the generator
+    draws as it would with every row. Shapes: tokens (b,), mask (b, t), last logits (b, v) -> (b, v)."""
+    if live is None:
+        return decoder.step(tokens, mask)
+    return last.new_zeros(last.shape).index_copy_(0, live, decoder.step(tokens[live], mask[live]))
+
+
+def _compact(decoder: Decoder, live: Optional[Tensor], ended: Tensor) -> Optional[Tensor]:
+    """The rows the decoder should hold from now on: once at most half of the rows it holds are still
+    unended, it drops the ended ones (a decoder with ``keep``), so that a few long answers do not decode
+    a whole batch of finished ones. Halving at most log₂ b times keeps the cache copies few.
+    Shapes: live (r,) long or None (all b rows), ended (b,) bool -> (r',) long or None."""
+    keep = getattr(decoder, "keep", None)
+    held = torch.arange(ended.shape[0], device=ended.device) if live is None else live
+    unended = held[~ended[held]]
+    if keep is None or unended.numel() == 0 or 2 * unended.numel() > held.numel():
+        return live
+    keep(torch.searchsorted(held, unended))  # positions among the held rows (both sorted)
+    return unended
 
 
 def _any_running(running: bool, sync_ranks: Optional[AllReduce], device: torch.device) -> bool:

@@ -174,7 +174,11 @@ COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 @dataclass
 class HFGenerationConfig:
-    """No settings: the sampling loop on transformers' ``DynamicCache`` (one cached step per token)."""
+    """The sampling loop on transformers' ``DynamicCache`` (one cached step per token)."""
+
+    # drop the ended rows from the cache once half of a batch has ended, so that a few long answers do not decode
+    # the finished ones along (the same random draws; docs/generation.md)
+    compact: bool = True
 
 
 @dataclass
