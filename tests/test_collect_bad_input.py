@@ -165,7 +165,7 @@ class OneRankingShort(Duplicating):
         return [tuple((i,) for i in range(len(t.completions))) for t in tasks][1:]
 
 
-TASK = r"ranked task [0-9a-f]{16} \(\S*prompts\.jsonl:\d+, K = 2\) wrongly"
+TASK = r"ranked task [0-9a-f]{16} \(embedded:prompts:\d+, K = 2\) wrongly"
 
 
 @pytest.mark.parametrize("labeler, pattern", [

@@ -146,7 +146,7 @@ def test_end_to_end_rankings_with_provenance_read_by_the_reward_model(tmp_path, 
     for record, ranking in zip(records, rankings):
         prov = record["provenance"]
         assert prov["policy"] == str(ppo_inputs / "sft") and prov["round"] == 2 and prov["labeler"] == "rule"
-        assert prov["seed"] == 0 and prov["source"].rsplit(":", 1)[0].endswith(("prompts.jsonl", "chats.jsonl"))
+        assert prov["seed"] == 0 and prov["source"].rsplit(":", 1)[0] in ("embedded:prompts", chats)
         assert 2 <= ranking.k <= 3 and len(set(record["completions"])) == ranking.k
         if prov["turn"] is not None:  # a conversation: its own message is one of the completions
             assert record["completions"][prov["original"]] and record["prompt"][-1]["role"] == "user"

@@ -106,7 +106,7 @@ class Conversation:
     """A demonstration: messages with at least one assistant turn (the turns trained on)."""
 
     messages: tuple[Message, ...]
-    origin: str  # "path/file.jsonl:12" or "<dataset>[split]:row 3"
+    origin: str  # "path/file.jsonl:12", "embedded:prompts:12" or "<dataset>[split]:row 3"
     meta: dict[str, Any] = field(default_factory=dict, hash=False)  # the record's other keys
 
 
@@ -374,7 +374,8 @@ def _read_embedded(name: str, limit: int | None) -> list[RawRecord]:
     if not resource.is_file():
         raise DataError(f"{EMBEDDED_PREFIX}{name}: no such embedded data set; "
                         f"available: {', '.join(embedded_names()) or '(none)'}")
-    return _read_jsonl(resource.read_text(encoding="utf-8"), str(resource), limit)
+    # Origins read "embedded:prompts:12", not the installed path, which differs between machines.
+    return _read_jsonl(resource.read_text(encoding="utf-8"), f"{EMBEDDED_PREFIX}{name}", limit)
 
 
 def _read_local_file(path: Path, source: str, limit: int | None) -> list[RawRecord]:
