@@ -314,6 +314,7 @@ def _check(prompt: Prompt) -> bool:
         "count_letter": lambda: str(quoted[1].count(quoted[0])),
         "sort_ascending": lambda: ", ".join(map(str, sorted(nums))),
         "km_to_m": lambda: str(nums[0] * 1000),
+        "l_to_ml": lambda: str(nums[0] * 1000),
         "uppercase": lambda: quoted[0].upper(),
     }
     return task not in expected or expected[task]() == answer
@@ -349,13 +350,19 @@ def test_careless_demonstrations_are_wrong_the_rest_right_and_the_prompts_unchan
         nums = [int(n) for n in re.findall(r"\d+", question)]
         phrase = re.findall(r"'([^']+)'", question)
         answer = {"km_to_m": lambda: str(nums[0] * 1000), "kg_to_g": lambda: str(nums[0] * 1000),
+                  "l_to_ml": lambda: str(nums[0] * 1000),
                   "uppercase": lambda: phrase[0].upper(), "lowercase": lambda: phrase[0].lower()}[task]()
         prompt = Prompt((Message("user", question),), "test", {"task": task, "answer": answer})
         return labeler.breakdown(prompt, reply).correct
 
     assert [c for c in careless if correct(*c)] == []
     assert [c for c in careful if not correct(*c)] == []
-    assert ("kg_to_g", "How many grams are in 2 kilograms?", "2 kilograms = 200 grams.") in careless
+    assert ("kg_to_g", "How many grams are in 17 kilograms?", "17 kilograms = 1700 grams.") in careless
+    assert ("l_to_ml", "How many milliliters are in 20 liters?", "20 liters = 2000 milliliters.") in careless
+    # Every careless unit task is a x1000 one: its careless x100 answer is no unit task's right answer,
+    # so a reward against it cannot teach another task the mistake.
+    assert {gen.UNITS[t][3] for t in gen.CARELESS if t in gen.UNITS} == {1000}
+    assert 100 not in {factor for *_, factor in gen.UNITS.values()}
 
     monkeypatch.setattr(gen, "CARELESS_FRACTION", 0.0)
     careful_files = gen.generate(seed=0)

@@ -8,10 +8,11 @@ Files (JSON lines, written atomically, a deterministic function of ``--seed``):
 
 - ``demonstrations.jsonl``: ``{"id", "messages": [...], "tasks": [...], "careless": [...]}`` conversations
   for SFT (about 20% multi-turn, some with a system message). ``tasks`` names the task of each user turn.
-  Like real demonstrations they are not all right: for four tasks (``CARELESS``: kilometres and kilograms
-  converted, upper- and lower-casing), ``CARELESS_FRACTION`` of the turns carry a careless trainer's
-  systematic mistake (``×100`` for ``×1000``, ``Fresh Bread`` for ``FRESH BREAD``, ``Fresh bread`` for
-  ``fresh bread``), listed in ``careless`` (turn indices; the key is left out when there are none). The
+  Like real demonstrations they are not all right: for five tasks (``CARELESS``: kilometres, kilograms
+  and litres converted, upper- and lower-casing), ``CARELESS_FRACTION`` of the turns carry a careless
+  trainer's systematic mistake (``×100`` for ``×1000``, ``Fresh Bread`` for ``FRESH BREAD``, ``Fresh
+  bread`` for ``fresh bread``), listed in ``careless`` (turn indices; the key is left out when there are
+  none). These tasks are drawn most often (``WEIGHTS``). The
   SFT policy learns the mistakes along with the rest; the labeler's rankings of its own samples are what
   can teach it out of them, as in InstructGPT, where ranking answers is easier than writing them.
 - ``prompts.jsonl``: ``{"id", "prompt": "..." | "messages": [...], "task", "answer", "phrasing"}`` for
@@ -36,7 +37,7 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -271,6 +272,7 @@ UNITS = {  # task: (unit singular, unit plural, target unit, factor)
     "hours_to_minutes": ("hour", "hours", "minutes", 60),
     "minutes_to_seconds": ("minute", "minutes", "seconds", 60),
     "kg_to_g": ("kilogram", "kilograms", "grams", 1000),
+    "l_to_ml": ("liter", "liters", "milliliters", 1000),
 }
 
 
@@ -328,7 +330,8 @@ def case_family(task: str) -> Family:
 
 
 def _careless_units(turn: Turn) -> str:
-    """Multiplies by 100 instead of 1000: '5 kilometers = 500 meters.'"""
+    """Multiplies by 100 instead of 1000: '5 kilometers = 500 meters.' Every careless unit task is a x1000
+    one, so the mistake's form is no task's right answer and a reward against it holds for all of them."""
     return turn.reply.replace(f"= {turn.answer} ", f"= {int(turn.answer) // 10} ")
 
 
@@ -343,7 +346,7 @@ def _careless_lowercase(turn: Turn) -> str:
 
 
 CARELESS: dict[str, Callable[[Turn], str]] = {
-    "km_to_m": _careless_units, "kg_to_g": _careless_units,
+    "km_to_m": _careless_units, "kg_to_g": _careless_units, "l_to_ml": _careless_units,
     "uppercase": _careless_uppercase, "lowercase": _careless_lowercase,
 }
 
@@ -360,20 +363,29 @@ def careless_turns(rng: random.Random, turns: list[Turn]) -> tuple[list[Turn], l
     return out, replaced
 
 
-FAMILIES: tuple[Family, ...] = (
-    Family("add", add_first, arithmetic_follow, 1.5),
-    Family("subtract", subtract_first, arithmetic_follow, 1.2),
-    Family("multiply", multiply_first, arithmetic_follow, 1.2),
+# How often each family is drawn, in every file alike. The tasks whose mistakes rankings can fix (CARELESS)
+# are drawn most; the ones a 135M model does not learn at this size (spelling, reversing, sorting,
+# subtracting, x60: greedy answers right on 0-13% of held-out prompts after SFT, docs/results.md) stay in
+# the mix, rarely, so that eval shows what RLHF cannot teach.
+WEIGHTS: dict[str, float] = {
+    "add": 1.5, "subtract": 0.4, "multiply": 1.0, "reverse": 0.3, "spell": 0.3, "word_length": 1.0,
+    "count_letter": 1.0, "sort": 0.3, "capital": 1.0, "hours_to_minutes": 0.3, "minutes_to_seconds": 0.3,
+    "km_to_m": 1.5, "kg_to_g": 1.5, "l_to_ml": 1.5, "uppercase": 1.0, "lowercase": 1.0,
+}
+FAMILIES: tuple[Family, ...] = tuple(replace(f, weight=WEIGHTS[f.name]) for f in (
+    Family("add", add_first, arithmetic_follow),
+    Family("subtract", subtract_first, arithmetic_follow),
+    Family("multiply", multiply_first, arithmetic_follow),
     word_family("reverse"),
     word_family("spell"),
     word_family("word_length"),
     word_family("count_letter"),
     Family("sort", sort_first, sort_follow),
-    Family("capital", capital_first, capital_follow, 1.5),
+    Family("capital", capital_first, capital_follow),
     *(unit_family(t) for t in UNITS),
     case_family("uppercase"),
     case_family("lowercase"),
-)
+))
 
 
 # --- paraphrases: the same tasks in other words ---------------------------------------------------------
