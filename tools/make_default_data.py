@@ -12,9 +12,9 @@ Files (JSON lines, written atomically, a deterministic function of ``--seed``):
   and litres converted, upper- and lower-casing), ``CARELESS_FRACTION`` of the turns carry a careless
   trainer's systematic mistake (``×100`` for ``×1000``, ``Fresh Bread`` for ``FRESH BREAD``, ``Fresh
   bread`` for ``fresh bread``), listed in ``careless`` (turn indices; the key is left out when there are
-  none). These tasks are drawn most often (``WEIGHTS``). The
-  SFT policy learns the mistakes along with the rest; the labeler's rankings of its own samples are what
-  can teach it out of them, as in InstructGPT, where ranking answers is easier than writing them.
+  none). These tasks are drawn most often (``WEIGHTS``). The SFT policy learns the mistakes along with
+  the rest; the labeler's rankings of its own samples are what can teach it out of them, as in
+  InstructGPT, where ranking answers is easier than writing them.
 - ``prompts.jsonl``: ``{"id", "prompt": "..." | "messages": [...], "task", "answer", "phrasing"}`` for
   sampling and RL. ``task``/``answer`` are the machine-checkable truth for the last user turn. No
   prompt appears in the demonstrations (not as a first question, nor as any conversation prefix).
