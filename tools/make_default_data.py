@@ -37,7 +37,7 @@ import argparse
 import json
 import random
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -99,7 +99,6 @@ class Family:
     name: str
     first: Callable[[random.Random], tuple[Turn, dict]]
     follow: Callable[[random.Random, dict], tuple[Turn, dict]]
-    weight: float = 1.0
 
 
 # --- arithmetic ---------------------------------------------------------------------------------
@@ -372,7 +371,7 @@ WEIGHTS: dict[str, float] = {
     "count_letter": 1.0, "sort": 0.3, "capital": 1.0, "hours_to_minutes": 0.3, "minutes_to_seconds": 0.3,
     "km_to_m": 1.5, "kg_to_g": 1.5, "l_to_ml": 1.5, "uppercase": 1.0, "lowercase": 1.0,
 }
-FAMILIES: tuple[Family, ...] = tuple(replace(f, weight=WEIGHTS[f.name]) for f in (
+FAMILIES: tuple[Family, ...] = (
     Family("add", add_first, arithmetic_follow),
     Family("subtract", subtract_first, arithmetic_follow),
     Family("multiply", multiply_first, arithmetic_follow),
@@ -385,7 +384,12 @@ FAMILIES: tuple[Family, ...] = tuple(replace(f, weight=WEIGHTS[f.name]) for f in
     *(unit_family(t) for t in UNITS),
     case_family("uppercase"),
     case_family("lowercase"),
-))
+)
+
+
+def draw_family(rng: random.Random) -> Family:
+    """A family drawn with its weight in ``WEIGHTS``."""
+    return rng.choices(FAMILIES, weights=[WEIGHTS[f.name] for f in FAMILIES])[0]
 
 
 # --- paraphrases: the same tasks in other words ---------------------------------------------------------
@@ -477,7 +481,7 @@ def paraphrased(family: str, style: str, rng: random.Random) -> tuple[str, str, 
 
 def sample_turns(rng: random.Random, num_turns: int) -> list[Turn]:
     """A chain of ``num_turns`` turns of one family (follow-ups refer to the previous turn)."""
-    family = rng.choices(FAMILIES, weights=[f.weight for f in FAMILIES])[0]
+    family = draw_family(rng)
     turn, state = family.first(rng)
     turns = [turn]
     for _ in range(num_turns - 1):
@@ -585,13 +589,12 @@ def make_eval_prompts(rng: random.Random, n: int, avoid: set[str]) -> list[dict]
     """``n`` single-turn held-out prompts, alternately in a training phrasing (a new instance) and a
     paraphrase; no question of them is in ``avoid`` (every question of the training data)."""
     records, seen = [], set(avoid)
-    families = {f.name: f for f in FAMILIES}
     for i in range(n):
         phrasing = "template" if i % 2 == 0 else "paraphrase"
         for _ in range(1000):
-            family = rng.choices(FAMILIES, weights=[f.weight for f in FAMILIES])[0]
+            family = draw_family(rng)
             if phrasing == "template":
-                turn = families[family.name].first(rng)[0]
+                turn = family.first(rng)[0]
                 question, task, answer = turn.question, turn.task, turn.answer
             else:
                 question, task, answer = paraphrased(family.name, "eval", rng)
