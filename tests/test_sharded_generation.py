@@ -4,6 +4,7 @@ different steps. With ``sync_ranks`` both keep calling the model until both have
 returns what the unsharded model returns alone for its prompts."""
 from __future__ import annotations
 
+import gc
 import os
 import socket
 from datetime import timedelta
@@ -58,6 +59,12 @@ def _rank(rank: int, port: int, out: str) -> None:
         local = sum(p.numel() for p in sharded.parameters())
         torch.save({"generation": gen._asdict(), "calls": len(calls), "seen": sampler.seen, "local_numel": local},
                    Path(out) / f"rank{rank}.pt")
+        # Tear down in order: FSDP holds the process group, and a gloo group still alive at interpreter exit
+        # can abort the process (SIGABRT) while its threads release tensors; the barrier keeps either rank
+        # from closing its connections while the other still reads from them.
+        del sharded
+        gc.collect()
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
