@@ -28,6 +28,7 @@ def test_bench_sft_measures_a_training_step(tmp_path):
                       "--precisions", "fp32")
     (result,) = report["results"]
     assert report["model"] == "tiny" and result["precision"] == "fp32"
+    assert set(report["peaks_flops_per_s"]) == {"fp32"}  # no bf16 peak when bf16 is not benchmarked
     # the file rounds step_s to 1 ms (a tiny step takes a few) and tokens_per_s to 0.1
     step = result["step_s"]
     assert 2 * 32 / (step + 5e-4) - 0.05 <= result["tokens_per_s"] <= 2 * 32 / max(step - 5e-4, 1e-9) + 0.05
