@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from rlhf_pl.config import model_preset, model_presets
+from rlhf_pl.precision import COMPUTE
 
 
 class StepTimer:
@@ -52,7 +53,7 @@ def bench_precision(model_cfg, precision: str, steps: int, warmup: int, batch: i
     data = [{"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x} for x in ids]
     timer = StepTimer()
     trainer = L.Trainer(
-        accelerator="cpu", devices=1, precision={"fp32": "32-true", "bf16-mixed": "bf16-mixed"}[precision],
+        accelerator="cpu", devices=1, precision=COMPUTE[precision][0],
         max_steps=steps + warmup, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[timer.callback],
     )
@@ -84,10 +85,9 @@ def main() -> None:
     from rlhf_pl.io import write_json
 
     console = Console()
-    # fp32's peak is every row's second denominator; bf16's only where bf16 is benchmarked: on a CPU without
-    # avx512_bf16 each emulated bf16 product takes seconds, and its peak alone took 97 s of a one-step fp32 run
-    dtypes = {"fp32": torch.float32, "bf16-mixed": torch.bfloat16}
-    peaks = {p: matmul_peak(dtypes[p]) for p in dict.fromkeys(["fp32", *args.precisions])}
+    # fp32's peak is every row's second denominator; bf16's is measured only where bf16 is benchmarked
+    # (without native bf16 each emulated product takes seconds: docs/benchmarks.md)
+    peaks = {p: matmul_peak(COMPUTE[p][1]) for p in dict.fromkeys(["fp32", *args.precisions])}
     console.print("matmul peak: " + ", ".join(f"{p} {v / 1e9:.1f} GFLOP/s" for p, v in peaks.items())
                   + f" ({torch.get_num_threads()} threads)")
     rows = []
